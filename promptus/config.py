@@ -1,0 +1,111 @@
+"""Codec settings: the one place where the codec's defaults live.
+
+A :class:`CodecConfig` is everything the decoder needs besides the prompts and the
+model weights. It round-trips through the bitstream header and through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PromptusError
+
+#: Name of the only noise generator the codec knows (DESIGN §1).
+NOISE_NUMPY_RANDN = "numpy.random.RandomState.randn"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Settings shared by encoder and decoder.
+
+    Attributes:
+        width, height: output frame size in pixels (multiples of 8).
+        fps: frames per second of the clip.
+        rank: rank r of the keyframe prompt factors U (tokens×r) and V (r×dim).
+        interval: keyframe interval T; keyframes sit at frames 0, T, 2T, ...
+        seed: seed of the shared latent noise.
+        noise_generator: name of the generator that draws the noise.
+        mix: temporal mix m in ``z = m·z_prev + (1 − m)·ε``.
+        quant_bits: bits per quantized factor value.
+        tokens, embed_dim: shape of the text embedding (77×1024 for SD-Turbo).
+        timestep: the single denoising timestep.
+        latent_channels, latent_factor: latent is channels × H/factor × W/factor.
+    """
+
+    width: int = 512
+    height: int = 512
+    fps: float = 30.0
+    rank: int = 8
+    interval: int = 10
+    seed: int = 88
+    noise_generator: str = NOISE_NUMPY_RANDN
+    mix: float = 0.05
+    quant_bits: int = 8
+    tokens: int = 77
+    embed_dim: int = 1024
+    timestep: int = 999
+    latent_channels: int = 4
+    latent_factor: int = 8
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`PromptusError` if any setting is out of range."""
+        f = self.latent_factor
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % f:
+                raise PromptusError(
+                    f"{name}={v!r}: frame {name} must be a positive multiple of {f} "
+                    f"(the latent is {f}× smaller); try {max(f, (int(v) // f) * f) if isinstance(v, (int, float)) and v > 0 else 512}"
+                )
+        if not (self.fps > 0):
+            raise PromptusError(f"fps={self.fps!r}: frames per second must be positive")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise PromptusError(f"rank={self.rank!r}: the prompt rank must be an integer ≥ 1 (8 is the published default)")
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise PromptusError(f"interval={self.interval!r}: the keyframe interval must be an integer ≥ 1 (10 is the published default)")
+        if not 0.0 <= self.mix <= 1.0:
+            raise PromptusError(f"mix={self.mix!r}: the temporal mix must lie in [0, 1] (0.05 is the published value)")
+        if self.quant_bits != 8:
+            raise PromptusError(f"quant_bits={self.quant_bits!r}: only 8-bit quantization is supported")
+        if self.noise_generator != NOISE_NUMPY_RANDN:
+            raise PromptusError(
+                f"noise generator {self.noise_generator!r} is unknown; this version knows {NOISE_NUMPY_RANDN!r}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise PromptusError(f"seed={self.seed!r}: the noise seed must lie in [0, 2**32)")
+        if not 0 <= self.timestep < 1000:
+            raise PromptusError(f"timestep={self.timestep!r} must lie in [0, 1000)")
+        for name in ("tokens", "embed_dim", "latent_channels"):
+            if getattr(self, name) < 1:
+                raise PromptusError(f"{name}={getattr(self, name)!r} must be ≥ 1")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one latent, ``(1, C, H/8, W/8)``."""
+        f = self.latent_factor
+        return (1, self.latent_channels, self.height // f, self.width // f)
+
+    def keyframe_count(self, frame_count: int) -> int:
+        """Keyframes needed to cover ``frame_count`` frames: 0, T, ..., up to the last frame."""
+        if frame_count < 1:
+            raise PromptusError(f"a clip needs at least one frame, got {frame_count}")
+        return -(-(frame_count - 1) // self.interval) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CodecConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PromptusError(f"unknown codec settings: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "CodecConfig":
+        return dataclasses.replace(self, **changes)

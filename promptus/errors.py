@@ -1,0 +1,37 @@
+"""Exceptions raised for user mistakes.
+
+Every error a user can cause (bad input file, missing weights, wrong frame size)
+is a :class:`PromptusError` whose message says what was wrong and what to do.
+``assert`` is reserved for the library's own invariants.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PromptusError(Exception):
+    """Base class of every error a user of promptus can cause."""
+
+
+class BitstreamError(PromptusError):
+    """A .promptus file or stream is malformed, truncated or corrupted.
+
+    ``record`` names the first bad record (e.g. ``"keyframe record 3"``) and
+    ``partial`` holds what was parsed intact before it (a
+    :class:`promptus.bitstream.Bitstream` whose keyframe list may be short), or
+    ``None`` when nothing usable came before the error.
+    """
+
+    def __init__(self, message: str, *, record: str | None = None, partial: Any = None):
+        super().__init__(message)
+        self.record = record
+        self.partial = partial
+
+
+class ModelNotFoundError(PromptusError):
+    """Model weights are missing or unreadable."""
+
+
+class VideoError(PromptusError):
+    """Input frames cannot be read or do not fit the codec settings."""

@@ -1,0 +1,228 @@
+"""Low-rank keyframe prompts, their 8-bit quantizer, interpolation and rate.
+
+A keyframe prompt is a pair U (tokens×r), V (r×dim); its embedding is
+``c = U·V / sqrt(r)``. Factors travel quantized per tensor, asymmetric, 8 bits
+(DESIGN §1). Frames between keyframes use linearly interpolated *factors*.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import CodecConfig
+from .errors import PromptusError
+
+QMAX = 255  # 8-bit codes 0..255
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """An 8-bit code tensor with its float32 scale and integer zero point.
+
+    ``dequantize()`` is ``scale · (q − zero_point)`` in float32, the same
+    arithmetic as the public release, so imported legacy prompts stay bit-exact.
+    """
+
+    q: np.ndarray  # uint8
+    scale: float  # a float32 value
+    zero_point: int  # 0..255
+
+    def __post_init__(self) -> None:
+        if self.q.dtype != np.uint8:
+            raise PromptusError(f"quantized codes must be uint8, got {self.q.dtype}")
+        if not 0 <= int(self.zero_point) <= QMAX:
+            raise PromptusError(f"zero point {self.zero_point} is outside 0..{QMAX}")
+        s = float(np.float32(self.scale))
+        if not (math.isfinite(s) and s > 0):
+            raise PromptusError(f"quantizer scale {self.scale!r} must be finite and positive")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 values ``scale · (q − zero_point)``."""
+        return np.float32(self.scale) * (self.q.astype(np.float32) - np.float32(self.zero_point))
+
+    def to_torch(self) -> torch.Tensor:
+        return torch.from_numpy(self.dequantize())
+
+
+def quant_params(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point for a tensor whose values lie in [lo, hi].
+
+    The range always includes 0 (``lo = min(0, lo)``, ``hi = max(0, hi)``);
+    ``scale = (hi − lo)/255`` in float32 and
+    ``zero_point = round(clamp(255 − hi/scale, 0, 255))``. An all-zero range gets
+    scale 1 so that zeros stay exact zeros.
+    """
+    lo32, hi32 = np.float32(min(0.0, float(lo))), np.float32(max(0.0, float(hi)))
+    if not (np.isfinite(lo32) and np.isfinite(hi32)):
+        raise PromptusError(f"cannot quantize a tensor with non-finite range [{lo}, {hi}] (did training diverge?)")
+    scale = np.float32((hi32 - lo32) / np.float32(QMAX))
+    if scale == 0 or not np.isfinite(scale):
+        return 1.0, 0
+    zp = np.round(np.clip(np.float32(QMAX) - hi32 / scale, 0, QMAX))
+    return float(scale), int(zp)
+
+
+def quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Codes ``clamp(round(x/scale + zero_point), 0, 255)`` as uint8 (float32 arithmetic)."""
+    q = torch.round(x.float() / torch.tensor(scale, dtype=torch.float32) + float(zero_point))
+    return q.clamp(0, QMAX).to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """float32 ``scale · (q − zero_point)``."""
+    s = torch.tensor(scale, dtype=torch.float32, device=q.device)
+    return s * (q.float() - float(zero_point))
+
+
+def quantize_tensor(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> QuantizedTensor:
+    """Quantize ``x`` with the range [lo, hi] (default: its own extremes)."""
+    xf = x.detach().float().cpu()
+    if not torch.isfinite(xf).all():
+        raise PromptusError("cannot quantize a tensor holding NaN or inf (did training diverge?)")
+    lo = float(xf.min()) if lo is None else lo
+    hi = float(xf.max()) if hi is None else hi
+    scale, zp = quant_params(lo, hi)
+    return QuantizedTensor(quantize(xf, scale, zp).numpy(), scale, zp)
+
+
+class RunningRange:
+    """Running extremes of a tensor over an optimisation, always containing 0."""
+
+    def __init__(self) -> None:
+        self.lo = 0.0
+        self.hi = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        xd = x.detach()
+        self.lo = min(self.lo, float(xd.min()))
+        self.hi = max(self.hi, float(xd.max()))
+
+    def params(self) -> tuple[float, int]:
+        return quant_params(self.lo, self.hi)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lo": self.lo, "hi": self.hi}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.lo, self.hi = float(d["lo"]), float(d["hi"])
+
+
+def fake_quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Quantize-dequantize in the forward pass, identity gradient (straight-through)."""
+    xq = dequantize(quantize(x.detach(), scale, zero_point), scale, zero_point).to(x.dtype)
+    return x + (xq - x).detach()
+
+
+# ----------------------------------------------------------- prompt algebra
+
+
+def embedding(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``c = U·V / sqrt(r)``; works on single (tokens×r) or batched (B×tokens×r) factors."""
+    r = U.shape[-1]
+    if V.shape[-2] != r:
+        raise PromptusError(f"prompt factors disagree on rank: U has {r} columns, V has {V.shape[-2]} rows")
+    return (U @ V) / math.sqrt(r)
+
+
+def interpolation_weights(interval: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Weights s/T of keyframe k+1 for the frames s = 1..T of a segment."""
+    return torch.arange(1, interval + 1, device=device, dtype=torch.float64).div(interval).to(dtype)
+
+
+def interpolate_factors(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor, V1: torch.Tensor,
+                        interval: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the T frames of segment k → k+1, stacked: (T×tokens×r, T×r×dim).
+
+    Frame s uses ``u = (1 − s/T)·U_k + (s/T)·U_{k+1}`` and likewise v; s = T gives
+    keyframe k+1 exactly.
+    """
+    w = interpolation_weights(interval, U0.device, U0.dtype).view(-1, 1, 1)
+    u = (1 - w) * U0 + w * U1
+    v = (1 - w) * V0 + w * V1
+    return u, v
+
+
+def segment_embeddings(U0, V0, U1, V1, interval: int) -> torch.Tensor:
+    """Embeddings (T×tokens×dim) of the T frames of one segment."""
+    u, v = interpolate_factors(U0, V0, U1, V1, interval)
+    return embedding(u, v)
+
+
+# -------------------------------------------------------------------- rate
+
+#: Bytes of side information per quantized tensor: float32 scale + uint8 zero point.
+QUANT_SIDE_BYTES = 5
+
+
+def keyframe_factor_bits(config: CodecConfig) -> int:
+    """Bits of quantized factor codes in one keyframe: ``bits · r · (tokens + dim)``."""
+    return config.quant_bits * config.rank * (config.tokens + config.embed_dim)
+
+
+def keyframes_per_second(config: CodecConfig) -> float:
+    return config.fps / config.interval
+
+
+def factor_kbps(config: CodecConfig) -> float:
+    """Bitrate of the factor codes alone, in kbit/s (1 kbit = 1000 bits)."""
+    return keyframe_factor_bits(config) * keyframes_per_second(config) / 1000.0
+
+
+def init_latent_bytes(config: CodecConfig, precision: str) -> int:
+    """Payload bytes of the init latent at ``precision`` (fp32, fp16 or int8)."""
+    n = math.prod(config.latent_shape)
+    if precision == "fp32":
+        return 4 * n
+    if precision == "fp16":
+        return 2 * n
+    if precision == "int8":
+        return n + QUANT_SIDE_BYTES * config.latent_channels  # per-channel scale and zero point
+    raise PromptusError(f"unknown init-latent precision {precision!r}; choose fp32, fp16 or int8")
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """Predicted bitrate of a clip before any entropy coding."""
+
+    frame_count: int
+    keyframes: int
+    factor_bytes: int
+    side_bytes: int
+    init_bytes: int
+    duration_s: float
+
+    @property
+    def factor_kbps(self) -> float:
+        return 8 * self.factor_bytes / self.duration_s / 1000
+
+    @property
+    def total_kbps(self) -> float:
+        return 8 * (self.factor_bytes + self.side_bytes + self.init_bytes) / self.duration_s / 1000
+
+
+def estimate_rate(config: CodecConfig, frame_count: int, init_precision: str = "fp16") -> RateEstimate:
+    """Bytes and kbps of a clip's factors, quantizer side info and init latent.
+
+    Container framing (headers, record lengths, checksums) is not included; the
+    bitstream's own ``info`` counts every byte of a real file.
+    """
+    k = config.keyframe_count(frame_count)
+    return RateEstimate(
+        frame_count=frame_count,
+        keyframes=k,
+        factor_bytes=k * keyframe_factor_bits(config) // 8,
+        side_bytes=k * 2 * QUANT_SIDE_BYTES,
+        init_bytes=init_latent_bytes(config, init_precision),
+        duration_s=frame_count / config.fps,
+    )
