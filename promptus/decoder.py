@@ -1,0 +1,124 @@
+"""Bitstream → frames (DESIGN §1), independent of the backend that runs the networks.
+
+Frame 0 is generated alone from the init latent and keyframe 0. Every later
+segment k → k+1 is one batch of T frames that share one ``z``, built from the
+clean latent of the last frame of the previous batch; frame s of the segment uses
+factors interpolated between keyframes k and k+1.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .backends.base import Backend
+from .bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
+from .errors import BitstreamError, PromptusError
+from .prompts import embedding, segment_embeddings
+from .schedule import OneStep, make_noise, mix_latent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Frames ``start .. start+len(frames)-1`` of the clip, uint8 N×H×W×3 on the backend's device."""
+
+    start: int
+    frames: torch.Tensor
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.frames.shape[0]
+
+
+def check_model(header: Header, model: ModelIdentity | None) -> None:
+    """Warn loudly when the decoding model is not the one the file was encoded with."""
+    if model is None:
+        return
+    if not any(header.model.digest):
+        log.info("the bitstream records no model digest (model %r); decoding with %r", header.model.name, model.name)
+        return
+    if header.model.digest != model.digest:
+        msg = (
+            f"MODEL MISMATCH: this file was encoded with model {header.model.name!r} "
+            f"(digest {header.model.digest.hex()}) but is being decoded with {model.name!r} "
+            f"(digest {model.digest.hex()}). The frames will not be what the encoder saw; "
+            "decode with the same weights (--model) to reproduce them."
+        )
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+class Decoder:
+    """Regenerates frames from prompts with a backend (see :mod:`promptus.backends`).
+
+    ``stream`` consumes bitstream items as they arrive (header, init latent,
+    keyframes) and yields each segment as soon as the keyframe that closes it is
+    there; ``decode`` runs a whole :class:`Bitstream`.
+    """
+
+    def __init__(self, backend: Backend, model: ModelIdentity | None = None):
+        self.backend = backend
+        self.model = model
+
+    def stream(self, items: Iterable[Header | InitLatent | Keyframe]) -> Iterator[Segment]:
+        header: Header | None = None
+        z_prev: torch.Tensor | None = None
+        noise = prev = None
+        onestep = None
+        device = self.backend.device
+        for item in items:
+            if isinstance(item, Header):
+                header = item
+                check_model(header, self.model)
+                cfg = header.config
+                noise = make_noise(cfg).to(device)
+                onestep = OneStep.at(cfg.timestep)
+            elif isinstance(item, InitLatent):
+                if header is None:
+                    raise BitstreamError("the init latent came before the header", record="init latent")
+                z_prev = item.to_torch().to(device=device, dtype=torch.float32)
+                if tuple(z_prev.shape) != header.config.latent_shape:
+                    raise BitstreamError(
+                        f"init latent has shape {tuple(z_prev.shape)}, the header implies {header.config.latent_shape}",
+                        record="init latent",
+                    )
+            elif isinstance(item, Keyframe):
+                if header is None or z_prev is None:
+                    raise BitstreamError("a keyframe came before the header and init latent",
+                                         record=f"keyframe {item.index}")
+                cfg = header.config
+                U1, V1 = item.U.to(device), item.V.to(device)
+                if prev is None:
+                    z = mix_latent(z_prev, noise, cfg.mix)
+                    c = embedding(U1, V1).unsqueeze(0)
+                    x0, frames = self.backend.step(z, c, onestep)
+                    start = 0
+                else:
+                    U0, V0, k0 = prev
+                    n = min(cfg.interval, header.frame_count - 1 - k0)
+                    if n <= 0:
+                        raise BitstreamError(f"keyframe {item.index} lies past the clip's last frame "
+                                             f"{header.frame_count - 1}", record=f"keyframe {item.index}")
+                    c = segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
+                    z = mix_latent(z_prev, noise, cfg.mix).expand(n, -1, -1, -1)
+                    x0, frames = self.backend.step(z, c, onestep)
+                    start = k0 + 1
+                z_prev = x0[-1:].float()
+                prev = (U1, V1, item.index)
+                yield Segment(start, frames)
+            else:
+                raise PromptusError(f"unexpected bitstream item {type(item).__name__}")
+
+    def decode(self, bitstream: Bitstream) -> Iterator[Segment]:
+        """Segments of a whole bitstream, in order."""
+        return self.stream([bitstream.header, bitstream.init, *bitstream.keyframes])
+
+    def decode_all(self, bitstream: Bitstream) -> torch.Tensor:
+        """Every frame of ``bitstream`` as a CPU uint8 tensor N×H×W×3."""
+        return torch.cat([s.frames.cpu() for s in self.decode(bitstream)])

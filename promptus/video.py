@@ -1,0 +1,288 @@
+"""Reading and writing frames: folders of images and video files (PyAV).
+
+Input frames are RGB, centre-cropped to a square (the longer side is cropped
+symmetrically) and resized to the codec's frame size (DESIGN §1). Output goes to a
+folder of PNGs or a video file at the clip's fps; both are written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import VideoError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of ``folder`` in natural order (frame2 before frame10)."""
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise VideoError(
+            f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "point to a folder of frames such as 00000.png, 00001.png, ..."
+        )
+    return sorted(files, key=_natural_key)
+
+
+def center_crop_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Crop the longer side symmetrically to a square, then resize to ``width``×``height``.
+
+    Resizing uses PIL's bilinear filter (with its antialiasing when shrinking).
+    """
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top:top + side, left:left + side]
+    if square.shape[0] == height and square.shape[1] == width:
+        return np.ascontiguousarray(square)
+    return np.asarray(Image.fromarray(square).resize((width, height), Image.BILINEAR))
+
+
+def _load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "RGB":
+                return np.asarray(im)
+            if mode in ("L", "LA", "I", "I;16", "1", "F"):
+                raise VideoError(
+                    f"{path} is a grayscale image (mode {mode}); promptus encodes RGB video — "
+                    "convert the frames to RGB first (e.g. ffmpeg -i in.png -pix_fmt rgb24 out.png)"
+                )
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                raise VideoError(
+                    f"{path} has an alpha channel (mode {mode}); promptus encodes opaque RGB video — "
+                    "flatten the frames onto a background first"
+                )
+            return np.asarray(im.convert("RGB"))
+    except VideoError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VideoError(f"cannot read image {path}: {e}") from e
+
+
+def iter_frames(source: str | os.PathLike, width: int, height: int,
+                max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Frames of a folder of images or a video file as uint8 H×W×3 arrays, cropped and resized."""
+    source = Path(source)
+    if not source.exists():
+        raise VideoError(f"input {source} does not exist")
+    if source.is_dir():
+        files = list_images(source)
+        if max_frames is not None:
+            files = files[:max_frames]
+        first_size = None
+        for f in files:
+            img = _load_image(f)
+            if first_size is None:
+                first_size = img.shape[:2]
+            elif img.shape[:2] != first_size:
+                raise VideoError(
+                    f"{f} is {img.shape[1]}×{img.shape[0]} but the first frame is "
+                    f"{first_size[1]}×{first_size[0]}; all frames of a clip must have one size"
+                )
+            yield center_crop_resize(img, width, height)
+        return
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        yield center_crop_resize(_load_image(source), width, height)
+        return
+    yield from _iter_video(source, width, height, max_frames)
+
+
+def _iter_video(path: Path, width: int, height: int, max_frames: int | None) -> Iterator[np.ndarray]:
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"cannot open video {path}: {e}") from e
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{path} has no video stream")
+        n = 0
+        try:
+            for frame in container.decode(video=0):
+                if max_frames is not None and n >= max_frames:
+                    break
+                yield center_crop_resize(frame.to_ndarray(format="rgb24"), width, height)
+                n += 1
+        except av.FFmpegError as e:
+            raise VideoError(f"cannot decode {path} after {n} frames: {e}") from e
+        if n == 0:
+            raise VideoError(f"{path} holds no decodable video frames")
+
+
+def read_frames(source: str | os.PathLike, width: int = 512, height: int = 512,
+                max_frames: int | None = None) -> torch.Tensor:
+    """All frames of ``source`` as a uint8 tensor N×H×W×3."""
+    frames = list(iter_frames(source, width, height, max_frames))
+    if not frames:
+        raise VideoError(f"{source} holds no frames")
+    return torch.from_numpy(np.stack(frames))
+
+
+def video_fps(source: str | os.PathLike) -> float | None:
+    """The frame rate stored in a video file, or None for image folders."""
+    source = Path(source)
+    if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
+        return None
+    import av
+
+    try:
+        with av.open(str(source)) as c:
+            rate = c.streams.video[0].average_rate or c.streams.video[0].base_rate
+            return float(rate) if rate else None
+    except (av.FFmpegError, OSError, IndexError) as e:
+        raise VideoError(f"cannot read the frame rate of {source}: {e}") from e
+
+
+# ------------------------------------------------------------------ writers
+
+
+def is_video_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+class FrameWriter:
+    """Writes uint8 H×W×3 frames to a PNG folder or a video file, atomically.
+
+    Frames go to a temporary sibling first; :meth:`close` moves the result into
+    place, :meth:`abort` removes it. Use it as a context manager: an exception
+    inside the block aborts, so a failed decode never leaves a half-written output.
+    """
+
+    def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12):
+        self.out = Path(out)
+        self.fps = fps
+        self.count = 0
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._video = is_video_path(self.out)
+        if self._video:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=self.out.suffix, dir=self.out.parent)
+            os.close(fd)
+            self._tmp = Path(tmp)
+            self._crf = crf
+            self._container = None
+        else:
+            if self.out.exists() and not self.out.is_dir():
+                raise VideoError(f"{self.out} exists and is not a folder; give a folder or a .mp4 path")
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+
+    def _open_video(self, h: int, w: int) -> None:
+        import av
+
+        self._container = av.open(str(self._tmp), mode="w")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        stream = self._container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(self._crf), "preset": "medium"}
+        self._stream = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        frame = np.ascontiguousarray(frame)
+        if self._video:
+            import av
+
+            if self._container is None:
+                self._open_video(*frame.shape[:2])
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        else:
+            Image.fromarray(frame).save(self._tmp / f"{self.count:05d}.png")
+        self.count += 1
+
+    def write_batch(self, frames: torch.Tensor | np.ndarray) -> None:
+        arr = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames
+        for f in arr:
+            self.write(f)
+
+    def close(self) -> Path:
+        if self._video:
+            if self._container is None:
+                self.abort()
+                raise VideoError("no frames were written")
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            os.replace(self._tmp, self.out)
+        else:
+            if self.out.exists():
+                # Replace the old folder only once the new one is complete.
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=self.out.parent))
+                os.replace(self.out, old / "x")
+                os.replace(self._tmp, self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self._tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        if self._video:
+            if self._container is not None:
+                try:
+                    self._container.close()
+                except Exception:  # noqa: BLE001 - best effort cleanup of a temp file
+                    pass
+            self._tmp.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "FrameWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float) -> int:
+    """Write frames to ``out`` (PNG folder or video file); returns the count."""
+    with FrameWriter(out, fps) as w:
+        for f in frames:
+            w.write(f)
+    return w.count
+
+
+def synthetic_clip(frame_count: int, width: int = 64, height: int = 64, seed: int = 0) -> torch.Tensor:
+    """A small deterministic test clip (uint8 N×H×W×3): a sky gradient with a drifting disc.
+
+    Made in code so that tests and demos need no video files.
+    """
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([60 + 100 * yy / height, 120 + 80 * yy / height, 200 + 40 * xx / width], -1)
+    cx0, cy0 = rng.uniform(0.2, 0.4) * width, rng.uniform(0.3, 0.7) * height
+    r = 0.18 * min(width, height)
+    frames = []
+    for t in range(frame_count):
+        cx, cy = cx0 + 0.02 * width * t, cy0 + 0.01 * height * np.sin(t / 4)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+        img = base.copy()
+        img[disc] = (240, 200, 80)
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(frames))
