@@ -1,3 +1,37 @@
-"""Promptus: video compressed into prompts for SD-Turbo."""
+"""Promptus: video compressed into prompts for SD-Turbo.
+
+The public API::
+
+    import promptus
+    bs = promptus.read("clip.promptus")        # a Bitstream: .header, .init, .keyframes
+    bs.header.rank, bs.keyframes[1].U          # dequantized float32 factors
+    promptus.write("copy.promptus", bs)        # atomic; entropy-codes the factors when it wins
+    frames = promptus.decode("clip.promptus", model="tiny")   # uint8 N×H×W×3
+"""
+
+from .bitstream import (
+    Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, from_bytes, iter_records, read,
+    to_bytes, write,
+)
+from .config import CodecConfig
+from .decoder import Decoder, Segment, decode
+from .errors import BitstreamError, ModelNotFoundError, PromptusError, VideoError
+from .legacy import load_legacy, write_legacy
+from .prompts import QuantizedTensor, embedding, estimate_rate, quantize_tensor
 
 __version__ = "0.1.0"
+
+
+def load_models(*args, **kwargs):
+    """Load SD-Turbo + TAESD (see :func:`promptus.models.load_models`)."""
+    from .models import load_models as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "Bitstream", "BitstreamError", "CodecConfig", "Decoder", "Header", "InitLatent", "Keyframe", "ModelIdentity",
+    "ModelNotFoundError", "PromptusError", "QuantizedTensor", "Segment", "StreamParser", "VideoError", "decode",
+    "embedding", "estimate_rate", "from_bytes", "iter_records", "load_legacy", "load_models", "quantize_tensor",
+    "read", "to_bytes", "write", "write_legacy", "__version__",
+]

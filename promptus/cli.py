@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__  # noqa: F401 (re-exported for --version)
 from .errors import BitstreamError, PromptusError
 
 log = logging.getLogger("promptus")

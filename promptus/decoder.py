@@ -122,3 +122,25 @@ class Decoder:
     def decode_all(self, bitstream: Bitstream) -> torch.Tensor:
         """Every frame of ``bitstream`` as a CPU uint8 tensor N×H×W×3."""
         return torch.cat([s.frames.cpu() for s in self.decode(bitstream)])
+
+
+def decode(source, model: str = "auto", *, device: str | torch.device | None = None,
+           backend: str = "auto", taesd: str | None = None) -> torch.Tensor:
+    """Decode a .promptus file (path, bytes or :class:`Bitstream`) to a CPU uint8 tensor N×H×W×3.
+
+    ``model`` is anything :func:`promptus.models.load_models` accepts ("tiny",
+    a checkpoint file, a diffusers folder, a hub id).
+    """
+    from .backends import default_dtype, make_backend, resolve_device
+    from .bitstream import from_bytes, read
+    from .models import load_models
+
+    if isinstance(source, (bytes, bytearray)):
+        bs = from_bytes(bytes(source))
+    elif isinstance(source, Bitstream):
+        bs = source
+    else:
+        bs = read(source)
+    dev = resolve_device(device)
+    models = load_models(model, device=dev, dtype=default_dtype(dev), taesd=taesd, vae=False)
+    return Decoder(make_backend(backend, models, dev), models.identity()).decode_all(bs)

@@ -1,0 +1,130 @@
+"""Import of the public release's prompt folders: validation and bit-exactness."""
+
+import pickle
+
+import pytest
+import torch
+
+import promptus
+from promptus.errors import PromptusError
+from promptus.legacy import load_legacy, write_legacy
+
+from conftest import make_legacy_folder, release_dequantize
+
+
+def test_import_infers_settings_and_is_bit_exact(legacy_folder, tmp_path):
+    folder, originals, init = legacy_folder
+    bs = load_legacy(folder, fps=25)
+    h = bs.header
+    assert (h.rank, h.interval, h.frame_count, h.width, h.height, h.fps) == (2, 4, 9, 64, 64, 25)
+    assert [kf.index for kf in bs.keyframes] == [0, 4, 8]
+    for kf in bs.keyframes:
+        d = originals[kf.index]
+        for name in ("U", "V"):
+            ref = release_dequantize(d, name)
+            got = getattr(kf, name)
+            assert got.dtype == torch.float32
+            assert torch.equal(got, ref), f"keyframe {kf.index} {name} is not bit-exact"
+    assert torch.equal(bs.init.to_torch(), init)
+
+    # Through the file and back, still bit-exact.
+    path = tmp_path / "x.promptus"
+    promptus.write(path, bs)
+    back = promptus.read(path)
+    for kf, kf2 in zip(bs.keyframes, back.keyframes):
+        assert torch.equal(kf.U, kf2.U) and torch.equal(kf.V, kf2.V)
+    assert torch.equal(back.init.to_torch(), init)
+
+
+@pytest.mark.parametrize("precision,tol", [("fp16", 2e-3), ("int8", 0.05)])
+def test_lossy_init_precisions(legacy_folder, precision, tol):
+    folder, _, init = legacy_folder
+    bs = load_legacy(folder, init_precision=precision)
+    assert bs.init.precision == precision
+    err = (bs.init.to_torch() - init).abs().max().item()
+    assert 0 < err <= tol * init.abs().max().item()
+
+
+def test_write_legacy_round_trip(legacy_folder, tmp_path):
+    folder, originals, _ = legacy_folder
+    bs = load_legacy(folder)
+    out = tmp_path / "exported"
+    write_legacy(bs, out)
+    again = load_legacy(out)
+    for a, b in zip(bs.keyframes, again.keyframes):
+        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    d = torch.load(out / "frame_00004.prompt", weights_only=True)
+    assert torch.equal(d["U"], originals[4]["U"])
+
+
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(PromptusError, match="not a folder"):
+        load_legacy(tmp_path / "missing")
+    with pytest.raises(PromptusError, match="no frame_XXXXX.prompt"):
+        load_legacy(tmp_path)
+
+    f = tmp_path / "a"
+    make_legacy_folder(f)
+    (f / "init.pth").unlink()
+    with pytest.raises(PromptusError, match="init.pth"):
+        load_legacy(f)
+
+    f = tmp_path / "uneven"
+    make_legacy_folder(f, keyframes=4)
+    (f / "frame_00008.prompt").unlink()
+    with pytest.raises(PromptusError, match="evenly spaced"):
+        load_legacy(f)
+
+    f = tmp_path / "start"
+    make_legacy_folder(f)
+    (f / "frame_00000.prompt").unlink()
+    with pytest.raises(PromptusError, match="frame_00000"):
+        load_legacy(f)
+
+
+def test_inconsistent_shapes_and_values(tmp_path):
+    f = tmp_path / "rank"
+    make_legacy_folder(f)
+    d = torch.load(f / "frame_00004.prompt", weights_only=True)
+    d["U"] = torch.zeros(77, 3, dtype=torch.uint8)
+    torch.save(d, f / "frame_00004.prompt")
+    with pytest.raises(PromptusError, match="frame_00004.prompt: U has shape"):
+        load_legacy(f)
+
+    f = tmp_path / "dtype"
+    make_legacy_folder(f)
+    d = torch.load(f / "frame_00000.prompt", weights_only=True)
+    d["V"] = d["V"].float()
+    torch.save(d, f / "frame_00000.prompt")
+    with pytest.raises(PromptusError, match="uint8"):
+        load_legacy(f)
+
+    f = tmp_path / "zp"
+    make_legacy_folder(f)
+    d = torch.load(f / "frame_00000.prompt", weights_only=True)
+    d["U_zero_point"] = torch.tensor(12.5)
+    torch.save(d, f / "frame_00000.prompt")
+    with pytest.raises(PromptusError, match="zero_point"):
+        load_legacy(f)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path, capsys):
+    f = tmp_path / "evil"
+    make_legacy_folder(f)
+    with open(f / "frame_00004.prompt", "wb") as fh:
+        pickle.dump({"U": Evil()}, fh)
+    with pytest.raises(PromptusError, match="weights_only"):
+        load_legacy(f)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_single_keyframe_needs_or_assumes_an_interval(tmp_path):
+    f = tmp_path / "one"
+    make_legacy_folder(f, keyframes=1)
+    assert load_legacy(f, interval=5).header.interval == 5
+    assert load_legacy(f).header.frame_count == 1
