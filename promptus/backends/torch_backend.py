@@ -15,8 +15,10 @@ class TorchBackend(Backend):
     def __init__(self, unet: torch.nn.Module, taesd_decoder: torch.nn.Module,
                  device: torch.device | str, dtype: torch.dtype, *, channels_last: bool = False):
         super().__init__(torch.device(device), dtype)
-        self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
-        self.taesd_decoder = taesd_decoder.to(self.device, dtype).eval().requires_grad_(False)
+        # nn.Module.to, not diffusers' override: that one warns about fp32-only modules
+        # even when a model lists none. Note this moves the caller's modules in place.
+        self.unet = torch.nn.Module.to(unet, self.device, dtype).eval().requires_grad_(False)
+        self.taesd_decoder = torch.nn.Module.to(taesd_decoder, self.device, dtype).eval().requires_grad_(False)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.taesd_decoder.to(memory_format=torch.channels_last)
