@@ -54,6 +54,51 @@ def check_model(header: Header, model: ModelIdentity | None) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+class ClipState:
+    """The decoder's running state for one clip: the noise, z_prev and the last keyframe.
+
+    ``push(keyframe)`` generates the frames that keyframe closes (frame 0 for the
+    first, then the segment k → k+1) and advances z_prev. The encoder uses the same
+    object for its closed loop, so both sides compute z_prev identically.
+    """
+
+    def __init__(self, backend: Backend, header: Header, init: InitLatent):
+        cfg = header.config
+        self.backend, self.header = backend, header
+        device = backend.device
+        self.noise = make_noise(cfg).to(device)
+        self.onestep = OneStep.at(cfg.timestep)
+        self.z_prev = init.to_torch().to(device=device, dtype=torch.float32)
+        if tuple(self.z_prev.shape) != cfg.latent_shape:
+            raise BitstreamError(
+                f"init latent has shape {tuple(self.z_prev.shape)}, the header implies {cfg.latent_shape}",
+                record="init latent",
+            )
+        self.prev: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def segment_inputs(self, keyframe: Keyframe) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(first frame index, z B×4×h×w, prompts B×77×1024) of the frames ``keyframe`` closes."""
+        cfg, device = self.header.config, self.backend.device
+        U1, V1 = keyframe.U.to(device), keyframe.V.to(device)
+        z = mix_latent(self.z_prev, self.noise, cfg.mix)
+        if self.prev is None:
+            return 0, z, embedding(U1, V1).unsqueeze(0)
+        U0, V0, k0 = self.prev
+        n = min(cfg.interval, self.header.frame_count - 1 - k0)
+        if n <= 0:
+            raise BitstreamError(f"keyframe {keyframe.index} lies past the clip's last frame "
+                                 f"{self.header.frame_count - 1}", record=f"keyframe {keyframe.index}")
+        c = segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
+        return k0 + 1, z.expand(n, -1, -1, -1), c
+
+    def push(self, keyframe: Keyframe) -> Segment:
+        start, z, c = self.segment_inputs(keyframe)
+        x0, frames = self.backend.step(z, c, self.onestep)
+        self.z_prev = x0[-1:].float()
+        self.prev = (keyframe.U.to(self.backend.device), keyframe.V.to(self.backend.device), keyframe.index)
+        return Segment(start, frames)
+
+
 class Decoder:
     """Regenerates frames from prompts with a backend (see :mod:`promptus.backends`).
 
@@ -66,52 +111,26 @@ class Decoder:
         self.backend = backend
         self.model = model
 
+    def start(self, header: Header, init: InitLatent) -> ClipState:
+        """A fresh clip state (checks the model identity first)."""
+        check_model(header, self.model)
+        return ClipState(self.backend, header, init)
+
     def stream(self, items: Iterable[Header | InitLatent | Keyframe]) -> Iterator[Segment]:
         header: Header | None = None
-        z_prev: torch.Tensor | None = None
-        noise = prev = None
-        onestep = None
-        device = self.backend.device
+        state: ClipState | None = None
         for item in items:
             if isinstance(item, Header):
                 header = item
-                check_model(header, self.model)
-                cfg = header.config
-                noise = make_noise(cfg).to(device)
-                onestep = OneStep.at(cfg.timestep)
             elif isinstance(item, InitLatent):
                 if header is None:
                     raise BitstreamError("the init latent came before the header", record="init latent")
-                z_prev = item.to_torch().to(device=device, dtype=torch.float32)
-                if tuple(z_prev.shape) != header.config.latent_shape:
-                    raise BitstreamError(
-                        f"init latent has shape {tuple(z_prev.shape)}, the header implies {header.config.latent_shape}",
-                        record="init latent",
-                    )
+                state = self.start(header, item)
             elif isinstance(item, Keyframe):
-                if header is None or z_prev is None:
+                if state is None:
                     raise BitstreamError("a keyframe came before the header and init latent",
                                          record=f"keyframe {item.index}")
-                cfg = header.config
-                U1, V1 = item.U.to(device), item.V.to(device)
-                if prev is None:
-                    z = mix_latent(z_prev, noise, cfg.mix)
-                    c = embedding(U1, V1).unsqueeze(0)
-                    x0, frames = self.backend.step(z, c, onestep)
-                    start = 0
-                else:
-                    U0, V0, k0 = prev
-                    n = min(cfg.interval, header.frame_count - 1 - k0)
-                    if n <= 0:
-                        raise BitstreamError(f"keyframe {item.index} lies past the clip's last frame "
-                                             f"{header.frame_count - 1}", record=f"keyframe {item.index}")
-                    c = segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
-                    z = mix_latent(z_prev, noise, cfg.mix).expand(n, -1, -1, -1)
-                    x0, frames = self.backend.step(z, c, onestep)
-                    start = k0 + 1
-                z_prev = x0[-1:].float()
-                prev = (U1, V1, item.index)
-                yield Segment(start, frames)
+                yield state.push(item)
             else:
                 raise PromptusError(f"unexpected bitstream item {type(item).__name__}")
 
