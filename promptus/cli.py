@@ -92,6 +92,72 @@ def cmd_decode(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ encode
+
+
+def add_encode_args(p: argparse.ArgumentParser, *, rate: bool = True, iters: tuple[int, int] = (10_000, 1_500)) -> None:
+    """The encoder's options (shared by ``encode``, ``demo``, the scripts and the sweep)."""
+    if rate:
+        p.add_argument("--rank", type=int, default=8, help="prompt rank r: sets the bitrate (default: 8)")
+        p.add_argument("--interval", type=int, default=10, help="keyframe interval T (default: 10)")
+    p.add_argument("--size", type=int, default=512, help="frame size in pixels, a multiple of 8 (default: 512)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate (default: the video's, else 30)")
+    p.add_argument("--iters-first", type=int, default=iters[0],
+                   help=f"iterations for keyframe 0 (default: {iters[0]}; the published value is 10000)")
+    p.add_argument("--iters", type=int, default=iters[1],
+                   help=f"iterations for each later keyframe (default: {iters[1]}; the published value is 1500)")
+    p.add_argument("--max-frames", type=int, default=None, help="encode only the first N frames")
+    p.add_argument("--init-latent", choices=["vae", "taesd"], default="vae",
+                   help="init latent from the SD VAE encoder (published) or TAESD's (cheaper) (default: vae)")
+    p.add_argument("--init-precision", choices=["int8", "fp16", "fp32"], default="fp16",
+                   help="storage of the init latent (default: fp16)")
+    p.add_argument("--perceptual", choices=["on", "off"], default="on",
+                   help="VGG-19 perceptual loss; off needs no VGG weights but gives lower quality (default: on)")
+    p.add_argument("--vgg", default=None, help="local VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth)")
+    p.add_argument("--seed", type=int, default=88, help="latent noise seed (default: 88, as published)")
+
+
+def configs_from_args(args, fps: float):
+    from .config import CodecConfig, TrainConfig
+
+    codec = CodecConfig(width=args.size, height=args.size, fps=fps, rank=args.rank, interval=args.interval,
+                        seed=args.seed)
+    train = TrainConfig(iters_first=args.iters_first, iters=args.iters, perceptual=args.perceptual == "on",
+                        init_latent=args.init_latent, init_precision=args.init_precision)
+    return codec, train
+
+
+def run_encode(args, source, output, models=None):
+    """Encode ``source`` to ``output`` with the CLI options in ``args``; returns the EncodeResult."""
+    from .backends import resolve_device
+    from .encoder import Encoder
+    from .video import video_fps
+
+    fps = args.fps or video_fps(source) or 30.0
+    codec, train = configs_from_args(args, fps)
+    device = resolve_device(args.device)
+    if models is None:
+        models = _load_models(args, device, need_vae=train.init_latent == "vae")
+    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet)
+    return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
+
+
+def print_encode_summary(res) -> None:
+    from .bitstream import layout
+
+    recs = layout(Path(res.path).read_bytes())
+    factor_bytes = sum(r.payload for r in recs if r.name.startswith("keyframe"))
+    print(f"wrote {res.path}: {res.frame_count} frames, {len(res.keyframes)} keyframes, {res.bytes} bytes")
+    print(f"bitrate: {res.kbps:.1f} kbit/s (all bytes), {8 * factor_bytes / res.duration_s / 1000:.1f} kbit/s "
+          f"(keyframe payloads only); mean closed-loop PSNR {res.mean_psnr:.2f} dB")
+
+
+def cmd_encode(args) -> int:
+    res = run_encode(args, args.input, args.output)
+    print_encode_summary(res)
+    return 0
+
+
 # -------------------------------------------------------------------- info
 
 
@@ -154,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a truncated or corrupted file, keep the frames decoded before the damage")
     d.set_defaults(func=cmd_decode)
 
+    e = sub.add_parser("encode", help="invert a clip into a .promptus file",
+                       description="Invert a clip (a folder of frames or a video file) into keyframe prompts "
+                                   "and write a .promptus bitstream. A checkpoint is kept after every keyframe; "
+                                   "--resume continues an interrupted run.")
+    e.add_argument("input", help="a folder of frames (00000.png, ...) or a video file")
+    e.add_argument("-o", "--output", required=True, help="the .promptus file to write")
+    add_encode_args(e)
+    _add_model_args(e)
+    e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    e.set_defaults(func=cmd_encode)
+
     i = sub.add_parser("info", help="print a .promptus file's header, layout and bitrate",
                        description="Print the header, the bytes of every part and the bitrate (all bytes, and factors only).")
     i.add_argument("file", help="the .promptus file")
@@ -173,21 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossless coding of the quantized factors: auto keeps the smallest of raw/zlib/lzma/bz2")
     L.set_defaults(func=cmd_import_legacy)
 
-    m = sub.add_parser("demo", help="the main job: build a sample clip's prompts and decode them",
-                       description="Make a sample prompt folder in the public release's layout, import it, "
-                                   "print its layout and decode it with the best model available "
-                                   "(SD-Turbo when its weights are present, else the tiny test model).")
+    m = sub.add_parser("demo", help="the main job: encode and decode the sample clip",
+                       description="Encode the project's sample clip (data/sky, made on first use) with the best "
+                                   "model available (SD-Turbo when its weights are present, else the tiny test "
+                                   "model), decode it, and print the bitrate and PSNR.")
     m.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    m.add_argument("--clip", default=None, help="another clip to use instead of data/sky")
+    add_encode_args(m, iters=(300, 100))
+    m.set_defaults(size=None, max_frames=21, resume=False)
     _add_model_args(m)
     m.set_defaults(func=cmd_demo)
     return p
 
 
+def setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="promptus: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="promptus: %(message)s")
+    setup_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

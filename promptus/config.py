@@ -109,3 +109,64 @@ class CodecConfig:
 
     def replace(self, **changes: Any) -> "CodecConfig":
         return dataclasses.replace(self, **changes)
+
+
+INIT_LATENT_SOURCES = ("vae", "taesd")
+INIT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the inversion trainer (DESIGN §1, "Inversion"); the published defaults.
+
+    Attributes:
+        iters_first, iters: Adam iterations for keyframe 0 and for each later keyframe.
+        lr, lr_floor: initial learning rate, halved on plateau down to ``lr_floor``.
+        patience_first, patience: iterations without a new best loss before halving.
+        mse_weight, perceptual_weight, reg_weight: loss = 0.8·MSE + 0.2·VGG + 0.1·mean|c|.
+        worst_weight: weight of the segment's worst frame in the next iteration (the
+            published loop trains it three times per iteration).
+        perceptual: use the VGG-19 perceptual term (off: lower quality, no VGG weights needed).
+        init_latent: "vae" (SD VAE encoder, published) or "taesd" (cheaper substitute).
+        init_precision: how the init latent is stored: fp32, fp16 or int8.
+        seed: seed of the factors' uniform initialisation (keyframe k uses seed + k).
+    """
+
+    iters_first: int = 10_000
+    iters: int = 1_500
+    lr: float = 0.1
+    lr_floor: float = 0.001
+    patience_first: int = 300
+    patience: int = 20
+    mse_weight: float = 0.8
+    perceptual_weight: float = 0.2
+    reg_weight: float = 0.1
+    worst_weight: float = 3.0
+    perceptual: bool = True
+    init_latent: str = "vae"
+    init_precision: str = "fp16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iters_first", "iters", "patience_first", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise PromptusError(f"{name}={v!r} must be an integer ≥ 1")
+        if not (0 < self.lr_floor <= self.lr):
+            raise PromptusError(f"learning rates must satisfy 0 < lr_floor ≤ lr, got lr={self.lr}, lr_floor={self.lr_floor}")
+        if self.init_latent not in INIT_LATENT_SOURCES:
+            raise PromptusError(f"init_latent={self.init_latent!r}: choose {' or '.join(INIT_LATENT_SOURCES)}")
+        if self.init_precision not in INIT_PRECISIONS:
+            raise PromptusError(f"init_precision={self.init_precision!r}: choose one of {', '.join(INIT_PRECISIONS)}")
+        if self.worst_weight < 1:
+            raise PromptusError(f"worst_weight={self.worst_weight!r} must be ≥ 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

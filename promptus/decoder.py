@@ -76,11 +76,15 @@ class ClipState:
             )
         self.prev: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
+    def z(self) -> torch.Tensor:
+        """The UNet input (1×4×h×w, float32) shared by every frame of the next batch."""
+        return mix_latent(self.z_prev, self.noise, self.header.config.mix)
+
     def segment_inputs(self, keyframe: Keyframe) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(first frame index, z B×4×h×w, prompts B×77×1024) of the frames ``keyframe`` closes."""
         cfg, device = self.header.config, self.backend.device
         U1, V1 = keyframe.U.to(device), keyframe.V.to(device)
-        z = mix_latent(self.z_prev, self.noise, cfg.mix)
+        z = self.z()
         if self.prev is None:
             return 0, z, embedding(U1, V1).unsqueeze(0)
         U0, V0, k0 = self.prev

@@ -1,10 +1,9 @@
 """``promptus demo``: the project's main job, end to end on one machine.
 
-It makes a sample clip in code, builds its keyframe prompts in the public
-release's folder layout, imports that folder into a .promptus file, prints the
-file's layout and bitrate, and decodes every frame with the best model available.
-Until the encoder lands the prompts are the encoder's initialisation (uniform
-random factors), so the decoded frames show the pipeline, not a reconstruction.
+Encode the project's sample clip (data/sky, made on first use) with the best
+model available — SD-Turbo when its weights are present, else the built-in tiny
+model, saying which — write the .promptus file, show its layout, decode it, and
+print the bitrate and PSNR.
 """
 
 from __future__ import annotations
@@ -13,23 +12,22 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
-from .errors import PromptusError
+from .errors import ModelNotFoundError, PromptusError
 
 log = logging.getLogger("promptus")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sky"
 
 
 def run_demo(args) -> int:
     from .backends import default_dtype, make_backend, resolve_device
-    from .bitstream import Bitstream, Header, InitLatent, Keyframe, describe, read, write
-    from .config import CodecConfig
+    from .bitstream import describe, read
+    from .cli import print_encode_summary, run_encode
     from .decoder import Decoder
-    from .legacy import load_legacy, write_legacy
+    from .encoder import psnr_uint8
+    from .losses import load_vgg19
     from .models import find_default_weights, load_models
-    from .prompts import quantize_tensor
-    from .schedule import to_model_range
-    from .video import FrameWriter, synthetic_clip
+    from .video import FrameWriter, ensure_sample_clip, read_frames
 
     out = Path(args.out)
     device = resolve_device(args.device)
@@ -38,50 +36,50 @@ def run_demo(args) -> int:
         spec = find_default_weights(args.checkpoints) or "tiny"
         if spec == "tiny":
             print(f"demo: no SD-Turbo weights under {args.checkpoints}/ — using the built-in tiny random-weight "
-                  "model (frames are noise-like; see README 'Model weights' for the real ones)")
+                  "model, which cannot reconstruct real images (see README 'Model weights')")
         else:
             print(f"demo: using SD-Turbo weights from {spec}")
-    models = load_models(spec, device=device, dtype=default_dtype(device), taesd=args.taesd, vae=False,
-                         checkpoints_dir=args.checkpoints)
-    size = 128 if models.name == "tiny" else 512
-    cfg = CodecConfig(width=size, height=size, fps=30.0, rank=8, interval=10)
-    frame_count = 21
+    tiny = spec == "tiny"
+    args.model = spec
+    if args.size is None:
+        args.size = 128 if tiny else 512
+    if args.init_latent == "vae" and tiny:
+        args.init_latent = "taesd"
+    if args.perceptual == "on" and args.vgg is None:
+        try:
+            load_vgg19(None)
+        except ModelNotFoundError:
+            print("demo: no VGG-19 weights here — perceptual loss off (lower quality; pass --vgg PATH to use it)")
+            args.perceptual = "off"
 
-    # 1. A sample clip and its init latent (TAESD encoder: the cheap substitute of DESIGN §1).
-    clip = synthetic_clip(frame_count, size, size)
-    with torch.inference_mode():
-        frame0 = to_model_range(clip[:1]).to(device, default_dtype(device))
-        init = models.encode_init_latent(frame0, which="taesd").float().cpu().numpy()
-
-    # 2. Keyframe prompts in the release layout (the encoder's uniform initialisation).
-    gen = torch.Generator().manual_seed(0)
-    keyframes = [
-        Keyframe(index=k * cfg.interval,
-                 U_q=quantize_tensor(torch.rand(cfg.tokens, cfg.rank, generator=gen)),
-                 V_q=quantize_tensor(torch.rand(cfg.rank, cfg.embed_dim, generator=gen)))
-        for k in range(cfg.keyframe_count(frame_count))
-    ]
-    bs = Bitstream(Header(cfg, frame_count, models.identity()), InitLatent.from_array(init, "fp32"), keyframes)
-    legacy_dir = out / "legacy"
-    write_legacy(bs, legacy_dir)
-    print(f"demo: wrote {len(keyframes)} keyframe prompts + init.pth in the release layout to {legacy_dir}")
-
-    # 3. Import into one .promptus file and show its layout.
+    clip = args.clip or str(ensure_sample_clip(SAMPLE))
+    models = load_models(spec, device=device, dtype=default_dtype(device), taesd=args.taesd,
+                         vae=args.init_latent == "vae", checkpoints_dir=args.checkpoints)
+    print(f"demo: encoding {args.max_frames} frames of {clip} at {args.size}×{args.size}, rank {args.rank}, "
+          f"interval {args.interval}, {args.iters_first}/{args.iters} iterations on {device}")
     path = out / "demo.promptus"
-    write(path, load_legacy(legacy_dir, fps=cfg.fps, init_precision="fp16"))
+    res = run_encode(args, clip, path, models=models)
     print(describe(path.read_bytes()))
 
-    # 4. Decode every frame.
     backend = make_backend("auto", models, device)
     t0 = time.perf_counter()
-    with FrameWriter(out / "decoded", cfg.fps) as pngs, FrameWriter(out / "decoded.mp4", cfg.fps) as mp4:
+    decoded = []
+    with FrameWriter(out / "decoded", res.fps) as pngs, FrameWriter(out / "decoded.mp4", res.fps) as mp4:
         for seg in Decoder(backend, models.identity()).decode(read(path)):
-            frames = seg.frames.cpu().numpy()
+            frames = seg.frames.cpu()
+            decoded.append(frames)
             pngs.write_batch(frames)
             mp4.write_batch(frames)
     dt = time.perf_counter() - t0
-    print(f"demo: decoded {pngs.count} of {frame_count} frames with {backend.describe()} in {dt:.2f} s "
-          f"→ {out / 'decoded'}/ and {out / 'decoded.mp4'}")
-    if pngs.count != frame_count:
-        raise PromptusError(f"decoded {pngs.count} frames but the clip has {frame_count}")
+    import torch
+
+    decoded = torch.cat(decoded)
+    if decoded.shape[0] != res.frame_count:
+        raise PromptusError(f"decoded {decoded.shape[0]} frames but the clip has {res.frame_count}")
+    original = read_frames(clip, args.size, args.size, max_frames=res.frame_count)
+    print_encode_summary(res)
+    print(f"demo: decoded {decoded.shape[0]} frames with {backend.describe()} in {dt:.2f} s → {out / 'decoded'}/, "
+          f"{out / 'decoded.mp4'}")
+    print(f"demo: PSNR of the decoded frames against the originals {psnr_uint8(decoded, original):.2f} dB; "
+          f"decoder vs encoder closed loop {psnr_uint8(decoded, res.reconstruction):.2f} dB (inf = identical)")
     return 0

@@ -286,3 +286,42 @@ def synthetic_clip(frame_count: int, width: int = 64, height: int = 64, seed: in
         img[disc] = (240, 200, 80)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
     return torch.from_numpy(np.stack(frames))
+
+
+def _smooth_noise(rng: np.random.RandomState, h: int, w: int, scale: int) -> np.ndarray:
+    """A bicubically upsampled random grid in [0, 1]: soft cloud shapes."""
+    gh, gw = h // scale + 2, w // scale + 2
+    grid = (rng.rand(gh, gw) * 255).astype(np.uint8)
+    img = Image.fromarray(grid).resize((gw * scale, gh * scale), Image.BICUBIC)
+    return np.asarray(img, np.float32)[:h, :w] / 255
+
+
+def sky_clip(frame_count: int = 141, size: int = 128, seed: int = 0) -> np.ndarray:
+    """The project's sample clip: a blue sky with clouds drifting past, uint8 N×size×size×3.
+
+    Deterministic for a given seed on every machine (numpy RandomState + PIL).
+    """
+    rng = np.random.RandomState(seed)
+    h = w = size
+    span = w + int(frame_count * 0.75 * size / 64) + 1
+    clouds = 0.6 * _smooth_noise(rng, h, span, max(1, size // 4)) + 0.4 * _smooth_noise(rng, h, span, max(1, size // 8))
+    yy = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    top, horizon = np.array([40, 90, 190], np.float32), np.array([170, 205, 240], np.float32)
+    sky = top + (horizon - top) * yy
+    out = []
+    for t in range(frame_count):
+        x0 = int(t * 0.75 * size / 64)
+        c = clouds[:, x0:x0 + w, None]
+        alpha = np.clip((c - 0.45) * 3.0, 0, 1) * (0.4 + 0.6 * yy)
+        out.append(np.clip(sky * (1 - alpha) + 250 * alpha + 0.5, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def ensure_sample_clip(folder: str | os.PathLike, frame_count: int = 141, size: int = 128) -> Path:
+    """Make the sample clip as PNG frames in ``folder`` unless it is already there."""
+    folder = Path(folder)
+    if folder.is_dir() and len(list(folder.glob("*.png"))) >= frame_count:
+        return folder
+    log.info("making the sample clip (%d frames, %d×%d) in %s", frame_count, size, size, folder)
+    write_frames(sky_clip(frame_count, size), folder, fps=30)
+    return folder

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import promptus
 from promptus.cli import main
-from promptus.video import read_frames
+from promptus.video import read_frames, synthetic_clip
 
 from conftest import make_legacy_folder
 
@@ -88,12 +89,20 @@ def test_truncated_file_fails_unless_partial_allowed(imported, tmp_path, capsys)
 
 def test_demo_runs_with_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--checkpoints", str(tmp_path / "none"), "--device", "cpu"]) == 0
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i, f in enumerate(synthetic_clip(7, 32, 32)):
+        Image.fromarray(f.numpy()).save(clip / f"{i:05d}.png")
+    assert main(["demo", "--out", str(out), "--checkpoints", str(tmp_path / "none"), "--device", "cpu",
+                 "--clip", str(clip), "--size", "32", "--rank", "2", "--interval", "3", "--max-frames", "7",
+                 "--iters-first", "5", "--iters", "3"]) == 0
     text = capsys.readouterr().out
-    assert "tiny" in text and "decoded 21 of 21 frames" in text
-    assert len(list((out / "decoded").glob("*.png"))) == 21
+    assert "tiny" in text and "decoded 7 frames" in text
+    assert "closed loop inf dB" in text  # the decoder reproduced the encoder exactly
+    assert "kbit/s" in text and "PSNR" in text
+    assert len(list((out / "decoded").glob("*.png"))) == 7
     assert (out / "decoded.mp4").stat().st_size > 0
-    assert (out / "demo.promptus").stat().st_size > 0
+    assert promptus.read(out / "demo.promptus").header.frame_count == 7
 
 
 def test_python_dash_m_help():

@@ -1,0 +1,405 @@
+"""The inversion trainer: video → keyframe prompts → .promptus bitstream (DESIGN §1).
+
+Keyframe 0 is fitted to frame 0 alone. Keyframe k > 0 is fitted so that the T
+interpolated frames of segment k−1 → k, generated as **one batch** sharing one z,
+match the real frames; keyframe k−1 is frozen at its transmitted (dequantized)
+value. After each keyframe the segment is regenerated from the transmitted prompts
+by the decoder's own code (:class:`promptus.decoder.ClipState`) in the decoder's
+precision, and the last latent of that regeneration is the next segment's z_prev
+(closed loop): the decoder reproduces exactly what the encoder measured.
+
+Training runs in the decoder's precision (fp16 weights on CUDA, with loss scaling;
+fp32 on the CPU), with no gradients for model weights. Work is checkpointed
+atomically after every keyframe; ``resume=True`` continues an interrupted run and
+writes a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backends import TorchBackend
+from .bitstream import Bitstream, Header, InitLatent, Keyframe, read, write
+from .config import CodecConfig, TrainConfig
+from .decoder import ClipState
+from .errors import PromptusError, VideoError
+from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolation_weights, quantize
+from .schedule import OneStep, to_model_range
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class KeyframeResult:
+    """What training one keyframe produced (also the per-keyframe JSON log entry)."""
+
+    keyframe: int
+    index: int
+    frames: tuple[int, int]  # first and last frame index of the segment it closes
+    iterations: int
+    best_iteration: int
+    best_loss: float
+    final_lr: float
+    psnr: float  # closed-loop PSNR of the segment, from the transmitted prompts
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, frames=list(self.frames))
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    bytes: int
+    frame_count: int
+    keyframes: list[KeyframeResult] = field(default_factory=list)
+    reconstruction: torch.Tensor | None = None  # uint8 N×H×W×3 from the closed loop (CPU)
+    fps: float = 30.0
+
+    @property
+    def duration_s(self) -> float:
+        return self.frame_count / self.fps
+
+    @property
+    def kbps(self) -> float:
+        return 8 * self.bytes / self.duration_s / 1000
+
+    @property
+    def mean_psnr(self) -> float:
+        return _mean_psnr(self.keyframes)
+
+
+def _mean_psnr(results: list[KeyframeResult]) -> float:
+    w = [r.frames[1] - r.frames[0] + 1 for r in results]
+    finite = [(p, n) for p, n in zip((r.psnr for r in results), w) if math.isfinite(p)]
+    if not finite:
+        return float("inf")
+    return sum(p * n for p, n in finite) / sum(n for _, n in finite)
+
+
+def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two uint8 frame tensors (inf when identical)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def frames_digest(frames: torch.Tensor) -> str:
+    return hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Encoder:
+    """Turns a clip into a .promptus bitstream.
+
+    ``models`` is a :class:`promptus.models.Models`; it is moved to ``device`` in the
+    decoder's precision. ``callback(metrics: dict)`` is called after every training
+    iteration with keyframe, iteration, loss, psnr and lr.
+    """
+
+    def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
+                 vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True):
+        from .backends import default_dtype, resolve_device
+
+        self.codec, self.train, self.models = codec, train, models
+        self.device = resolve_device(device)
+        self.dtype = default_dtype(self.device)
+        self.callback = callback
+        self.progress = progress
+        self.backend = TorchBackend(models.unet, models.taesd.decoder, self.device, self.dtype)
+        if models.vae is not None:
+            torch.nn.Module.to(models.vae, self.device, self.dtype)
+        torch.nn.Module.to(models.taesd, self.device, self.dtype)
+        self.loss_fn = self._make_loss(vgg)
+        self.identity = models.identity()
+        # fp16 gradients through a UNet underflow without loss scaling.
+        self.use_scaler = self.device.type == "cuda" and self.dtype == torch.float16
+
+    def _make_loss(self, vgg):
+        from .losses import InversionLoss, PerceptualLoss, load_vgg19
+
+        t = self.train
+        perceptual = None
+        if t.perceptual:
+            net = vgg if isinstance(vgg, torch.nn.Module) else load_vgg19(vgg)
+            perceptual = PerceptualLoss(net.to(self.device))
+        return InversionLoss(perceptual, mse_weight=t.mse_weight, perceptual_weight=t.perceptual_weight,
+                             reg_weight=t.reg_weight)
+
+    def _loss_autocast(self):
+        # VGG in bf16 on the GPU: its deep activations overflow fp16; the MSEs stay float32.
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # ------------------------------------------------------------ inputs
+
+    def load_frames(self, source, max_frames: int | None = None) -> torch.Tensor:
+        """uint8 N×H×W×3 frames from a path (folder or video) or a tensor/array."""
+        from .video import read_frames
+
+        c = self.codec
+        if isinstance(source, (str, os.PathLike)):
+            frames = read_frames(source, c.width, c.height, max_frames)
+        else:
+            frames = torch.as_tensor(np.asarray(source) if not isinstance(source, torch.Tensor) else source)
+            if max_frames is not None:
+                frames = frames[:max_frames]
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+            raise VideoError(f"frames must be uint8 N×H×W×3 (RGB), got {frames.dtype} {tuple(frames.shape)}")
+        if tuple(frames.shape[1:3]) != (c.height, c.width):
+            raise VideoError(f"frames are {frames.shape[2]}×{frames.shape[1]} but the codec is set to "
+                             f"{c.width}×{c.height}; pass a path to have them cropped and resized")
+        if frames.shape[0] <= c.interval:
+            raise VideoError(
+                f"the clip has {frames.shape[0]} frames but interval {c.interval} needs at least {c.interval + 1} "
+                "(keyframes 0 and T); use a longer clip or a smaller --interval"
+            )
+        return frames.contiguous()
+
+    def init_latent(self, frame0: torch.Tensor) -> InitLatent:
+        """The transmitted init latent of frame 0 (after its storage precision)."""
+        which = self.train.init_latent
+        if which == "vae" and self.models.vae is None:
+            raise PromptusError("--init-latent vae needs the SD VAE encoder, which these weights lack; "
+                                "add it (a full SD-Turbo checkpoint has it) or use --init-latent taesd")
+        x = to_model_range(frame0[None]).to(self.device, self.dtype)
+        with torch.no_grad():
+            lat = self.models.encode_init_latent(x, which=which).float().cpu().numpy()
+        return InitLatent.from_array(lat, self.train.init_precision)
+
+    # ----------------------------------------------------------- training
+
+    def _init_factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.codec
+        g = torch.Generator().manual_seed(self.train.seed * 1_000_003 + k)
+        U = torch.rand(c.tokens, c.rank, generator=g)
+        V = torch.rand(c.rank, c.embed_dim, generator=g)
+        return U.to(self.device).requires_grad_(), V.to(self.device).requires_grad_()
+
+    def train_keyframe(self, k: int, z: torch.Tensor, targets: torch.Tensor, prev: Keyframe | None,
+                       onestep: OneStep, bar: tqdm | None = None) -> tuple[Keyframe, dict]:
+        """Fit keyframe ``k``: its factors such that the frames generated from ``z``
+        (1×4×h×w, float32) match ``targets`` (n×3×H×W in [-1, 1]).
+
+        With ``prev`` (keyframe k−1, transmitted) the n frames use factors
+        interpolated at s/T, s = 1..n; without it, one frame uses the factors as is.
+        Returns the quantized best iterate and training statistics.
+        """
+        t, c = self.train, self.codec
+        first = prev is None
+        iters = t.iters_first if first else t.iters
+        patience = t.patience_first if first else t.patience
+        n = targets.shape[0]
+        device, dtype = self.device, self.dtype
+        unet, decoder = self.models.unet, self.models.taesd.decoder
+
+        U, V = self._init_factors(k)
+        rU, rV = RunningRange(), RunningRange()
+        lr = t.lr
+        opt = torch.optim.Adam([U, V], lr=lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        z_in = z.to(device, dtype).expand(n, -1, -1, -1)
+        timestep = torch.full((n,), c.timestep, device=device, dtype=torch.long)
+        if prev is not None:
+            w = interpolation_weights(c.interval, device)[:n].view(-1, 1, 1)
+            U0, V0 = prev.U.to(device), prev.V.to(device)
+        with torch.no_grad(), self._loss_autocast():
+            target_feats = self.loss_fn.target_features(targets)
+        weights = torch.ones(n, device=device)
+
+        best_loss, best_it, best = math.inf, -1, None
+        window_best = math.inf  # best loss when the current patience window started
+        countdown = patience
+        for it in range(iters):
+            rU.update(U)
+            rV.update(V)
+            pU, pV = rU.params(), rV.params()
+            Uq, Vq = fake_quantize(U, *pU), fake_quantize(V, *pV)
+            if prev is None:
+                ctx = embedding(Uq, Vq).unsqueeze(0)
+            else:
+                ctx = embedding((1 - w) * U0 + w * Uq, (1 - w) * V0 + w * Vq)
+            eps = unet(z_in, timestep, encoder_hidden_states=ctx.to(dtype), return_dict=False)[0]
+            x0 = onestep.x0(z_in.float(), eps.float())
+            image = decoder(x0.to(dtype)).float()
+            with self._loss_autocast():
+                per_frame = self.loss_fn(image, targets, ctx, target_feats=target_feats)
+            loss = (per_frame * weights).sum() / weights.sum()
+
+            snapshot = (U.detach().clone(), V.detach().clone())  # the iterate this loss belongs to
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+            with torch.no_grad():
+                mse = (image.clamp(-1, 1) - targets).pow(2).mean(dim=(1, 2, 3))
+                stats = torch.cat([per_frame.detach(), mse]).tolist()  # one host sync per iteration
+            frame_losses, frame_mse = stats[:n], stats[n:]
+            mean_loss = sum(frame_losses) / n
+            if mean_loss < best_loss:
+                best_loss, best_it = mean_loss, it
+                best = (snapshot[0], pU, snapshot[1], pV)
+            if n > 1:  # the worst frame gets extra weight in the next iteration
+                weights.fill_(1.0)
+                weights[int(np.argmax(frame_losses))] = t.worst_weight
+            countdown -= 1
+            if countdown == 0:  # plateau: halve the rate and restart Adam, as the published loop does
+                if best_loss >= window_best:
+                    lr = max(lr * 0.5, t.lr_floor)
+                    opt = torch.optim.Adam([U, V], lr=lr)
+                window_best = best_loss
+                countdown = patience
+            psnr = 10 * math.log10(4.0 / max(sum(frame_mse) / n, 1e-12))
+            if bar is not None:
+                bar.update(1)
+                if it % 10 == 0 or it == iters - 1:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:g}", refresh=False)
+            if self.callback is not None:
+                self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr})
+
+        bU, bpU, bV, bpV = best
+        kf = Keyframe(
+            index=k * c.interval,
+            U_q=QuantizedTensor(quantize(bU.cpu(), *bpU).numpy(), *bpU),
+            V_q=QuantizedTensor(quantize(bV.cpu(), *bpV).numpy(), *bpV),
+        )
+        return kf, {"iterations": iters, "best_iteration": best_it, "best_loss": best_loss, "final_lr": lr}
+
+    # ------------------------------------------------------------- encode
+
+    def encode(self, source, out_path: str | os.PathLike, *, max_frames: int | None = None,
+               resume: bool = False) -> EncodeResult:
+        """Encode ``source`` (path, or uint8 N×H×W×3 frames) into ``out_path``.
+
+        A checkpoint (``OUT.ckpt.promptus`` + ``OUT.ckpt.json``) is written
+        atomically after each keyframe and removed at the end; ``resume=True``
+        continues from it. A per-keyframe JSON log goes to ``OUT.log.jsonl``.
+        """
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frames = self.load_frames(source, max_frames)
+        N = frames.shape[0]
+        c = self.codec
+        K = c.keyframe_count(N)
+        header = Header(c, N, self.identity)
+        ckpt_bs, ckpt_json = checkpoint_paths(out)
+        log_path = out.with_name(out.name + ".log.jsonl")
+        digest = frames_digest(frames)
+        state_meta = {"version": CHECKPOINT_VERSION, "codec": c.to_dict(), "train": self.train.to_dict(),
+                      "frame_count": N, "frames": digest, "model": self.identity.hexdigest,
+                      "precision": str(self.dtype), "device": self.device.type}
+
+        keyframes: list[Keyframe] = []
+        results: list[KeyframeResult] = []
+        init: InitLatent | None = None
+        if resume and ckpt_json.exists():
+            init, keyframes, results = self._load_checkpoint(ckpt_bs, ckpt_json, state_meta)
+            log.info("resuming %s after keyframe %d of %d", out, len(keyframes) - 1, K - 1)
+        elif resume:
+            log.info("no checkpoint for %s: starting from the beginning", out)
+        elif ckpt_json.exists():
+            log.warning("an earlier run of %s left a checkpoint; starting over (use --resume to continue it)", out)
+        if not keyframes:
+            log_path.unlink(missing_ok=True)
+        if init is None:
+            init = self.init_latent(frames[0])
+
+        targets_all = frames  # uint8 on the CPU; moved per segment
+        state = ClipState(self.backend, header, init)
+        recon: list[torch.Tensor] = []
+        for kf in keyframes:  # replay the closed loop up to where the checkpoint stopped
+            recon.append(state.push(kf).frames.cpu())
+
+        kbar = tqdm(total=K, initial=len(keyframes), desc="keyframes", unit="kf", disable=not self.progress,
+                    position=0)
+        try:
+            for k in range(len(keyframes), K):
+                t0 = time.perf_counter()
+                start = 0 if k == 0 else (k - 1) * c.interval + 1
+                stop = min(k * c.interval, N - 1)
+                targets = to_model_range(targets_all[start:stop + 1]).to(self.device)
+                z = state.z()
+                iters = self.train.iters_first if k == 0 else self.train.iters
+                with tqdm(total=iters, desc=f"keyframe {k} (frame {k * c.interval})", unit="it", leave=False,
+                          disable=not self.progress, position=1) as ibar:
+                    kf, stats = self.train_keyframe(k, z, targets, keyframes[-1] if keyframes else None,
+                                                    state.onestep, ibar)
+                seg = state.push(kf)  # closed loop: regenerate from what is transmitted
+                assert (seg.start, seg.stop - 1) == (start, stop)
+                recon.append(seg.frames.cpu())
+                psnr = psnr_uint8(seg.frames.cpu(), targets_all[start:stop + 1])
+                keyframes.append(kf)
+                res = KeyframeResult(keyframe=k, index=kf.index, frames=(start, stop), psnr=psnr,
+                                     seconds=time.perf_counter() - t0, **stats)
+                results.append(res)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(res.to_dict()) + "\n")
+                kbar.update(1)
+                kbar.set_postfix(psnr=f"{psnr:.2f}", refresh=False)
+                log.info("keyframe %d/%d: best loss %.5f at iteration %d, closed-loop PSNR %.2f dB (%.1f s)",
+                         k, K - 1, res.best_loss, res.best_iteration, psnr, res.seconds)
+                if k < K - 1:
+                    self._save_checkpoint(ckpt_bs, ckpt_json, state_meta, header, init, keyframes, results)
+        finally:
+            kbar.close()
+
+        nbytes = write(out, Bitstream(header, init, keyframes))
+        for p in (ckpt_bs, ckpt_json):
+            p.unlink(missing_ok=True)
+        result = EncodeResult(out, nbytes, N, results, torch.cat(recon), c.fps)
+        log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
+        return result
+
+    # -------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header, init: InitLatent,
+                         keyframes: list[Keyframe], results: list[KeyframeResult]) -> None:
+        # The finished keyframes form a complete bitstream of a shorter clip: our own format, no pickle.
+        partial = Header(header.config, (len(keyframes) - 1) * header.interval + 1, header.model)
+        write(ckpt_bs, Bitstream(partial, init, list(keyframes)), entropy="none")
+        state = dict(meta, keyframes_done=len(keyframes), results=[r.to_dict() for r in results])
+        _atomic_write_text(ckpt_json, json.dumps(state, indent=1))
+
+    def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict):
+        try:
+            state = json.loads(ckpt_json.read_text())
+        except (OSError, ValueError) as e:
+            raise PromptusError(f"cannot read checkpoint {ckpt_json}: {e}; delete it to start over") from e
+        for key in ("version", "codec", "train", "frame_count", "frames", "model", "precision"):
+            if state.get(key) != meta[key]:
+                raise PromptusError(
+                    f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r} vs {meta[key]!r}); "
+                    "resume with the same input and options, or delete the checkpoint to start over"
+                )
+        bs = read(ckpt_bs)
+        if len(bs.keyframes) != state.get("keyframes_done"):
+            raise PromptusError(f"checkpoint {ckpt_bs} holds {len(bs.keyframes)} keyframes but {ckpt_json} "
+                                f"says {state.get('keyframes_done')}; delete both to start over")
+        results = [KeyframeResult(**dict(r, frames=tuple(r["frames"]))) for r in state.get("results", [])]
+        return bs.init, list(bs.keyframes), results
+
+
+def checkpoint_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".ckpt.promptus"), out.with_name(out.name + ".ckpt.json")
