@@ -195,6 +195,20 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+# ------------------------------------------------------------------- bench
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_encode
+
+    if not args.encode:
+        raise PromptusError("choose a benchmark: --encode (decoder backends: coming with the real-time backends)")
+    bench_encode(model=args.model, device=args.device, size=args.size, interval=args.interval, rank=args.rank,
+                 iters=args.iters, iters_published=args.iters_published, warmup=args.warmup,
+                 perceptual=args.perceptual == "on", json_path=args.json)
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -260,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(size=None, max_frames=21, resume=False)
     _add_model_args(m)
     m.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="benchmarks: a table and JSON",
+                       description="--encode: time the published per-frame inversion procedure against promptus' "
+                                   "batched trainer in one process (full-size architecture, random weights unless "
+                                   "--model names real ones).")
+    b.add_argument("--encode", action="store_true", help="benchmark the inversion trainer")
+    b.add_argument("--model", default="random", help="'random' (full-size, random weights), 'tiny', or weights")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--size", type=int, default=512)
+    b.add_argument("--interval", type=int, default=10)
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--iters", type=int, default=10, help="timed iterations of promptus' trainer (default: 10)")
+    b.add_argument("--iters-published", type=int, default=3, help="timed iterations of the published loop")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--perceptual", choices=["on", "off"], default="on")
+    b.add_argument("--json", default=None, help="write the results as JSON here")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,235 @@
+"""Benchmarks: a table on stdout and JSON, ratios measured in one process.
+
+``promptus bench --encode`` times the inversion trainer on the full-size
+architecture (random weights unless real ones are given) against the published
+procedure, emulated in the same process on the same GPU:
+
+* ``published``: the release's loop (DESIGN §1, inversion.py of the public
+  release): every frame of a segment is its own batch-1 forward and backward pass
+  under fp16 autocast with fp32 weights, followed by its own Adam step; the worst
+  frame is trained twice more per iteration (T + 2 passes); the UNet and TAESD
+  weights keep ``requires_grad`` as released, so every backward also computes
+  weight gradients; VGG features of the real frame are recomputed every pass and
+  the loss is read back to the host every pass (the release prints it). Disk I/O of
+  the release (re-reading the frame PNG every pass, a PNG every 10 iterations, a
+  checkpoint on every improvement) is left out, which favours the published side.
+* ``published, frozen``: the same loop with frozen weights, to show how much of the
+  gain is batching rather than skipping weight gradients.
+* ``promptus``: :meth:`promptus.encoder.Encoder.train_keyframe`, one batch of T frames
+  per iteration, fp16 weights with loss scaling, VGG under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeTiming:
+    procedure: str
+    passes_per_iteration: int
+    ms_per_iteration_segment: float  # a later keyframe: T frames
+    ms_per_iteration_first: float  # keyframe 0: one frame
+    peak_gib: float
+    s_per_keyframe: float = math.nan  # a later keyframe at the published 1500 iterations
+    s_keyframe0: float = math.nan  # keyframe 0 at the published 10 000 iterations
+    speedup: float = math.nan  # published s_per_keyframe / this
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+
+
+def _targets(size: int, n: int, device) -> torch.Tensor:
+    from .schedule import to_model_range
+    from .video import sky_clip
+
+    return to_model_range(torch.from_numpy(sky_clip(n, size))).to(device)
+
+
+def _published_iteration(models, vgg, U, V, ranges, opt, z, targets, prev, onestep, interval, steps):
+    """One iteration of the release's loop: one batch-1 pass and Adam step per entry of ``steps``."""
+    from .prompts import embedding, fake_quantize
+
+    device = z.device
+    t = torch.tensor([onestep.timestep], device=device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    for s in steps:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            ranges[0].update(U)
+            ranges[1].update(V)
+            Qu, Qv = fake_quantize(U, *ranges[0].params()), fake_quantize(V, *ranges[1].params())
+            if prev is None:
+                c = embedding(Qu, Qv)[None]
+                gt = targets[:1]
+            else:
+                w = s / interval
+                c = embedding((1 - w) * prev[0] + w * Qu, (1 - w) * prev[1] + w * Qv)[None]
+                gt = targets[s - 1:s]
+            eps = models.unet(z, t, encoder_hidden_states=c).sample
+            x = models.taesd.decoder(onestep.x0(z, eps))
+            feats = vgg(((torch.cat([gt, x]) + 1) / 2 - mean) / std)
+            perc = sum(torch.nn.functional.mse_loss(f[1:].float(), f[:1].float()) for f in feats) / len(feats)
+            loss = 0.2 * perc + 0.8 * torch.nn.functional.mse_loss(x.float(), gt) + 0.1 * c.abs().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        models.unet.zero_grad()
+        models.taesd.zero_grad()
+        # The release prints loss, c.max(), c.mean() and c.std() after every pass.
+        _ = (loss.item(), c.max().item(), c.mean().item(), c.std().item())
+
+
+def _time_published(models, vgg, size, interval, rank, iters, warmup, device, frozen: bool) -> tuple[float, float]:
+    from .config import CodecConfig
+    from .prompts import RunningRange
+    from .schedule import OneStep, make_noise
+
+    models.unet.requires_grad_(not frozen)
+    models.taesd.requires_grad_(not frozen)
+    cfg = CodecConfig(width=size, height=size, rank=rank, interval=interval)
+    onestep = OneStep.at(999)
+    z = make_noise(cfg).to(device)
+    targets = _targets(size, interval, device)
+    g = torch.Generator().manual_seed(0)
+    prev = (torch.rand(77, rank, generator=g).to(device), torch.rand(rank, 1024, generator=g).to(device))
+    out = []
+    for first in (False, True):
+        U = torch.rand(77, rank, generator=g).to(device).requires_grad_()
+        V = torch.rand(rank, 1024, generator=g).to(device).requires_grad_()
+        opt = torch.optim.Adam([U, V], lr=0.1)
+        ranges = (RunningRange(), RunningRange())
+        # T frames plus the worst frame twice more, as the release's step_list.
+        steps = [0] if first else sorted(list(range(1, interval + 1)) + [interval] * 2)
+        args = (models, vgg, U, V, ranges, opt, z, targets, None if first else prev, onestep, interval, steps)
+        for _ in range(warmup):
+            _published_iteration(*args)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            _published_iteration(*args)
+        _sync(device)
+        out.append(1000 * (time.perf_counter() - t0) / iters)
+    models.unet.requires_grad_(False)
+    models.taesd.requires_grad_(False)
+    return out[0], out[1]
+
+
+def _time_ours(models, vgg, size, interval, rank, iters, warmup, device) -> tuple[float, float]:
+    from .bitstream import Keyframe
+    from .config import CodecConfig, TrainConfig
+    from .encoder import Encoder
+    from .prompts import quantize_tensor
+    from .schedule import OneStep, make_noise
+
+    cfg = CodecConfig(width=size, height=size, rank=rank, interval=interval)
+    g = torch.Generator().manual_seed(0)
+    prev = Keyframe(0, quantize_tensor(torch.rand(77, rank, generator=g)), quantize_tensor(torch.rand(rank, 1024, generator=g)))
+    z = make_noise(cfg).to(device)
+    targets = _targets(size, interval, device)
+    onestep = OneStep.at(999)
+    out = []
+    for first in (False, True):
+        def run(n):
+            tc = TrainConfig(iters_first=n, iters=n, perceptual=vgg is not None, init_latent="taesd")
+            enc = Encoder(cfg, tc, models, device=device, vgg=vgg, progress=False)
+            enc.train_keyframe(1 if not first else 0, z, targets[:1] if first else targets, None if first else prev,
+                               onestep)
+
+        run(warmup)
+        _sync(device)
+        t0 = time.perf_counter()
+        run(iters)
+        _sync(device)
+        out.append(1000 * (time.perf_counter() - t0) / iters)
+    return out[0], out[1]
+
+
+def bench_encode(model: str = "random", device: str | None = None, size: int = 512, interval: int = 10,
+                 rank: int = 8, iters: int = 10, iters_published: int = 3, warmup: int = 2,
+                 perceptual: bool = True, json_path: str | None = None) -> dict:
+    """Time the published per-frame procedure and ours in one process; print a table, return (and write) JSON."""
+    from .backends import resolve_device
+    from .losses import random_vgg19
+    from .models import full_size_random_models, load_models
+
+    dev = resolve_device(device)
+
+    def models_in(dtype):
+        if model == "random":
+            return full_size_random_models(dev, dtype)
+        return load_models(model, device=dev, dtype=dtype, vae=False)
+
+    vgg = random_vgg19().to(dev) if perceptual else None
+    rows: list[EncodeTiming] = []
+    passes = interval + 2
+    for frozen in (False, True):
+        _peak_reset(dev)
+        m = models_in(torch.float32)  # the release keeps fp32 weights under fp16 autocast
+        seg, first = _time_published(m, vgg, size, interval, rank, iters_published, warmup, dev, frozen)
+        rows.append(EncodeTiming("published, frozen weights" if frozen else "published (as released)",
+                                 passes, seg, first, _peak_gib(dev)))
+        del m
+    _peak_reset(dev)
+    m = models_in(torch.float16 if dev.type == "cuda" else torch.float32)
+    seg, first = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev)
+    label = "fp16" if dev.type == "cuda" else "fp32"
+    rows.append(EncodeTiming(f"promptus (batched, {label})", 1, seg, first, _peak_gib(dev)))
+    del m
+
+    base = rows[0]
+    for r in rows:
+        r.s_per_keyframe = r.ms_per_iteration_segment * 1500 / 1000
+        r.s_keyframe0 = r.ms_per_iteration_first * 10_000 / 1000
+    for r in rows:
+        r.speedup = base.s_per_keyframe / r.s_per_keyframe
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    result = {
+        "benchmark": "encode", "device": gpu, "torch": torch.__version__, "model": model, "size": size,
+        "interval": interval, "rank": rank, "perceptual": perceptual, "iters_timed": iters,
+        "iters_timed_published": iters_published, "rows": [asdict(r) for r in rows],
+    }
+    print(format_encode_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_encode_table(result: dict) -> str:
+    lines = [
+        f"encode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
+        f"{result['size']}×{result['size']}, T={result['interval']}, rank {result['rank']}, "
+        f"perceptual {'on' if result['perceptual'] else 'off'}",
+        f"{'procedure':28} {'passes/it':>9} {'ms/it (segment)':>16} {'s/keyframe':>11} {'ms/it (kf 0)':>13} "
+        f"{'s keyframe 0':>13} {'peak GiB':>9} {'speedup':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['procedure']:28} {r['passes_per_iteration']:>9} {r['ms_per_iteration_segment']:>16.1f} "
+            f"{r['s_per_keyframe']:>11.1f} {r['ms_per_iteration_first']:>13.1f} {r['s_keyframe0']:>13.1f} "
+            f"{r['peak_gib']:>9.2f} {r['speedup']:>7.2f}×"
+        )
+    lines.append("s/keyframe: a later keyframe at the published 1500 iterations; keyframe 0 at 10 000. "
+                 "speedup: per later keyframe, against the published procedure in this run.")
+    return "\n".join(lines)
