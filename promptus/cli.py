@@ -48,35 +48,38 @@ def cmd_decode(args) -> int:
     from .backends import make_backend, resolve_device
     from .bitstream import Header, iter_records
     from .decoder import Decoder
+    from .pipeline import PipelinedDecoder
     from .video import FrameWriter
 
     src = Path(args.file)
     if not src.is_file():
         raise PromptusError(f"{src} does not exist or is not a file")
     device = resolve_device(args.device)
-    models = _load_models(args, device)
-    backend = make_backend(args.backend, models, device)
-    decoder = Decoder(backend, models.identity())
-    log.info("decoding %s with %s", src, backend.describe())
-
-    t0 = time.perf_counter()
     with open(src, "rb") as f:
         records = iter_records(f)
-        first = next(records)  # the header: needed for fps and the frame count
-        assert isinstance(first, Header)
-        header = first
+        header = next(records)  # the header first: it gives the fps, frame count and batch
+        assert isinstance(header, Header)
+        models = _load_models(args, device)
+        backend = make_backend(args.backend, models, device, batch=header.interval, size=header.width,
+                               engine_dir=args.engine_dir)
+        decoder = PipelinedDecoder(Decoder(backend, models.identity()), to_host=True)
+        log.info("decoding %s with %s", src, backend.describe())
 
         def items():
             yield header
             yield from records
 
+        t0 = time.perf_counter()
         bar = tqdm(total=header.frame_count, unit="frame", desc="decode", disable=args.quiet)
         writer = FrameWriter(args.output, header.fps)
+
+        def sink(start, frames):
+            writer.write_batch(frames)
+            bar.update(frames.shape[0])
+
         try:
             try:
-                for seg in decoder.stream(items()):
-                    writer.write_batch(seg.frames)
-                    bar.update(seg.frames.shape[0])
+                decoder.run(items(), sink)
             except BitstreamError as e:
                 if not args.allow_partial or writer.count == 0:
                     raise
@@ -229,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("file", help="the .promptus file")
     d.add_argument("-o", "--output", required=True, help="output: a .mp4/.mov/.mkv file or a folder for PNG frames")
     _add_model_args(d)
-    d.add_argument("--backend", default="auto", choices=["auto", "torch"], help="network backend (default: auto)")
+    d.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "compile", "torch", "eager"],
+                   help="network backend: auto takes tensorrt where it can run, else compile on CUDA, else torch "
+                        "(default: auto)")
+    d.add_argument("--engine-dir", default="engines", help="TensorRT engine cache (default: engines/)")
     d.add_argument("--allow-partial", action="store_true",
                    help="on a truncated or corrupted file, keep the frames decoded before the damage")
     d.set_defaults(func=cmd_decode)

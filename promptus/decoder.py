@@ -80,26 +80,29 @@ class ClipState:
         """The UNet input (1×4×h×w, float32) shared by every frame of the next batch."""
         return mix_latent(self.z_prev, self.noise, self.header.config.mix)
 
-    def segment_inputs(self, keyframe: Keyframe) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(first frame index, z B×4×h×w, prompts B×77×1024) of the frames ``keyframe`` closes."""
+    def segment_inputs(self, keyframe: Keyframe, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[int, torch.Tensor]:
+        """(first frame index, prompts B×77×1024) of the frames ``keyframe`` closes.
+
+        ``factors`` are the keyframe's dequantized (U, V) already on the device, when
+        the caller prepared them (the pipelined decoder does, on another thread)."""
         cfg, device = self.header.config, self.backend.device
-        U1, V1 = keyframe.U.to(device), keyframe.V.to(device)
-        z = self.z()
+        U1, V1 = factors or (keyframe.U.to(device), keyframe.V.to(device))
         if self.prev is None:
-            return 0, z, embedding(U1, V1).unsqueeze(0)
+            return 0, embedding(U1, V1).unsqueeze(0)
         U0, V0, k0 = self.prev
         n = min(cfg.interval, self.header.frame_count - 1 - k0)
         if n <= 0:
             raise BitstreamError(f"keyframe {keyframe.index} lies past the clip's last frame "
                                  f"{self.header.frame_count - 1}", record=f"keyframe {keyframe.index}")
-        c = segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
-        return k0 + 1, z.expand(n, -1, -1, -1), c
+        return k0 + 1, segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
 
-    def push(self, keyframe: Keyframe) -> Segment:
-        start, z, c = self.segment_inputs(keyframe)
-        x0, frames = self.backend.step(z, c, self.onestep)
-        self.z_prev = x0[-1:].float()
-        self.prev = (keyframe.U.to(self.backend.device), keyframe.V.to(self.backend.device), keyframe.index)
+    def push(self, keyframe: Keyframe, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Segment:
+        """Generate the frames ``keyframe`` closes and advance the state."""
+        factors = factors or (keyframe.U.to(self.backend.device), keyframe.V.to(self.backend.device))
+        start, c = self.segment_inputs(keyframe, factors)
+        self.z_prev, frames = self.backend.segment(self.z_prev, self.noise, self.header.config.mix, c, self.onestep)
+        self.prev = (*factors, keyframe.index)
         return Segment(start, frames)
 
 

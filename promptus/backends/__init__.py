@@ -1,7 +1,14 @@
 """Backends that run the denoiser and the TAESD decoder.
 
-``make_backend(name, models, device)`` builds one; ``auto`` takes the fastest that
-works here and logs which.
+``make_backend(name, models, device)`` builds one:
+
+* ``torch``: PyTorch, fp16 + channels-last + CUDA-graph replay of the segment step on
+  CUDA; plain fp32 on the CPU.
+* ``eager``: PyTorch without channels-last or graphs (the benchmark's baseline).
+* ``compile``: ``torch.compile`` of both networks, CUDA-graph replayed on CUDA.
+* ``tensorrt``: TensorRT engines built for this GPU and cached under engines/.
+* ``auto``: the first that works here — TensorRT where a supported GPU and a TensorRT
+  flavour exist, else compile (CUDA with Triton), else torch — and it logs its choice.
 """
 
 from __future__ import annotations
@@ -12,11 +19,11 @@ import torch
 
 from ..errors import PromptusError
 from .base import Backend
-from .torch_backend import TorchBackend
+from .torch_backend import CompileBackend, TorchBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "tensorrt", "compile", "torch", "eager")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -34,16 +41,67 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def make_backend(name: str, models, device: torch.device | str, dtype: torch.dtype | None = None) -> Backend:
-    """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``."""
+def tensorrt_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the TensorRT backend can run on ``device`` here, and why not."""
+    try:
+        from .tensorrt import tensorrt_status as status
+    except ImportError as e:  # the module itself needs nothing optional at import; be safe anyway
+        return False, f"the TensorRT backend cannot be imported: {e}"
+    return status(device)
+
+
+def compile_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the compile backend is worth choosing automatically on ``device``."""
+    if device.type != "cuda":
+        return False, "torch.compile is only chosen automatically on CUDA (on the CPU it compiles for minutes)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "Triton is not installed, so inductor cannot compile GPU kernels"
+    return True, "CUDA and Triton are available"
+
+
+def make_backend(name: str, models, device: torch.device | str, dtype: torch.dtype | None = None, *,
+                 batch: int | None = None, engine_dir: str = "engines", size: int | None = None) -> Backend:
+    """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``.
+
+    ``batch`` is the segment batch (the interval) that graphs, compiled kernels and
+    engines are specialised for; ``size`` the frame size (needed for TensorRT engines).
+    """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if name not in BACKENDS:
         raise PromptusError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
+    cuda = device.type == "cuda"
     if name == "auto":
-        log.info("backend auto: using %s", backend.describe())
+        ok, why = tensorrt_status(device)
+        if ok:
+            name = "tensorrt"
+        else:
+            log.info("backend auto: not tensorrt (%s)", why)
+            ok, why = compile_status(device)
+            name = "compile" if ok else "torch"
+            if not ok:
+                log.info("backend auto: not compile (%s)", why)
+    if name == "tensorrt":
+        ok, why = tensorrt_status(device)
+        if not ok:
+            raise PromptusError(f"the tensorrt backend cannot run here: {why}; use --backend compile or torch")
+        from .tensorrt import TensorRTBackend
+
+        backend = TensorRTBackend(models, device, dtype, batch=batch or 10, size=size, engine_dir=engine_dir)
+    elif name == "compile":
+        backend = CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
+                                 cuda_graph=cuda, batch=batch)
+    elif name == "torch":
+        backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
+                               cuda_graph=cuda, batch=batch)
+    else:  # eager
+        backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
+        backend.name = "eager"
+    log.info("backend: %s", backend.describe())
     return backend
 
 
-__all__ = ["Backend", "TorchBackend", "BACKENDS", "make_backend", "default_dtype", "resolve_device"]
+__all__ = ["Backend", "TorchBackend", "CompileBackend", "BACKENDS", "make_backend", "default_dtype",
+           "resolve_device", "tensorrt_status", "compile_status"]

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import OneStep, to_uint8
+from ..schedule import OneStep, mix_latent, to_uint8
 
 
 class Backend:
     """Base class: subclasses implement :meth:`denoise` and :meth:`decode`.
 
-    ``step`` chains them into one segment step (UNet → x0 → decoder → uint8);
-    fast backends may override it with a fused or graph-captured version.
+    :meth:`segment` is one whole segment step — mix → UNet → x0 → decoder → uint8 —
+    and is what the decoder calls; fast backends override it with a fused or
+    graph-captured version.
     """
 
     name = "base"
@@ -34,10 +35,19 @@ class Backend:
         raise NotImplementedError
 
     def step(self, z: torch.Tensor, context: torch.Tensor, onestep: OneStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """One segment: returns (x0 float32 B×4×h×w, frames uint8 B×H×W×3), both on the device."""
+        """UNet → x0 → decoder → uint8 for inputs ``z`` (B×4×h×w float32): (x0 float32, frames uint8 B×H×W×3)."""
         eps = self.denoise(z, onestep.timestep, context)
         x0 = onestep.x0(z, eps)
         return x0, to_uint8(self.decode(x0))
+
+    def segment(self, z_prev: torch.Tensor, noise: torch.Tensor, mix: float, context: torch.Tensor,
+                onestep: OneStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment: every frame starts from ``z = mix·z_prev + (1 − mix)·noise`` (1×4×h×w, float32)
+        with its own prompt (``context`` B×77×1024). Returns (x0 of the last frame 1×4×h×w float32,
+        frames uint8 B×H×W×3), both on the device; the frames stay valid after the next call."""
+        z = mix_latent(z_prev, noise, mix).expand(context.shape[0], -1, -1, -1)
+        x0, frames = self.step(z, context, onestep)
+        return x0[-1:].float(), frames
 
     def describe(self) -> str:
         return f"{self.name} ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
