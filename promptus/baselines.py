@@ -233,19 +233,30 @@ def encode_at_bitrate(codec: BaselineCodec, frames_dir: str | os.PathLike, fps: 
         best = record(abr, "2pass-abr", None, s1 + s2)
 
         if miss(best) > tolerance:  # fall back to a CRF bisection; bitrate falls as CRF rises
-            lo, hi = CRF_RANGE
-            for step in range(max_crf_steps):
-                crf = round((lo + hi) / 2, 3)
-                out = tmp / f"crf{step}{codec.container}"
+            step = iter(range(max_crf_steps + 2))
+
+            def at_crf(crf: float) -> dict[str, Any]:
+                nonlocal best
+                out = tmp / f"crf{next(step)}{codec.container}"
                 a = record(out, "crf-search", crf, _run(codec.command(frames_dir, fps, out, crf=crf)))
                 if miss(a) < miss(best):
                     best = a
-                if miss(a) <= tolerance or hi - lo < 0.01:
-                    break
-                if a["kbps"] > target_kbps:
-                    lo = crf
-                else:
-                    hi = crf
+                return a
+
+            lo, hi = CRF_RANGE
+            # First the end of the range the target lies towards: when even it misses, the target is out of reach.
+            edge = at_crf(lo if best["kbps"] < target_kbps else hi)
+            reachable = edge["kbps"] >= target_kbps if edge["crf"] == lo else edge["kbps"] <= target_kbps
+            if reachable and miss(edge) > tolerance:
+                for _ in range(max_crf_steps):
+                    crf = round((lo + hi) / 2, 3)
+                    a = at_crf(crf)
+                    if miss(a) <= tolerance or hi - lo < 0.02:
+                        break
+                    if a["kbps"] > target_kbps:
+                        lo = crf
+                    else:
+                        hi = crf
         os.replace(best["path"], output)
     for a in attempts:
         a["path"] = str(a["path"].name)

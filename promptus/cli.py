@@ -202,13 +202,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_encode
+    from .bench import bench_decode, bench_encode
 
-    if not args.encode:
-        raise PromptusError("choose a benchmark: --encode (decoder backends: coming with the real-time backends)")
-    bench_encode(model=args.model, device=args.device, size=args.size, interval=args.interval, rank=args.rank,
-                 iters=args.iters, iters_published=args.iters_published, warmup=args.warmup,
-                 perceptual=args.perceptual == "on", json_path=args.json)
+    if args.encode:
+        bench_encode(model=args.model, device=args.device, size=args.size, interval=args.interval, rank=args.rank,
+                     iters=args.iters, iters_published=args.iters_published, warmup=args.warmup,
+                     perceptual=args.perceptual == "on", json_path=args.json)
+    else:
+        bench_decode(model=args.model, device=args.device, size=args.size, batch=args.batch,
+                     backends=args.backends, keyframes=args.keyframes, json_path=args.json)
     return 0
 
 
@@ -281,10 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(m)
     m.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="benchmarks: a table and JSON",
-                       description="--encode: time the published per-frame inversion procedure against promptus' "
-                                   "batched trainer in one process (full-size architecture, random weights unless "
-                                   "--model names real ones).")
-    b.add_argument("--encode", action="store_true", help="benchmark the inversion trainer")
+                       description="Decoder backends (default): per-stage ms, end-to-end FPS with frames left on "
+                                   "the GPU and copied to the host, peak memory, FLOPs and the fraction of the "
+                                   "measured matmul ceiling, parity with fp32; the eager fp16 pipeline is the "
+                                   "baseline. --encode: the published per-frame inversion procedure against "
+                                   "promptus' batched trainer. Full-size architecture with random weights unless "
+                                   "--model names real ones.")
+    b.add_argument("--encode", action="store_true", help="benchmark the inversion trainer instead of decoding")
+    b.add_argument("--backends", nargs="+", default=["eager", "torch", "compile", "tensorrt"],
+                   help="decoder backends to time (default: eager torch compile tensorrt)")
+    b.add_argument("--batch", type=int, default=10, help="frames per segment for the decoder benchmark (default: 10)")
+    b.add_argument("--keyframes", type=int, default=31, help="keyframes of the timed clip (default: 31 → 301 frames)")
     b.add_argument("--model", default="random", help="'random' (full-size, random weights), 'tiny', or weights")
     b.add_argument("--device", default="auto")
     b.add_argument("--size", type=int, default=512)

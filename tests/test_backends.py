@@ -96,3 +96,23 @@ def test_cuda_graph_matches_eager_on_gpu(tiny, clip):
     eager = Decoder(make_backend("eager", tiny, "cuda")).decode_all(clip)
     graph = Decoder(make_backend("torch", tiny, "cuda", batch=4)).decode_all(clip)
     assert (graph.int() - eager.int()).abs().max() <= 2
+
+
+def test_realtime_demo_published_flags(tiny, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from promptus.legacy import write_legacy
+
+    bs = make_bitstream(tiny, frame_count=9, interval=4)
+    folder = tmp_path / "rank2_interval4"
+    write_legacy(bs, folder)  # the release's layout
+    script = Path(__file__).resolve().parent.parent / "scripts" / "realtime_demo.py"
+    r = subprocess.run([sys.executable, str(script), "-prompt_dir", str(folder), "-batch", "4", "-visualize",
+                        "--model", "tiny", "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "decoded 9 frames" in r.stdout and (folder / "realtime.mp4").stat().st_size > 0
+    r = subprocess.run([sys.executable, str(script), "-prompt_dir", str(folder), "-batch", "10", "--model", "tiny",
+                        "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "use -batch 4" in r.stderr
