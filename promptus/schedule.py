@@ -61,13 +61,14 @@ def make_noise(config: CodecConfig) -> torch.Tensor:
     return torch.from_numpy(eps.astype(np.float32))
 
 
-def mix_latent(z_prev: torch.Tensor, noise: torch.Tensor, mix: float) -> torch.Tensor:
+def mix_latent(z_prev: torch.Tensor, noise: torch.Tensor, mix: float | torch.Tensor) -> torch.Tensor:
     """Temporal conditioning ``z = m·z_prev + (1 − m)·ε`` (a convex mix).
 
     ``m`` is made a tensor of the working dtype first so that ``1 − m`` is computed
-    in that dtype, exactly as the published implementation does.
+    in that dtype, exactly as the published implementation does (a 0-d tensor may be
+    passed in already, e.g. from inside a CUDA-graph capture).
     """
-    m = torch.tensor(mix, dtype=z_prev.dtype, device=z_prev.device)
+    m = mix if isinstance(mix, torch.Tensor) else torch.tensor(mix, dtype=z_prev.dtype, device=z_prev.device)
     return z_prev * m + noise * (1 - m)
 
 

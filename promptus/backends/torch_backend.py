@@ -46,7 +46,16 @@ class TorchBackend(Backend):
             cuda_graph = False
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, _SegmentGraph] = {}
+        self._mixes: dict[tuple, torch.Tensor] = {}
         self._pool = None
+
+    def _mix_tensor(self, mix: float, like: torch.Tensor) -> torch.Tensor:
+        # Made once, outside any graph capture (a host → device copy cannot be captured).
+        key = (float(mix), like.dtype)
+        m = self._mixes.get(key)
+        if m is None:
+            m = self._mixes[key] = torch.tensor(mix, dtype=like.dtype, device=self.device)
+        return m
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -70,7 +79,7 @@ class TorchBackend(Backend):
     def _segment_eager(self, z_prev, noise, mix, context, onestep):
         """The segment step as plain tensor code (what the CUDA graph captures)."""
         n = context.shape[0]
-        z = mix_latent(z_prev, noise, mix).expand(n, -1, -1, -1)
+        z = mix_latent(z_prev, noise, self._mix_tensor(mix, z_prev)).expand(n, -1, -1, -1)
         t = torch.full((n,), onestep.timestep, device=self.device, dtype=torch.long)
         eps = self._unet(self._layout(z.to(self.dtype)), t, context.to(self.dtype))
         x0 = onestep.x0(z, eps.float())
