@@ -8,9 +8,11 @@ Input is the clip as a folder of PNG frames ``00000.png, 00001.png, …`` (the s
 cropped and resized frames promptus encodes), coded as 8-bit 4:2:0 (yuv420p,
 ffmpeg's default BT.601 conversion both ways) into an **mp4** container.
 
-Rate control: first two-pass ABR (``-b:v``); two-pass at tiny bitrates often
-misses, so when the achieved bitrate is off the target by more than the tolerance
-(10 %), a bisection on the (fractional) CRF follows and the closest encode wins.
+Rate control: first two-pass ABR (``-b:v``), repeated once with the request
+scaled by target/achieved when it misses; two-pass at tiny bitrates often misses
+anyway, so when the achieved bitrate is still off the target by more than the
+tolerance (10 %), a bisection on the (fractional) CRF follows, and of every
+attempt the encode closest to the target is kept.
 The achieved bitrate is always measured, never assumed: **all bytes of the mp4
 file** (container and the encoder's info SEI included) × 8 / (frame count / fps).
 A target the codec cannot reach (e.g. above what CRF 0 spends on a tiny clip) is
@@ -202,8 +204,9 @@ def encode_at_bitrate(codec: BaselineCodec, frames_dir: str | os.PathLike, fps: 
                       max_crf_steps: int = 14) -> BaselineEncode:
     """Encode the PNG frames in ``frames_dir`` to ``output`` (mp4) near ``target_kbps``.
 
-    Two-pass ABR first; if its achieved bitrate misses by more than ``tolerance``
-    (relative), bisect the CRF (fractional, 0–51) and keep the closest encode. The
+    Two-pass ABR first (once more with a corrected request if it misses); if the
+    achieved bitrate still misses by more than ``tolerance`` (relative), bisect
+    the CRF (fractional, 0–51); the encode closest to the target is kept. The
     output is written atomically (the kept attempt is renamed into place).
     """
     if not target_kbps > 0:
@@ -225,12 +228,21 @@ def encode_at_bitrate(codec: BaselineCodec, frames_dir: str | os.PathLike, fps: 
         def miss(a: dict[str, Any]) -> float:
             return abs(a["kbps"] / target_kbps - 1)
 
-        # Two-pass ABR.
-        stats = tmp / "stats"
-        abr = tmp / f"abr{codec.container}"
-        s1 = _run(codec.command(frames_dir, fps, None, kbps=target_kbps, pass_number=1, stats=str(stats)))
-        s2 = _run(codec.command(frames_dir, fps, abr, kbps=target_kbps, pass_number=2, stats=str(stats)))
-        best = record(abr, "2pass-abr", None, s1 + s2)
+        def two_pass(kbps: float, n: int) -> dict[str, Any]:
+            stats, out = tmp / f"stats{n}", tmp / f"abr{n}{codec.container}"
+            s1 = _run(codec.command(frames_dir, fps, None, kbps=kbps, pass_number=1, stats=str(stats)))
+            s2 = _run(codec.command(frames_dir, fps, out, kbps=kbps, pass_number=2, stats=str(stats)))
+            a = record(out, "2pass-abr", None, s1 + s2)
+            a["requested_kbps"] = kbps
+            return a
+
+        best = two_pass(target_kbps, 0)
+        # A steady over- or undershoot (container, headers, tiny clips) is corrected once by scaling the request.
+        if miss(best) > tolerance:
+            scale = min(4.0, max(0.25, target_kbps / best["kbps"]))
+            a = two_pass(target_kbps * scale, 1)
+            if miss(a) < miss(best):
+                best = a
 
         if miss(best) > tolerance:  # fall back to a CRF bisection; bitrate falls as CRF rises
             step = iter(range(max_crf_steps + 2))

@@ -11,14 +11,15 @@ means and the share of severely distorted frames. How each is computed:
 * **SSIM** — ``torchmetrics.functional`` (Gaussian window 11, σ 1.5, k1 0.01,
   k2 0.03) on RGB in [0, 1], averaged over the three channels; identical frames give 1.
 * **MS-SSIM** — ``torchmetrics.functional`` with the standard five scales and
-  weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333). Five scales need frames larger
-  than 160 px on the short side; smaller frames use the most scales that fit
+  weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333). Five scales need frames of at
+  least 176 px on the short side; smaller frames use the most scales that fit
   (the first *s* weights, renormalised to sum to 1; ``ms_ssim_scales`` says how
   many), and frames of 20 px or less get no MS-SSIM (reported unavailable).
-* **LPIPS** — torchmetrics' LPIPS network (AlexNet backbone, the linear heads that
-  torchmetrics ships). It needs torchvision and the backbone's ImageNet weights
-  (``alexnet-owt-7be5be79.pth``) from ``lpips_weights`` or torch.hub's checkpoint
-  folder; nothing is downloaded. Without either, LPIPS is *unavailable* with the
+* **LPIPS** — v0.1 with the AlexNet backbone, computed as torchmetrics does
+  (:class:`LPIPSNet`, plain torch, so no torchvision) with the linear heads that
+  torchmetrics ships. It needs the backbone's ImageNet weights, torchvision's
+  ``alexnet-owt-7be5be79.pth``, from ``lpips_weights`` or torch.hub's checkpoint
+  folder; nothing is downloaded. Without them LPIPS is *unavailable* with the
   reason — never a number.
 
 Severe distortion: a frame with PSNR < 20 dB (always reported), and a frame with
@@ -57,10 +58,9 @@ LPIPS_SEVERE = 0.4
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_KERNEL = 11
 SSIM_SIGMA = 1.5
-#: torchvision's file names of the LPIPS backbones' ImageNet weights.
-LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                        "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-_TV_MODEL = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+#: torchvision's file of AlexNet's ImageNet weights: LPIPS' backbone.
+LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_BACKBONE_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
 class MetricUnavailable(PromptusError):
@@ -131,19 +131,21 @@ def ssim(reference: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
 def ms_ssim_scales(height: int, width: int, kernel: int = SSIM_KERNEL) -> int:
     """How many of the 5 MS-SSIM scales fit frames of this size (0 when fewer than 2 fit).
 
-    Scale *s* downsamples by 2^(s−1); torchmetrics needs the short side to exceed
-    ``(kernel − 1)·2^(s−1)`` (160 px for 5 scales with an 11-px window).
+    Scale *s* downsamples by 2^(s−1), so the short side must exceed
+    ``(kernel − 1)·2^(s−1)``; torchmetrics also insists on
+    ``side // (s − 1)² > kernel − 1``. With the 11-px window: 5 scales from
+    176 px, 4 from 99 px, 3 from 44 px, 2 from 21 px.
     """
     side = min(height, width)
     scales = 0
-    for s in range(1, len(MS_SSIM_WEIGHTS) + 1):
-        if side > (kernel - 1) * 2 ** (s - 1):
+    for s in range(2, len(MS_SSIM_WEIGHTS) + 1):
+        if side > (kernel - 1) * 2 ** (s - 1) and side // (s - 1) ** 2 > kernel - 1:
             scales = s
-    return scales if scales >= 2 else 0
+    return scales
 
 
 def ms_ssim(reference: torch.Tensor, decoded: torch.Tensor, scales: int | None = None) -> torch.Tensor:
-    """MS-SSIM per frame. ``scales`` defaults to :func:`ms_ssim_scales` (5 for frames > 160 px).
+    """MS-SSIM per frame. ``scales`` defaults to :func:`ms_ssim_scales` (5 for frames ≥ 176 px).
 
     Raises :class:`MetricUnavailable` for frames too small for 2 scales (≤ 20 px).
     """
@@ -155,7 +157,7 @@ def ms_ssim(reference: torch.Tensor, decoded: torch.Tensor, scales: int | None =
     if scales < 2 or scales > fit:
         raise MetricUnavailable(
             "MS-SSIM", f"{w}×{h} frames are too small for {max(scales, 2)} scales with an {SSIM_KERNEL}-px window "
-                       f"(2 scales need > {(SSIM_KERNEL - 1) * 2} px, 5 scales > {(SSIM_KERNEL - 1) * 16} px per side)")
+                       f"(2 scales need ≥ 21 px, 5 scales ≥ 176 px per side)")
     weights = MS_SSIM_WEIGHTS[:scales]
     total = sum(weights)
     image = _torchmetrics_image()
@@ -168,80 +170,123 @@ def ms_ssim(reference: torch.Tensor, decoded: torch.Tensor, scales: int | None =
 # ------------------------------------------------------------------- LPIPS
 
 
-class LPIPS:
-    """LPIPS distance per frame (torchmetrics' network; lower is more similar).
+def _alexnet_features() -> torch.nn.Sequential:
+    """torchvision's AlexNet ``features``: the layout its weight file's keys ``features.N.*`` refer to."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+    )
 
-    Build it with :func:`load_lpips`, which raises :class:`MetricUnavailable` when
-    torchvision or the backbone weights are missing.
+
+class LPIPSNet(torch.nn.Module):
+    """LPIPS v0.1 with the AlexNet backbone (Zhang et al. 2018), as torchmetrics computes it.
+
+    Inputs in [-1, 1]; each of the five ReLU outputs is unit-normalised over
+    channels, the squared differences are weighted by a 1×1 linear head, averaged
+    over space and summed over layers. Built from plain torch: no torchvision.
     """
 
-    def __init__(self, net: torch.nn.Module, name: str, source: str, device: torch.device):
-        self.net, self.name, self.source, self.device = net, name, source, device
+    SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # ends of relu1..relu5 in ``features``
+    CHANNELS = (64, 192, 384, 256, 256)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.features = _alexnet_features()
+        self.lins = torch.nn.ModuleList(torch.nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
+
+    def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, h = [], (x - self.shift) / self.scale
+        for a, b in self.SLICES:
+            for i in range(a, b):
+                h = self.features[i](h)
+            out.append(h / torch.sqrt(1e-8 + h.pow(2).sum(1, keepdim=True)))
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = 0
+        for lin, fx, fy in zip(self.lins, self._feats(x), self._feats(y)):
+            total = total + lin((fx - fy).pow(2)).mean((2, 3))
+        return total.flatten()
+
+
+class LPIPS:
+    """LPIPS distance per frame (lower is more similar). Build it with :func:`load_lpips`."""
+
+    def __init__(self, net: LPIPSNet, source: str, device: torch.device):
+        self.net, self.source, self.device = net, source, device
+        self.name = "alex"
 
     @torch.no_grad()
     def __call__(self, reference: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
         _check_pair(reference, decoded)
         a = _unit(reference).to(self.device) * 2 - 1
         b = _unit(decoded).to(self.device) * 2 - 1
-        return self.net(a, b).flatten().double().cpu()
+        return self.net(a, b).double().cpu()
 
     def describe(self) -> str:
-        return f"LPIPS ({self.name}, backbone weights {self.source})"
+        return f"LPIPS (alex, backbone weights {self.source})"
 
 
-def lpips_backbone_path(net: str = "alex", weights: str | os.PathLike | None = None) -> Path | None:
+def lpips_backbone_path(weights: str | os.PathLike | None = None) -> Path | None:
     """The backbone weights file: ``weights`` if given, else torch.hub's cached copy, else None."""
     if weights is not None:
         return Path(os.path.expanduser(os.fspath(weights)))
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
     return cached if cached.is_file() else None
 
 
-def load_lpips(weights: str | os.PathLike | None = None, *, net: str = "alex",
-               device: str | torch.device = "cpu") -> LPIPS:
-    """The LPIPS network with the backbone's ImageNet weights read from a local file.
+def _lpips_heads_path() -> Path:
+    try:
+        import torchmetrics
+    except ImportError as e:
+        raise MetricUnavailable("LPIPS", f"its linear heads ship with torchmetrics, which is not installed ({e}); "
+                                         "pip install torchmetrics") from e
+    path = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "alex.pth"
+    if not path.is_file():
+        raise MetricUnavailable("LPIPS", f"this torchmetrics has no LPIPS heads at {path}")
+    return path
 
-    ``weights`` is torchvision's state dict of the backbone (for ``alex``:
-    ``alexnet-owt-7be5be79.pth``); without it the file is looked up in torch.hub's
-    checkpoint folder (``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded.
+
+def load_lpips(weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> LPIPS:
+    """LPIPS (AlexNet) with the backbone's ImageNet weights read from a local file.
+
+    ``weights`` is torchvision's AlexNet state dict (``alexnet-owt-7be5be79.pth``;
+    only its ``features.*`` entries are used); without it the file is looked up in
+    torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``). Nothing is
+    downloaded, and torchvision is not needed. The linear heads are the LPIPS v0.1
+    weights that torchmetrics ships.
 
     Raises:
-        MetricUnavailable: torchvision is not importable, or the weights are missing or unreadable.
+        MetricUnavailable: the weights are missing or unreadable, or torchmetrics is absent.
     """
-    if net not in LPIPS_BACKBONE_FILES:
-        raise PromptusError(f"LPIPS network {net!r} is unknown; choose one of {', '.join(LPIPS_BACKBONE_FILES)}")
-    fname = LPIPS_BACKBONE_FILES[net]
-    try:
-        import torchvision
-    except Exception as e:  # ImportError, or a torchvision built for another torch failing at import
-        raise MetricUnavailable(
-            "LPIPS", f"torchvision cannot be imported ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                     "install the torchvision release that matches your torch to get LPIPS") from e
-    try:
-        from torchmetrics.functional.image.lpips import _NoTrainLpips
-    except ImportError as e:
-        raise MetricUnavailable("LPIPS", f"torchmetrics' LPIPS cannot be imported ({e}); pip install torchmetrics") from e
-    path = lpips_backbone_path(net, weights)
+    heads = _lpips_heads_path()
+    path = lpips_backbone_path(weights)
     if path is None:
         raise MetricUnavailable(
-            "LPIPS", f"no ImageNet weights for its {_TV_MODEL[net]} backbone: pass --lpips-weights PATH "
-                     f"(torchvision's {fname}) or put that file in {Path(torch.hub.get_dir()) / 'checkpoints'}")
+            "LPIPS", f"no ImageNet weights for its AlexNet backbone here: pass --lpips-weights PATH (torchvision's "
+                     f"{LPIPS_BACKBONE_FILE}, from {LPIPS_BACKBONE_URL}) or put that file in "
+                     f"{Path(torch.hub.get_dir()) / 'checkpoints'}")
     if not path.is_file():
         raise MetricUnavailable("LPIPS", f"backbone weights {str(path)!r} do not exist")
+    net = LPIPSNet()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        backbone = getattr(torchvision.models, _TV_MODEL[net])(weights=None)
-        backbone.load_state_dict(state)
-        # pnet_rand: build the backbone without weights (no download); the linear heads come from torchmetrics.
-        lp = _NoTrainLpips(net=net, pnet_rand=True, pretrained=True)
-        features = backbone.features
-        for slice_ in (getattr(lp.net, f"slice{i}") for i in range(1, 8) if hasattr(lp.net, f"slice{i}")):
-            for name, module in slice_.named_children():
-                module.load_state_dict(features[int(name)].state_dict())
+        feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        net.features.load_state_dict(feats)
+        lin = torch.load(heads, map_location="cpu", weights_only=True)
+        for k, conv in enumerate(net.lins):
+            conv.weight.data.copy_(lin[f"lin{k}.model.1.weight"])
     except Exception as e:  # unreadable or wrong file: say so instead of a traceback
-        raise MetricUnavailable("LPIPS", f"cannot load backbone weights {str(path)!r}: {type(e).__name__}: {e}") from e
+        raise MetricUnavailable("LPIPS", f"cannot load AlexNet weights from {str(path)!r}: "
+                                         f"{type(e).__name__}: {e}") from e
     dev = torch.device(device)
-    return LPIPS(lp.to(dev).eval(), net, str(path), dev)
+    return LPIPS(net.to(dev).eval().requires_grad_(False), str(path), dev)
 
 
 # ----------------------------------------------------------------- report
@@ -625,8 +670,8 @@ def format_table(comp: Comparison) -> str:
 def add_metric_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``eval`` and ``sweep``: LPIPS and the severe-distortion thresholds."""
     p.add_argument("--lpips", choices=["auto", "off"], default="auto",
-                   help="LPIPS: auto computes it when torchvision and the backbone weights are here, and otherwise "
-                        "reports it unavailable with the reason (default: auto)")
+                   help="LPIPS: auto computes it when AlexNet's ImageNet weights are here (--lpips-weights or torch.hub's "
+                        "cache), and otherwise reports it unavailable with the reason (default: auto)")
     p.add_argument("--lpips-weights", default=None,
                    help="local ImageNet weights of LPIPS' AlexNet backbone (torchvision's alexnet-owt-7be5be79.pth; "
                         "default: torch.hub's checkpoint folder). Never downloaded")

@@ -697,6 +697,11 @@ def write_results(out: Path, cfg: SweepConfig, rows, bd, bd_mean, plots, failure
             "psnr": "mean of per-frame PSNR over RGB (inf when frames are identical); psnr_clip: PSNR of the mean MSE",
             "bd_rate_pct": "Bjøntegaard delta rate of promptus (test) against the baseline (anchor); negative: "
                            "promptus needs fewer bits at equal quality; null where the quality ranges don't overlap",
+            "encode_s": "promptus: wall time of the encoder run that finished the point (after a resume, only "
+                        "that run; points/CLIP/POINT.json lists every keyframe's seconds); baselines: ffmpeg time "
+                        "of the kept encode (both passes for two-pass ABR); search_s: every rate-control attempt",
+            "baselines": "8-bit 4:2:0 (yuv420p) in mp4, two-pass ABR or a CRF search to within the tolerance; "
+                         "within_tolerance false: the target was out of the codec's reach on this clip",
             "unavailable": unavailable,
         },
         "rows": rows, "bd_rate": bd, "bd_rate_mean": bd_mean, "plots": plots, "failures": failures,

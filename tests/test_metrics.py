@@ -11,7 +11,7 @@ import torch
 
 from promptus.errors import PromptusError
 from promptus.metrics import (
-    MetricUnavailable, QualityMeter, add_eval_parser, bd_quality, bd_rate, evaluate, load_lpips, ms_ssim,
+    LPIPSNet, MetricUnavailable, QualityMeter, add_eval_parser, bd_quality, bd_rate, evaluate, load_lpips, ms_ssim,
     ms_ssim_scales, psnr, ssim,
 )
 from promptus.video import synthetic_clip, write_frames
@@ -43,6 +43,7 @@ def test_psnr_of_a_known_perturbation_matches_the_formula():
     expected = 20 * math.log10(255 / 3)
     assert psnr(a, b).tolist() == pytest.approx([expected] * 4, abs=1e-9)
     # One offset per frame: each frame's PSNR on its own, the clip value is their mean.
+    a = frames(high=240)  # +8 must not wrap around
     c = a.clone()
     for i, d in enumerate((1, 2, 4, 8)):
         c[i] += d
@@ -61,9 +62,10 @@ def test_ssim_falls_with_noise_and_is_symmetric():
 
 
 def test_ms_ssim_scales_follow_the_frame_size():
-    assert ms_ssim_scales(512, 512) == 5 and ms_ssim_scales(161, 300) == 5 and ms_ssim_scales(160, 160) == 4
+    assert ms_ssim_scales(512, 512) == 5 and ms_ssim_scales(176, 300) == 5 and ms_ssim_scales(175, 175) == 4
+    assert ms_ssim_scales(98, 98) == 3 and ms_ssim_scales(99, 99) == 4
     assert ms_ssim_scales(64, 64) == 3 and ms_ssim_scales(32, 32) == 2 and ms_ssim_scales(20, 20) == 0
-    a = frames(2, 168)
+    a = frames(2, 176)
     assert ms_ssim(a, a).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     b = noisy(a, 20)
     assert (ms_ssim(a, b) < 1).all()
@@ -81,35 +83,65 @@ def test_ms_ssim_of_tiny_frames_is_unavailable_with_a_reason():
 
 
 def test_lpips_is_reported_unavailable_here_with_the_reason(tmp_path, monkeypatch):
-    """No torchvision or no backbone weights: LPIPS is None plus a reason, never a number."""
+    """No AlexNet weights (they cannot be downloaded here): LPIPS is None plus a reason, never a number."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.raises(MetricUnavailable) as err:
         load_lpips()
     reason = err.value.reason
-    assert "torchvision" in reason or "weights" in reason
+    assert "alexnet-owt-7be5be79.pth" in reason and "--lpips-weights" in reason
     print("LPIPS here:", reason)
     a = frames(2)
     rep = evaluate(a, noisy(a, 10))  # lpips="auto"
     s = rep.summary()
     assert s["lpips"] is None and s["severe_lpips_share"] is None and rep.lpips is None
     assert s["unavailable"]["lpips"] == reason
-    with pytest.raises(MetricUnavailable):
+    with pytest.raises(MetricUnavailable, match="do not exist"):
         load_lpips(tmp_path / "no_such_alexnet.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a state dict")
+    with pytest.raises(MetricUnavailable, match="cannot load"):
+        load_lpips(tmp_path / "bad.pth")
     assert evaluate(a, a, lpips="off").unavailable["lpips"].startswith("switched off")
 
 
-def test_lpips_with_local_backbone_weights_when_torchvision_is_installed(tmp_path):
+def random_alexnet_file(path, seed=0):
+    """A state dict in torchvision's AlexNet layout with random weights (the real ones can't be downloaded here)."""
+    torch.manual_seed(seed)
+    state = {f"features.{k}": v for k, v in LPIPSNet().features.state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(2, 2)  # the rest of torchvision's file is ignored
+    torch.save(state, path)
+    return path
+
+
+def test_lpips_with_local_backbone_weights(tmp_path):
+    lp = load_lpips(random_alexnet_file(tmp_path / "alexnet.pth"))
+    a = torch.from_numpy(synthetic_clip(3, 64, 64).numpy())
+    assert lp(a, a).tolist() == pytest.approx([0.0] * 3, abs=1e-7)
+    light, heavy = lp(a, noisy(a, 5)), lp(a, noisy(a, 60))
+    assert (light > 0).all() and (heavy > light).all()
+    rep = evaluate(a, noisy(a, 60), lpips=lp, lpips_threshold=float(heavy.min()) / 2)
+    assert rep.lpips == pytest.approx(heavy.tolist()) and rep.severe_lpips_share == 1.0
+    assert "lpips" not in rep.unavailable and rep.summary()["lpips"] == pytest.approx(float(heavy.mean()))
+
+
+def test_lpips_matches_torchmetrics_where_torchvision_is_installed(tmp_path):
     try:
         import torchvision
-    except Exception as e:  # noqa: BLE001 - any import failure means no LPIPS here
-        pytest.skip(f"torchvision is not importable here ({type(e).__name__}); LPIPS is reported unavailable")
-    path = tmp_path / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)  # random weights: tests the loading path
-    lp = load_lpips(path)
+    except Exception as e:  # noqa: BLE001 - any import failure means no reference here
+        pytest.skip(f"torchvision is not importable here ({type(e).__name__}), so torchmetrics' LPIPS can't run")
+    from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+    torch.manual_seed(0)
+    tv = torchvision.models.alexnet(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
+    ref = _NoTrainLpips(net="alex", pnet_rand=True)
+    for i in range(1, 6):
+        for name, module in getattr(ref.net, f"slice{i}").named_children():
+            module.load_state_dict(tv.features[int(name)].state_dict())
     a = frames(2)
-    rep = evaluate(a, noisy(a, 30), lpips=lp)
-    assert len(rep.lpips) == 2 and all(v >= 0 for v in rep.lpips)
-    assert evaluate(a, a, lpips=lp).lpips == pytest.approx([0.0, 0.0], abs=1e-6)
+    b = noisy(a, 20)
+    ours = load_lpips(tmp_path / "alexnet.pth")(a, b)
+    theirs = ref(a.permute(0, 3, 1, 2).float() / 127.5 - 1, b.permute(0, 3, 1, 2).float() / 127.5 - 1).flatten()
+    assert torch.allclose(ours.float(), theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_severe_frame_share_uses_the_stated_thresholds():

@@ -443,6 +443,8 @@ class Engine:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise TensorRTError(f"TensorRT engines run on CUDA devices, not {self.device}")
+        if not torch.cuda.is_available():
+            raise TensorRTError("no CUDA: PyTorch sees no CUDA GPU here, and TensorRT engines run only on one")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda_graph = cuda_graph
@@ -822,7 +824,7 @@ def cmd_engines_list(args) -> int:
         return 0
     header = ("component", "batch", "size", "prec", "flavour", "target", "model", "MB", "status")
     table = [header] + [
-        (r.get("component", "?"), str(r.get("batch", "")), str(r.get("size", "")), r.get("precision", ""),
+        (r.get("component") or r["file"], str(r.get("batch", "")), str(r.get("size", "")), r.get("precision", ""),
          f"{r.get('flavour', '')} {r.get('trt_version', '')}".strip(), r.get("compute_capability", ""),
          f"{r.get('model_name') or ''} {str(r.get('model_digest', ''))[:12]}".strip(), f"{r['mb']:.1f}",
          r["status"] + (f": {r['reason']}" if r["reason"] else ""))

@@ -32,6 +32,7 @@ class TorchBackend(Backend):
         # With a fixed batch, a short segment (the clip's last) is padded to it so that
         # captured graphs and compiled kernels see only the shapes 1 and ``batch``.
         self.batch = batch
+        self.pad_single = False  # frame 0 too (compile: one shape, one compilation)
         # nn.Module.to, not diffusers' override: that one warns about fp32-only modules
         # even when a model lists none. Note this moves the caller's modules in place.
         self.unet = torch.nn.Module.to(unet, self.device, dtype).eval().requires_grad_(False)
@@ -89,7 +90,7 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def segment(self, z_prev, noise, mix, context, onestep):
         n = context.shape[0]
-        if self.batch and 1 < n < self.batch:
+        if self.batch and n < self.batch and (n > 1 or self.pad_single):
             context = torch.cat([context, context[-1:].expand(self.batch - n, -1, -1)])
         x0, frames = self._run_segment(z_prev, noise, mix, context, onestep)
         return x0[n - 1:n].float(), frames[:n]
@@ -150,6 +151,9 @@ class CompileBackend(TorchBackend):
         self._decoder_c = torch.compile(self.taesd_decoder, backend=compile_backend, mode=mode, fullgraph=False,
                                         dynamic=False)
         self.compile_backend = compile_backend
+        # Compiling a shape costs ~40 s on an H200 for the full UNet: run frame 0 at the
+        # segment batch too, so only one shape is ever compiled.
+        self.pad_single = True
 
     def _unet(self, z, t, context):
         return self._unet_c(z, t, encoder_hidden_states=context, return_dict=False)[0]
