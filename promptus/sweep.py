@@ -456,8 +456,7 @@ class RayExecutor:
             self._owned = True
         gpus = ray.cluster_resources().get("GPU", 0)
         self.gpu = gpus >= 1
-        self._promptus = ray.remote(num_gpus=1, num_cpus=1)(run_point) if self.gpu else \
-            ray.remote(num_gpus=0, num_cpus=1)(run_point)
+        self._promptus = ray.remote(num_gpus=1 if self.gpu else 0, num_cpus=1)(run_point)
         self._baseline = ray.remote(num_gpus=0, num_cpus=1)(run_point)
         self._pending: dict[Any, dict[str, Any]] = {}
         log.info("ray: %s, %s per promptus point", ray.cluster_resources(),

@@ -25,11 +25,13 @@ decoder always feeds 999, but the graph does not bake that in: the engine stays 
 for any timestep, and the time embedding is a few hundred FLOPs). Floating-point I/O
 is in the export precision (float16 by default); callers cast at the boundary.
 
-Exporter: ``"auto"`` uses PyTorch's TorchScript exporter (``dynamo=False``), which is
-present in every torch ≥ 2.4, needs no onnxscript, exports the tiny UNet in ~0.5 s
-and matches PyTorch to ~3e-6 in float32; when it is missing or fails, the
-``torch.export``-based exporter (``dynamo=True``, needs ``onnxscript``) is tried.
-Both give the same static graph after clean-up.
+Exporter: ``"auto"`` uses PyTorch's TorchScript exporter (``dynamo=False``, opset 17),
+which is present in every torch ≥ 2.4, needs no onnxscript, exports the tiny UNet in
+~0.5 s and matches PyTorch to ~3e-6 in float32; when it is missing or fails, the
+``torch.export``-based exporter (``dynamo=True``, needs ``onnxscript``) is tried. The
+exception is float16 on the CPU, where the dynamo exporter goes first (see
+:func:`exporter_order`: TorchScript would run float16 convolutions on the CPU). Both
+give static graphs after clean-up that match PyTorch equally well.
 
 onnxruntime on the CPU runs float16 graphs: ops without a float16 CPU kernel are run in
 float32 behind inserted casts (onnxruntime 1.31 here), so :func:`check_onnx` checks the
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import tempfile
@@ -239,8 +242,22 @@ def _export_torchscript(module, args, path: Path, spec: ComponentSpec, opset: in
         )
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str, level: int = logging.ERROR):
+    """The dynamo exporter's passes log every step at INFO, and torch.onnx warns about torchvision."""
+    loggers = [logging.getLogger(n) for n in names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
+
+
 def _export_dynamo(module, args, path: Path, spec: ComponentSpec, opset: int) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
@@ -248,11 +265,26 @@ def _export_dynamo(module, args, path: Path, spec: ComponentSpec, opset: int) ->
         )
 
 
-def _run_exporter(exporter: str, module, args, path: Path, spec: ComponentSpec, opset: int) -> str:
-    """Export with ``exporter`` ("auto" tries TorchScript, then dynamo); returns the one that worked."""
+def exporter_order(exporter: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The exporters to try, in order, for ``exporter`` ("auto", "torchscript" or "dynamo").
+
+    "auto" takes TorchScript first, except for float16 on the CPU: TorchScript traces by
+    running the model, and PyTorch's float16 convolutions on the CPU are unusably slow
+    (the full-size TAESD decoder did not finish one 512-pixel frame in 10 minutes),
+    whereas the dynamo exporter traces with fake tensors (full-size UNet, batch 10:
+    29 s). Without onnxscript the dynamo exporter is not tried first.
+    """
     if exporter not in EXPORTERS:
         raise PromptusError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    if exporter != "auto":
+        return [exporter]
+    if torch.device(device).type == "cpu" and dtype == torch.float16 and importlib.util.find_spec("onnxscript"):
+        return ["dynamo", "torchscript"]
+    return ["torchscript", "dynamo"]
+
+
+def _run_exporter(order: list[str], module, args, path: Path, spec: ComponentSpec, opset: int) -> str:
+    """Export with the first exporter of ``order`` that works; returns its name."""
     errors = []
     for name in order:
         try:
@@ -299,7 +331,7 @@ def export_component(
     args = tuple(spec.sample_inputs(batch, size, dtype, device).values())
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        used = _run_exporter(exporter, module, args, raw, spec, opset)
+        used = _run_exporter(exporter_order(exporter, device, dtype), module, args, raw, spec, opset)
         t_export = time.perf_counter() - t0
         del module
         import onnx
@@ -396,6 +428,8 @@ def clean_graph(model: "onnx.ModelProto", *, use_polygraphy: bool | None = None,
                 max_passes: int = 10) -> "onnx.ModelProto":
     """Fold constants and shapes, infer shapes, drop dead nodes, sort: until nothing changes.
 
+    ``model`` may be modified in place.
+
     With polygraphy importable (``use_polygraphy=None``) its ``fold_constants`` (several
     passes of graphsurgeon folding and shape inference) does the work; otherwise the same
     loop runs here with onnx-graphsurgeon and ``onnx.shape_inference``. Either way the
@@ -410,10 +444,8 @@ def clean_graph(model: "onnx.ModelProto", *, use_polygraphy: bool | None = None,
             use_polygraphy = False
     with _quiet_onnxruntime():
         if use_polygraphy:
-            model = _clean_with_polygraphy(model)
-        else:
-            model = _clean_with_graphsurgeon(model, max_passes)
-    return _final_tidy(model)
+            return _clean_with_polygraphy(model)
+        return _clean_with_graphsurgeon(model, max_passes)
 
 
 def _clean_with_polygraphy(model: "onnx.ModelProto") -> "onnx.ModelProto":
@@ -423,7 +455,7 @@ def _clean_with_polygraphy(model: "onnx.ModelProto") -> "onnx.ModelProto":
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         # num_passes=None: repeat until the node count stops changing
         return fold_constants(model, num_passes=None, do_shape_inference=True, partitioning=None,
-                              fold_shapes=True, allow_onnxruntime_shape_inference=False)
+                              fold_shapes=True, copy=False, allow_onnxruntime_shape_inference=False)
 
 
 def _infer_shapes(model: "onnx.ModelProto") -> "onnx.ModelProto":
@@ -444,23 +476,15 @@ def _clean_with_graphsurgeon(model: "onnx.ModelProto", max_passes: int) -> "onnx
 
     count = None
     for _ in range(max_passes):
-        model = _infer_shapes(model)
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(_infer_shapes(model))
         graph.cleanup().toposort()
-        graph.fold_constants(fold_shapes=True).cleanup()
+        graph.fold_constants(fold_shapes=True).cleanup().toposort()
         model = gs.export_onnx(graph)
+        del graph
         if len(model.graph.node) == count:
             break
         count = len(model.graph.node)
-    return model
-
-
-def _final_tidy(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    import onnx_graphsurgeon as gs
-
-    graph = gs.import_onnx(model)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return _infer_shapes(gs.export_onnx(graph))
+    return _infer_shapes(model)
 
 
 def static_shape_problems(model: "onnx.ModelProto") -> list[str]:
@@ -559,5 +583,5 @@ def check_onnx(
 
 __all__ = [
     "COMPONENTS", "ComponentSpec", "GRAPH_VERSION", "OPSET", "OnnxExportError", "check_onnx", "clean_graph",
-    "component_spec", "export_component", "precision_name", "static_shape_problems",
+    "component_spec", "export_component", "exporter_order", "precision_name", "static_shape_problems",
 ]
