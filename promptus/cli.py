@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(size=None, max_frames=21, resume=False)
     _add_model_args(m)
     m.set_defaults(func=cmd_demo)
+    from .metrics import add_eval_parser
+    from .sweep import add_sweep_parser
+
+    add_eval_parser(sub)
+    add_sweep_parser(sub)
+
     b = sub.add_parser("bench", help="benchmarks: a table and JSON",
                        description="Decoder backends (default): per-stage ms, end-to-end FPS with frames left on "
                                    "the GPU and copied to the host, peak memory, FLOPs and the fraction of the "

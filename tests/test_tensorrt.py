@@ -246,6 +246,18 @@ def test_get_or_build_rebuilds_exactly_when_the_key_changes(tiny, tmp_path, coun
     assert all(e.status == "ok" for e in list_engines(tmp_path))
 
 
+def test_a_portable_engine_serves_the_gpus_it_covers(tiny, tmp_path, counted_builds, monkeypatch):
+    rtx = fake_flavour()
+    kw = dict(batch=BATCH, size=SIZE, engine_dir=tmp_path, flavour=rtx)
+    no_cuda(monkeypatch)
+    portable = get_or_build(tiny, "unet", **kw)  # on a machine without a GPU (CI)
+    fake_gpu(monkeypatch, cc=(8, 9), name="NVIDIA GeForce RTX 4090")
+    assert get_or_build(tiny, "unet", **kw) == portable and len(counted_builds) == 1
+    fake_gpu(monkeypatch, cc=(7, 5), name="NVIDIA GeForce RTX 2080 Ti")  # Turing: not in the portable set
+    turing = get_or_build(tiny, "unet", **kw)
+    assert turing != portable and "_sm75_" in turing.name and len(counted_builds) == 2
+
+
 @pytest.mark.parametrize("how", DAMAGE)
 def test_get_or_build_rebuilds_a_damaged_entry(tiny, tmp_path, counted_builds, monkeypatch, how):
     no_cuda(monkeypatch)
@@ -576,3 +588,13 @@ def test_engine_reports_its_io(tmp_path):
     assert [(t.name, t.shape, t.dtype, t.is_input) for t in engine.io] == [
         ("z", (2, 4, 8, 8), torch.float16, True), ("timestep", (2,), torch.int64, True),
         ("context", (2, 77, 1024), torch.float16, True), ("eps", (2, 4, 8, 8), torch.float16, False)]
+
+
+def test_backend_defaults_to_the_codec_batch_and_size(tiny):
+    from promptus.backends.onnx_export import COMPONENTS
+
+    engines = {c: SimpleNamespace(infer=None) for c in COMPONENTS}
+    backend = TensorRTBackend(tiny, "cpu", torch.float32, batch=None, size=None, engines=engines)
+    assert (backend.batch, backend.size, backend.latent) == (10, 512, 64)
+    with pytest.raises(PromptusError, match="engines missing"):
+        TensorRTBackend(tiny, "cpu", torch.float32, batch=2, size=64, engines={"unet": engines["unet"]})

@@ -289,7 +289,8 @@ def list_engines(engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, *, verify: 
         try:
             key = EngineKey.from_dict(meta.get("key"))
         except (ValueError, TypeError) as e:
-            entries.append(CacheEntry(engine, "corrupt", f"sidecar key is malformed ({e})", sidecar=meta, nbytes=nbytes))
+            entries.append(CacheEntry(engine, "corrupt", f"sidecar key is malformed ({e})", sidecar=meta,
+                                      nbytes=nbytes))
             continue
         why = _engine_problem(engine, meta, verify_hash=verify)
         if why is None and key.stem != stem:

@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 #: Opset of the TorchScript exporter: 17 has LayerNormalization, which TensorRT ≥ 8.6
 #: and TensorRT-RTX parse natively.
 OPSET = 17
+#: The dynamo exporter starts at opset 18 (its default, 20, keeps GELU as a ``Gelu`` op
+#: that older TensorRT parsers lack; at 18 it is spelled with ``Erf``).
+DYNAMO_OPSET = 18
 #: Version of the exported graph's layout (names, dtypes, clean-up). Part of every engine
 #: cache key: bump it when the export or the clean-up changes what an engine computes.
 GRAPH_VERSION = 1
@@ -261,7 +264,7 @@ def _export_dynamo(module, args, path: Path, spec: ComponentSpec, opset: int) ->
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamo=True, external_data=True, optimize=True, verbose=False,
+            opset_version=max(opset, DYNAMO_OPSET), dynamo=True, external_data=True, optimize=True, verbose=False,
         )
 
 
@@ -352,6 +355,7 @@ def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnx_graphsurgeon  # noqa: F401
+        import onnxruntime  # noqa: F401  (graphsurgeon folds constants by running them in onnxruntime)
     except ImportError as e:
         raise OnnxExportError(f"ONNX export needs the onnx packages ({e.name} is missing): {_INSTALL_ONNX}") from e
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -44,7 +45,7 @@ from ..errors import PromptusError
 from .base import Backend
 from .engine_cache import DEFAULT_ENGINE_DIR, EngineCache, EngineKey, clean_engines, list_engines
 from .onnx_export import (
-    COMPONENTS, GRAPH_VERSION, OPSET, component_spec, export_component, precision_name, validate_shape,
+    COMPONENTS, GRAPH_VERSION, component_spec, export_component, precision_name, validate_shape,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -67,8 +68,10 @@ FLAVOURS: dict[str, tuple[str, ...]] = {
 #: them (its ``ComputeCapability`` enum: SM75 ... SM121 in 1.7.1).
 RTX_COMPUTE_CAPABILITIES_FALLBACK = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 #: Key value for TensorRT-RTX's default target: no compute capability set in the builder
-#: config; 1.7.1 then targets 8.0, 8.6, 8.9, 12.0 and 12.1 (its load-time refusal lists them).
+#: config; 1.7.1 then targets 8.0, 8.6, 8.9, 12.0 and 12.1 (its load-time refusal on an
+#: H200 lists them; the library exposes no getter for the default set).
 PORTABLE = "portable"
+RTX_PORTABLE_TARGETS = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
 
 class TensorRTError(PromptusError):
@@ -360,7 +363,9 @@ def get_or_build(
     precision, TensorRT flavour and version and the target compute capability. An
     unusable entry is removed and rebuilt; ``force`` rebuilds regardless. The ONNX file
     is built in a temporary folder beside the engines and removed, unless ``keep_onnx``
-    (then it stays as ``<engine_dir>/onnx/<stem>.onnx``).
+    (then it stays as ``<engine_dir>/onnx/<stem>.onnx``). With TensorRT-RTX and
+    ``compute_capability="auto"`` on a GPU its portable engines cover, a cached portable
+    engine is used when there is none for that exact GPU.
     """
     found = flavour if isinstance(flavour, TensorRTFlavour) else find_tensorrt(flavour)
     validate_shape(models, batch, size)
@@ -371,6 +376,10 @@ def get_or_build(
         cache.evict(key)
     else:
         path = cache.lookup(key)
+        covered = key.compute_capability != PORTABLE and _parse_cc(key.compute_capability) in RTX_PORTABLE_TARGETS
+        if path is None and found.is_rtx and compute_capability in ("auto", None) and covered:
+            # a portable engine (built without a GPU, say on CI) runs here too: use it rather than build
+            path = cache.lookup(dataclasses.replace(key, compute_capability=PORTABLE))
         if path is not None:
             log.debug("engine cache hit: %s", path)
             return path
@@ -385,7 +394,7 @@ def get_or_build(
                                   precision=key.precision)
     t_build = time.perf_counter() - t0 - t_export
     path = cache.store(key, serialized, model_name=models.name, export_seconds=round(t_export, 3),
-                       build_seconds=round(t_build, 3), opset=OPSET, torch_version=torch.__version__,
+                       build_seconds=round(t_build, 3), torch_version=torch.__version__,
                        flavour_module=found.module_name)
     log.info("built %s in %.1f s (ONNX export %.1f s, engine build %.1f s, %.1f MB)", path.name,
              t_export + t_build, t_export, t_build, path.stat().st_size / 1e6)
@@ -612,16 +621,19 @@ class TensorRTBackend(Backend):
     mix), more are run in engine-sized chunks. Inputs are cast to the engine's precision
     at the boundary; results come back as fresh float32 tensors on the device.
     ``engines`` (``{"unet": ..., "taesd_decoder": ...}``, objects with ``infer``) skips
-    building, for callers that manage engines themselves.
+    building, for callers that manage engines themselves. ``batch``/``size`` ``None``
+    mean 10 and 512.
     """
 
     name = "tensorrt"
 
     def __init__(self, models: "Models", device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16, *,
-                 batch: int = 10, size: int = 512, engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR,
+                 batch: int | None = 10, size: int | None = 512, engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR,
                  flavour: str = "auto", compute_capability: str = "auto", cuda_graph: bool = True,
                  engines: Mapping[str, Any] | None = None):
         super().__init__(torch.device(device), dtype)
+        batch = 10 if batch is None else batch  # the default interval: one engine call per segment
+        size = 512 if size is None else size  # the codec's default frame size
         precision_name(dtype)
         validate_shape(models, batch, size)
         self.batch, self.size, self.latent = batch, size, size // 8
@@ -811,7 +823,8 @@ def cmd_engines_list(args) -> int:
         if digest and (e.key is None or e.key.model_digest != digest):
             continue
         status = e.status
-        if e.key is not None and status == "ok" and installed.get(e.key.flavour, e.key.trt_version) != e.key.trt_version:
+        stale = e.key is not None and installed.get(e.key.flavour, e.key.trt_version) != e.key.trt_version
+        if status == "ok" and stale:  # built by another version of the installed flavour: it cannot load
             status = "stale"
         rows.append({"file": e.path.name, "status": status, "reason": e.reason, "mb": round(e.nbytes / 1e6, 1),
                      **(e.key.as_dict() if e.key else {}), "model_name": e.sidecar.get("model_name"),
