@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_sweep_parser(sub)
+    from .backends.tensorrt import add_engines_parser
+
+    add_engines_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks: a table and JSON",
                        description="Decoder backends (default): per-stage ms, end-to-end FPS with frames left on "

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import logging
 import os
 import tempfile
@@ -237,11 +238,13 @@ def _module_for_export(models: "Models", spec: ComponentSpec, dtype: torch.dtype
 
 
 def _export_torchscript(module, args, path: Path, spec: ComponentSpec, opset: int) -> None:
+    # torch < 2.5 has no ``dynamo`` argument (its export is the TorchScript one)
+    extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation and tracer warnings: the graph is static on purpose
         torch.onnx.export(
             module, args, str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
-            opset_version=opset, do_constant_folding=True, dynamo=False,
+            opset_version=opset, do_constant_folding=True, **extra,
         )
 
 
