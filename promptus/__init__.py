@@ -7,14 +7,20 @@ The public API::
     bs.header.rank, bs.keyframes[1].U          # dequantized float32 factors
     promptus.write("copy.promptus", bs)        # atomic; entropy-codes the factors when it wins
     frames = promptus.decode("clip.promptus", model="tiny")   # uint8 N×H×W×3
+
+    models = promptus.load_models("tiny")
+    promptus.Encoder(promptus.CodecConfig(width=64, height=64), promptus.TrainConfig(perceptual=False),
+                     models).encode("frames/", "clip.promptus")
 """
 
 from .bitstream import (
     Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, from_bytes, iter_records, read,
     to_bytes, write,
 )
-from .config import CodecConfig
-from .decoder import Decoder, Segment, decode
+from .config import CodecConfig, TrainConfig
+from .decoder import ClipState, Decoder, Segment, decode
+from .encoder import EncodeResult, Encoder
+from .pipeline import PipelinedDecoder
 from .errors import BitstreamError, ModelNotFoundError, PromptusError, VideoError
 from .legacy import load_legacy, write_legacy
 from .prompts import QuantizedTensor, embedding, estimate_rate, quantize_tensor
@@ -30,7 +36,8 @@ def load_models(*args, **kwargs):
 
 
 __all__ = [
-    "Bitstream", "BitstreamError", "CodecConfig", "Decoder", "Header", "InitLatent", "Keyframe", "ModelIdentity",
+    "Bitstream", "BitstreamError", "ClipState", "CodecConfig", "Decoder", "EncodeResult", "Encoder",
+    "PipelinedDecoder", "TrainConfig", "Header", "InitLatent", "Keyframe", "ModelIdentity",
     "ModelNotFoundError", "PromptusError", "QuantizedTensor", "Segment", "StreamParser", "VideoError", "decode",
     "embedding", "estimate_rate", "from_bytes", "iter_records", "load_legacy", "load_models", "quantize_tensor",
     "read", "to_bytes", "write", "write_legacy", "__version__",
