@@ -141,7 +141,8 @@ def run_encode(args, source, output, models=None):
     device = resolve_device(args.device)
     if models is None:
         models = _load_models(args, device, need_vae=train.init_latent == "vae")
-    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet)
+    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet,
+                  backend=getattr(args, "closed_loop_backend", "eager"))
     return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_encode_args(e)
     _add_model_args(e)
     e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    e.add_argument("--closed-loop-backend", default="eager", choices=["eager", "torch", "compile", "tensorrt"],
+                   help="decoder backend the closed loop regenerates segments with; decoding with the same "
+                        "backend reproduces the encoder's reconstruction exactly (default: eager)")
     e.set_defaults(func=cmd_encode)
 
     i = sub.add_parser("info", help="print a .promptus file's header, layout and bitrate",

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backends import TorchBackend
 from .bitstream import Bitstream, Header, InitLatent, Keyframe, read, write
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
@@ -120,15 +119,19 @@ class Encoder:
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
-                 vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True):
-        from .backends import default_dtype, resolve_device
+                 vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
+                 backend: str = "eager"):
+        from .backends import default_dtype, make_backend, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
         self.device = resolve_device(device)
         self.dtype = default_dtype(self.device)
         self.callback = callback
         self.progress = progress
-        self.backend = TorchBackend(models.unet, models.taesd.decoder, self.device, self.dtype)
+        # The closed loop regenerates segments with this decoder backend; decoding with the
+        # same backend reproduces the encoder's reconstruction bit for bit.
+        self.backend = make_backend(backend, models, self.device, self.dtype, batch=codec.interval,
+                                    size=codec.width)
         if models.vae is not None:
             torch.nn.Module.to(models.vae, self.device, self.dtype)
         torch.nn.Module.to(models.taesd, self.device, self.dtype)
