@@ -16,7 +16,9 @@ from .errors import ModelNotFoundError, PromptusError
 
 log = logging.getLogger("promptus")
 
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sky"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# In a source checkout the sample clip lives in its data/; an installed package makes it under ./data.
+SAMPLE = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "sky"
 
 
 def run_demo(args) -> int:
