@@ -226,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'promptus COMMAND --help' for a command's options.",
     )
     p.add_argument("--version", action="version", version=f"promptus {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    add_verbosity_args(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("decode", help="regenerate the frames of a .promptus file",
@@ -326,21 +325,32 @@ def setup_logging(args) -> None:
     logging.basicConfig(level=level, format="promptus: %(message)s")
 
 
+def add_verbosity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+
+
+def run_command(prog: str, func, args) -> int:
+    """Run ``func(args)`` as a command: user errors and Ctrl-C become messages and exit codes."""
+    setup_logging(args)
+    try:
+        return func(args)
+    except PromptusError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (long jobs resume: run the same command again, with --resume for encode)",
+              file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return args.func(args)
-    except PromptusError as e:
-        print(f"promptus: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("promptus: interrupted", file=sys.stderr)
-        return 130
+    return run_command("promptus", args.func, args)
 
 
 if __name__ == "__main__":

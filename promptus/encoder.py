@@ -101,6 +101,17 @@ def frames_digest(frames: torch.Tensor) -> str:
     return hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before hours of training, not after, when the output folder cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PromptusError(f"cannot write next to {out}: {e}; choose another -o path") from e
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -301,7 +312,7 @@ class Encoder:
         continues from it. A per-keyframe JSON log goes to ``OUT.log.jsonl``.
         """
         out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        _check_writable(out)
         frames = self.load_frames(source, max_frames)
         N = frames.shape[0]
         c = self.codec

@@ -597,6 +597,9 @@ def compare_sources(reference: str | os.PathLike, decoded: str | os.PathLike, *,
     """
     from .video import iter_frames
 
+    for path in (reference, decoded):
+        if not Path(path).exists():
+            raise PromptusError(f"{path} does not exist")
     if size is None:
         w, h = native_frame_size(decoded)
         if w != h:

@@ -35,6 +35,8 @@ def _natural_key(path: Path) -> list:
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files of ``folder`` in natural order (frame2 before frame10)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise VideoError(f"{folder} is not a folder of frames (it does not exist or is a file)")
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise VideoError(
@@ -145,6 +147,8 @@ def read_frames(source: str | os.PathLike, width: int = 512, height: int = 512,
 def video_fps(source: str | os.PathLike) -> float | None:
     """The frame rate stored in a video file, or None for image folders."""
     source = Path(source)
+    if not source.exists():
+        raise VideoError(f"input {source} does not exist")
     if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
         return None
     import av

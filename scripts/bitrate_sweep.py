@@ -11,26 +11,15 @@ bd_rate.csv and rd_*.png into --out.
 import argparse
 import sys
 
-from promptus.cli import setup_logging
-from promptus.errors import PromptusError
+from promptus.cli import add_verbosity_args, run_command
 from promptus.sweep import add_sweep_args, cmd_sweep
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
-    args = p.parse_args(argv)
-    setup_logging(args)
-    try:
-        return cmd_sweep(args)
-    except PromptusError as e:
-        print(f"bitrate_sweep: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bitrate_sweep: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
+    add_verbosity_args(p)
+    return run_command("bitrate_sweep", cmd_sweep, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptus.cli import _add_model_args, setup_logging
+from promptus.cli import _add_model_args, add_verbosity_args, run_command
 from promptus.errors import PromptusError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,15 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("-interval", type=int, default=10)
     p.add_argument("--backend", default="auto")
     _add_model_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging(args)
-    try:
-        return generate(args)
-    except PromptusError as e:
-        print(f"generation: error: {e}", file=sys.stderr)
-        return 1
+    add_verbosity_args(p)
+    return run_command("generation", generate, p.parse_args(argv))
 
 
 def generate(args) -> int:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptus.cli import add_encode_args, print_encode_summary, run_encode, _add_model_args, setup_logging
+from promptus.cli import _add_model_args, add_encode_args, add_verbosity_args, print_encode_summary, run_command, run_encode
 from promptus.errors import PromptusError
 from promptus.video import ensure_sample_clip, list_images
 
@@ -33,33 +33,29 @@ def main(argv=None) -> int:
     add_encode_args(p, rate=False)
     _add_model_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted inversion")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging(args)
-    try:
-        if Path(args.frame_path).resolve() == SAMPLE.resolve():
-            ensure_sample_clip(SAMPLE)
-        if args.max_id < 1:
-            raise PromptusError(f"-max_id {args.max_id} must be ≥ 1")
-        available = len(list_images(args.frame_path))
-        # The release loops f_id over range(0, max_id, interval): the last keyframe is the largest
-        # multiple of T below max_id, and it closes the segment ending on it.
-        last_keyframe = (args.max_id - 1) // args.interval * args.interval
-        if last_keyframe < args.interval:
-            raise PromptusError(f"-max_id {args.max_id} leaves no full segment at interval {args.interval}; "
-                                f"use -max_id > {args.interval}")
-        if last_keyframe >= available:
-            raise PromptusError(f"-max_id {args.max_id} needs frames up to {last_keyframe} but {args.frame_path} "
-                                f"has {available} frames (0..{available - 1}); use -max_id ≤ {available}")
-        args.max_frames = last_keyframe + 1
-        out = result_dir(args.frame_path, args.rank, args.interval) / "prompts.promptus"
-        res = run_encode(args, args.frame_path, out)
-        print_encode_summary(res)
-        return 0
-    except PromptusError as e:
-        print(f"inversion: error: {e}", file=sys.stderr)
-        return 1
+    add_verbosity_args(p)
+    return run_command("inversion", invert, p.parse_args(argv))
+
+
+def invert(args) -> int:
+    if Path(args.frame_path).resolve() == SAMPLE.resolve():
+        ensure_sample_clip(SAMPLE)
+    if args.max_id < 1:
+        raise PromptusError(f"-max_id {args.max_id} must be ≥ 1")
+    available = len(list_images(args.frame_path))
+    # The release loops f_id over range(0, max_id, interval): the last keyframe is the largest
+    # multiple of T below max_id, and it closes the segment ending on it.
+    last_keyframe = (args.max_id - 1) // args.interval * args.interval
+    if last_keyframe < args.interval:
+        raise PromptusError(f"-max_id {args.max_id} leaves no full segment at interval {args.interval}; "
+                            f"use -max_id > {args.interval}")
+    if last_keyframe >= available:
+        raise PromptusError(f"-max_id {args.max_id} needs frames up to {last_keyframe} but {args.frame_path} "
+                            f"has {available} frames (0..{available - 1}); use -max_id ≤ {available}")
+    args.max_frames = last_keyframe + 1
+    out = result_dir(args.frame_path, args.rank, args.interval) / "prompts.promptus"
+    print_encode_summary(run_encode(args, args.frame_path, out))
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from promptus.cli import _add_model_args, setup_logging
+from promptus.cli import _add_model_args, add_verbosity_args, run_command
 from promptus.errors import PromptusError
 
 
@@ -39,15 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="auto, tensorrt, compile, torch or eager")
     p.add_argument("--repeat", type=int, default=1, help="decode the clip this many times (steady-state FPS)")
     _add_model_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging(args)
-    try:
-        return run(args)
-    except PromptusError as e:
-        print(f"realtime_demo: error: {e}", file=sys.stderr)
-        return 1
+    add_verbosity_args(p)
+    return run_command("realtime_demo", run, p.parse_args(argv))
 
 
 def run(args) -> int:

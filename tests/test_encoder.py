@@ -226,3 +226,13 @@ def test_published_script_flags(tmp_path):
                         "-max_id", "40", "-rank", "2", "-interval", "4", *common], capture_output=True, text=True,
                        env=ENV, timeout=600)
     assert r.returncode == 1 and "has 10 frames" in r.stderr
+
+
+def test_unwritable_output_fails_before_training(tiny, clip, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    metrics = []
+    enc = Encoder(codec(), FAST, tiny, device="cpu", callback=metrics.append, progress=False)
+    with pytest.raises(PromptusError, match="cannot write"):
+        enc.encode(clip, blocker / "out.promptus")  # a folder that cannot be made
+    assert metrics == []

@@ -7,7 +7,7 @@ from PIL import Image
 
 from promptus.errors import VideoError
 from promptus.video import (
-    FrameWriter, center_crop_resize, iter_frames, read_frames, synthetic_clip, video_fps, write_frames,
+    FrameWriter, center_crop_resize, iter_frames, list_images, read_frames, synthetic_clip, video_fps, write_frames,
 )
 
 
@@ -52,6 +52,8 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def test_missing_input(tmp_path):
     with pytest.raises(VideoError, match="does not exist"):
         read_frames(tmp_path / "nope")
+    with pytest.raises(VideoError, match="not a folder"):
+        list_images(tmp_path / "nope")
 
 
 def test_unreadable_file_is_named(tmp_path):

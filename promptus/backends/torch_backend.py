@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..schedule import OneStep, mix_latent, to_uint8
+from ..schedule import mix_latent, to_uint8
 from .base import Backend
 
 log = logging.getLogger(__name__)
