@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .metrics import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -212,7 +214,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = 5
     }
     print(format_encode_table(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        write_json_atomic(json_path, result)
     return result
 
 
@@ -384,7 +386,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = 5
             row.status = f"failed: {type(e).__name__}: {e}"[:300]
         result["rows"] = [asdict(r) for r in rows]
         if json_path:  # after every backend, so a time-out still leaves the rows measured so far
-            Path(json_path).write_text(json.dumps(result, indent=1))
+            write_json_atomic(json_path, result)
     base = next((r for r in rows if r.backend == "eager" and r.status == "ok"), None)
     for r in rows:
         if base is not None and r.status == "ok":
@@ -392,7 +394,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = 5
     result["rows"] = [asdict(r) for r in rows]
     print(format_decode_table(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        write_json_atomic(json_path, result)
     return result
 
 

@@ -35,6 +35,7 @@ from .bitstream import Bitstream, Header, InitLatent, Keyframe, read, write
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
 from .errors import PromptusError, VideoError
+from .files import atomic_write
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolation_weights, quantize
 from .schedule import OneStep, to_model_range
 
@@ -110,15 +111,6 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise PromptusError(f"cannot write next to {out}: {e}; choose another -o path") from e
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Encoder:
@@ -394,7 +386,7 @@ class Encoder:
         partial = Header(header.config, (len(keyframes) - 1) * header.interval + 1, header.model)
         write(ckpt_bs, Bitstream(partial, init, list(keyframes)), entropy="none")
         state = dict(meta, keyframes_done=len(keyframes), results=[r.to_dict() for r in results])
-        _atomic_write_text(ckpt_json, json.dumps(state, indent=1))
+        atomic_write(ckpt_json, json.dumps(state, indent=1))
 
     def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict):
         try:

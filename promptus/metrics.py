@@ -511,16 +511,9 @@ def json_restore(value: Any) -> Any:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write strict JSON (non-finite floats as strings) via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(json_safe(data), f, indent=1, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    from .files import atomic_write
+
+    return atomic_write(path, json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------- comparing sources

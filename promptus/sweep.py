@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PromptusError, VideoError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -668,12 +669,6 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out: Path, cfg: SweepConfig, rows, bd, bd_mean, plots, failures, clips) -> None:
     from .metrics import write_json_atomic
 
@@ -705,10 +700,10 @@ def write_results(out: Path, cfg: SweepConfig, rows, bd, bd_mean, plots, failure
         },
         "rows": rows, "bd_rate": bd, "bd_rate_mean": bd_mean, "plots": plots, "failures": failures,
     })
-    _write_text_atomic(out / "results.csv", _csv_text(rows, COLUMNS))
+    atomic_write(out / "results.csv", _csv_text(rows, COLUMNS))
     bd_cols = ["clip", "promptus_interval", "baseline", "metric", "bd_rate_pct", "bd_quality", "promptus_points",
                "baseline_points"]
-    _write_text_atomic(out / "bd_rate.csv", _csv_text(bd + [dict(e, clip="mean") for e in bd_mean], bd_cols))
+    atomic_write(out / "bd_rate.csv", _csv_text(bd + [dict(e, clip="mean") for e in bd_mean], bd_cols))
 
 
 def format_results(result: SweepResult) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import PromptusError
+from ..files import TMP_PREFIX, atomic_write  # noqa: F401 (atomic_write: part of this module's API)
 from .onnx_export import GRAPH_VERSION
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ CACHE_FORMAT = 1
 ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".json"
 #: Prefix of the temporary files of an interrupted write (removed by ``clean``).
-TMP_PREFIX = ".tmp-"
 DEFAULT_ENGINE_DIR = "engines"
 
 
@@ -146,22 +146,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes | bytearray | memoryview | Any) -> None:
-    """Write ``data`` (anything with the buffer protocol) to ``path`` via a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:  # plain open: the umask's permissions, unlike mkstemp's 0600
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 class EngineCache:
