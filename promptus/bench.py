@@ -21,7 +21,6 @@ procedure, emulated in the same process on the same GPU:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
