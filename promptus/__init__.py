@@ -14,10 +14,10 @@ The public API::
 """
 
 from .bitstream import (
-    Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, from_bytes, iter_records, read,
+    Bitstream, Header, InitLatent, Keyframe, StreamParser, from_bytes, iter_records, read,
     to_bytes, write,
 )
-from .config import CodecConfig, TrainConfig
+from .config import CodecConfig, ModelIdentity, TrainConfig
 from .decoder import ClipState, Decoder, Segment, decode
 from .encoder import EncodeResult, Encoder
 from .pipeline import PipelinedDecoder

@@ -1,4 +1,4 @@
-"""Benchmarks: a table on stdout and JSON, ratios measured in one process.
+"""Benchmarks: results as data (and JSON), ratios measured in one process; ``promptus bench`` prints the tables.
 
 ``promptus bench --encode`` times the inversion trainer on the full-size
 architecture (random weights unless real ones are given) against the published
@@ -25,11 +25,11 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from .metrics import write_json_atomic
+from .config import CodecConfig, TrainConfig
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def _published_iteration(models, vgg, U, V, ranges, opt, z, targets, prev, onest
 
 
 def _time_published(models, vgg, size, interval, rank, iters, warmup, device, frozen: bool) -> tuple[float, float]:
-    from .config import CodecConfig
     from .prompts import RunningRange
     from .schedule import OneStep, make_noise
 
@@ -139,7 +138,6 @@ def _time_published(models, vgg, size, interval, rank, iters, warmup, device, fr
 
 def _time_ours(models, vgg, size, interval, rank, iters, warmup, device) -> tuple[float, float]:
     from .bitstream import Keyframe
-    from .config import CodecConfig, TrainConfig
     from .encoder import Encoder
     from .prompts import quantize_tensor
     from .schedule import OneStep, make_noise
@@ -167,10 +165,10 @@ def _time_ours(models, vgg, size, interval, rank, iters, warmup, device) -> tupl
     return out[0], out[1]
 
 
-def bench_encode(model: str = "random", device: str | None = None, size: int = 512, interval: int = 10,
-                 rank: int = 8, iters: int = 10, iters_published: int = 3, warmup: int = 2,
+def bench_encode(model: str = "random", device: str | None = None, size: int = CodecConfig.width,
+                 interval: int = CodecConfig.interval, rank: int = CodecConfig.rank, iters: int = 10, iters_published: int = 3, warmup: int = 2,
                  perceptual: bool = True, json_path: str | None = None) -> dict:
-    """Time the published per-frame procedure and ours in one process; print a table, return (and write) JSON."""
+    """Time the published per-frame procedure and ours in one process; return the results (and write them as JSON)."""
     from .backends import resolve_device
     from .losses import random_vgg19
     from .models import full_size_random_models, load_models
@@ -200,9 +198,10 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = 5
     del m
 
     base = rows[0]
+    published = TrainConfig()  # the published iteration counts
     for r in rows:
-        r.s_per_keyframe = r.ms_per_iteration_segment * 1500 / 1000
-        r.s_keyframe0 = r.ms_per_iteration_first * 10_000 / 1000
+        r.s_per_keyframe = r.ms_per_iteration_segment * published.iters / 1000
+        r.s_keyframe0 = r.ms_per_iteration_first * published.iters_first / 1000
     for r in rows:
         r.speedup = base.s_per_keyframe / r.s_per_keyframe
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -211,29 +210,9 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = 5
         "interval": interval, "rank": rank, "perceptual": perceptual, "iters_timed": iters,
         "iters_timed_published": iters_published, "rows": [asdict(r) for r in rows],
     }
-    print(format_encode_table(result))
     if json_path:
         write_json_atomic(json_path, result)
     return result
-
-
-def format_encode_table(result: dict) -> str:
-    lines = [
-        f"encode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
-        f"{result['size']}×{result['size']}, T={result['interval']}, rank {result['rank']}, "
-        f"perceptual {'on' if result['perceptual'] else 'off'}",
-        f"{'procedure':28} {'passes/it':>9} {'ms/it (segment)':>16} {'s/keyframe':>11} {'ms/it (kf 0)':>13} "
-        f"{'s keyframe 0':>13} {'peak GiB':>9} {'speedup':>8}",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['procedure']:28} {r['passes_per_iteration']:>9} {r['ms_per_iteration_segment']:>16.1f} "
-            f"{r['s_per_keyframe']:>11.1f} {r['ms_per_iteration_first']:>13.1f} {r['s_keyframe0']:>13.1f} "
-            f"{r['peak_gib']:>9.2f} {r['speedup']:>7.2f}×"
-        )
-    lines.append("s/keyframe: a later keyframe at the published 1500 iterations; keyframe 0 at 10 000. "
-                 "speedup: per later keyframe, against the published procedure in this run.")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------ decode
@@ -310,14 +289,18 @@ def _time(fn, device, reps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / reps
 
 
-def bench_decode(model: str = "random", device: str | None = None, size: int = 512, batch: int = 10,
+def bench_decode(model: str = "random", device: str | None = None, size: int = CodecConfig.width,
+                 batch: int = CodecConfig.interval,
                  backends=("eager", "torch", "compile", "tensorrt"), keyframes: int = 31, reps: int = 10,
                  json_path: str | None = None) -> dict:
-    """Per-stage times, end-to-end FPS (GPU-resident and to host), peak memory, parity and MFU per backend."""
+    """Per-stage times, end-to-end FPS (GPU-resident and to host), peak memory, parity and MFU per backend.
+
+    Returns the results (and writes them as JSON after every backend); ``psnr_vs_fp32``
+    is the PSNR of the clip's mean MSE (:func:`promptus.metrics.clip_psnr`).
+    """
     from .backends import make_backend, resolve_device, tensorrt_status
-    from .config import CodecConfig
     from .decoder import Decoder
-    from .encoder import psnr_uint8
+    from .metrics import clip_psnr
     from .models import full_size_random_models, load_models
     from .pipeline import PipelinedDecoder
     from .schedule import OneStep
@@ -329,7 +312,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = 5
               else load_models(model, device=dev, dtype=torch.float32, vae=False))
     long_clip = random_bitstream(cfg, keyframes)
     short_clip = random_bitstream(cfg, 3, seed=1)
-    reference = Decoder(make_backend("eager", models, dev, torch.float32)).decode_all(short_clip)
+    reference = Decoder(make_backend("eager", models, dev, torch.float32, batch=batch, size=size)).decode_all(short_clip)
     models.to(dev, dtype)
     unet_flops, dec_flops = model_flops(models, batch, size, dev)
     ceiling = matmul_ceiling(dev) if dev.type == "cuda" else math.nan
@@ -362,7 +345,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = 5
             dec = Decoder(backend)
             frames = dec.decode_all(short_clip)  # also warms up: graphs captured, kernels compiled
             log.info("%s: ready in %.1f s", name, time.perf_counter() - t0)
-            row.psnr_vs_fp32 = psnr_uint8(frames, reference)
+            row.psnr_vs_fp32 = clip_psnr(reference, frames)
             row.unet_ms = _time(lambda: backend.denoise(z, 999, ctx), dev, reps)
             row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
             row.segment_ms = _time(lambda: backend.segment(zp, zp, 0.05, ctx, onestep), dev, reps)
@@ -391,30 +374,6 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = 5
         if base is not None and r.status == "ok":
             r.speedup = r.fps_gpu / base.fps_gpu
     result["rows"] = [asdict(r) for r in rows]
-    print(format_decode_table(result))
     if json_path:
         write_json_atomic(json_path, result)
     return result
-
-
-def format_decode_table(result: dict) -> str:
-    lines = [
-        f"decode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
-        f"{result['size']}×{result['size']}, batch {result['batch']}, {result['frames_timed']} frames, {result['dtype']}",
-        f"FLOPs per batch: UNet {result['unet_tflop_per_batch']:.2f} TFLOP, TAESD decoder "
-        f"{result['decoder_tflop_per_batch']:.2f} TFLOP; measured fp16 matmul ceiling "
-        f"{result['matmul_ceiling_tflops']:.0f} TFLOP/s → arithmetic limit {result['arithmetic_limit_fps']:.0f} FPS",
-        f"{'backend':9} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} {'FPS (GPU)':>10} {'FPS (host)':>11} "
-        f"{'host/GPU':>9} {'peak GiB':>9} {'PSNR vs fp32':>13} {'MFU':>6} {'speedup':>8}",
-    ]
-    for r in result["rows"]:
-        if r["status"] != "ok":
-            lines.append(f"{r['backend']:9} {r['status']}")
-            continue
-        lines.append(
-            f"{r['backend']:9} {r['unet_ms']:>8.2f} {r['decoder_ms']:>9.2f} {r['segment_ms']:>11.2f} "
-            f"{r['fps_gpu']:>10.1f} {r['fps_host']:>11.1f} {r['fps_host'] / r['fps_gpu']:>8.0%} "
-            f"{r['peak_gib']:>9.2f} {r['psnr_vs_fp32']:>13.2f} {r['mfu']:>6.1%} {r['speedup']:>7.2f}×")
-    lines.append("FPS: end to end through the pipelined decoder (parse → GPU → frames); speedup over eager fp16 "
-                 "in this run; PSNR of the frames of a 21-frame clip against the eager fp32 pipeline.")
-    return "\n".join(lines)

@@ -54,7 +54,6 @@ import math
 import operator
 import os
 import struct
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,8 +63,9 @@ from typing import BinaryIO, NoReturn, Union
 import numpy as np
 import torch
 
-from .config import CodecConfig
+from .config import MODEL_DIGEST_SIZE, CodecConfig, ModelIdentity
 from .errors import BitstreamError, PromptusError
+from .files import atomic_write
 from .prompts import QuantizedTensor, quant_params, quantize
 
 __all__ = [
@@ -90,7 +90,7 @@ ENTROPY_CHOICES = ("auto", "none", "zlib", "lzma", "bz2")
 #: Format limit on the quantized codes of one keyframe (rank 8 needs 8808 bytes).
 #: It bounds what a decompressor may produce, whatever a damaged header claims.
 MAX_KEYFRAME_CODE_BYTES = 1 << 24
-DIGEST_SIZE = 16
+DIGEST_SIZE = MODEL_DIGEST_SIZE
 
 _HEAD, _INIT, _KEYF, _END = b"HEAD", b"INIT", b"KEYF", b"END "
 _RECORD_TYPES = (_HEAD, _INIT, _KEYF, _END)
@@ -118,35 +118,6 @@ class _FormatError(Exception):
 
 
 # ----------------------------------------------------------------- objects
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model weights the prompts were optimised for: a name and a 16-byte digest."""
-
-    name: str
-    digest: bytes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise PromptusError(f"model name must be a string, got {type(self.name).__name__}")
-        try:
-            n = len(self.name.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise PromptusError(f"model name {self.name!r} is not valid text: {e}") from None
-        if n > _U16:
-            raise PromptusError(f"model name is {n} bytes long; the format stores at most {_U16}")
-        if not isinstance(self.digest, bytes) or len(self.digest) != DIGEST_SIZE:
-            raise PromptusError(f"model digest must be {DIGEST_SIZE} bytes, got {self.digest!r:.60}")
-
-    @classmethod
-    def unknown(cls) -> "ModelIdentity":
-        """Name "unknown" and an all-zero digest: decoders will not check the model."""
-        return cls("unknown", bytes(DIGEST_SIZE))
-
-    @property
-    def hexdigest(self) -> str:
-        return self.digest.hex()
 
 
 def _as_int(value, name: str, maximum: int, minimum: int = 0) -> int:
@@ -936,9 +907,8 @@ def iter_records(fileobj: BinaryIO, chunk_size: int = 65536) -> Iterator[Item]:
 def write(path: str | os.PathLike, bs: Bitstream, *, entropy: str = "auto") -> int:
     """Write ``bs`` to ``path`` atomically; return the number of bytes written.
 
-    The bytes go to a temporary file in the same folder, are fsynced and renamed
-    over ``path``: readers see the old file or the new one, never a partial one, and
-    a failure leaves no file behind (PromptusError).
+    :func:`promptus.files.atomic_write`: readers see the old file or the new one,
+    never a partial one, and a failure leaves no file behind (PromptusError).
     """
     data = to_bytes(bs, entropy=entropy)
     path = Path(path)
@@ -947,34 +917,10 @@ def write(path: str | os.PathLike, bs: Bitstream, *, entropy: str = "auto") -> i
     folder = path.parent
     if not folder.is_dir():
         raise PromptusError(f"cannot write {path}: the folder {folder} does not exist")
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex}.promptus.tmp"
     try:
-        # 0o666 lets the umask decide the final permissions, as for a plain open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise PromptusError(f"could not write {path}: {e.strerror or e}") from e
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        atomic_write(path, data, make_folder=False)
+    except OSError as e:
+        raise PromptusError(f"could not write {path}: {e.strerror or e}") from e
     return len(data)
 
 

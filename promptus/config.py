@@ -1,7 +1,11 @@
-"""Codec settings: the one place where the codec's defaults live.
+"""Settings: the one place where the codec's and the trainer's defaults live.
 
 A :class:`CodecConfig` is everything the decoder needs besides the prompts and the
 model weights. It round-trips through the bitstream header and through JSON.
+:class:`TrainConfig` holds the inversion trainer's settings, and
+:class:`ModelIdentity` names the model weights the prompts were optimised for.
+Commands, the sweep and the backends read their defaults from here; the option
+choices (init-latent sources, precisions) are the tuples the configs validate with.
 """
 
 from __future__ import annotations
@@ -170,3 +174,38 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+#: Bytes of a model digest (:class:`ModelIdentity`; the bitstream header stores it as is).
+MODEL_DIGEST_SIZE = 16
+#: Longest model name, in UTF-8 bytes (the header stores its length as a u16).
+MODEL_NAME_MAX_BYTES = 0xFFFF
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model weights the prompts were optimised for: a name and a 16-byte digest."""
+
+    name: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise PromptusError(f"model name must be a string, got {type(self.name).__name__}")
+        try:
+            n = len(self.name.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise PromptusError(f"model name {self.name!r} is not valid text: {e}") from None
+        if n > MODEL_NAME_MAX_BYTES:
+            raise PromptusError(f"model name is {n} bytes long; the format stores at most {MODEL_NAME_MAX_BYTES}")
+        if not isinstance(self.digest, bytes) or len(self.digest) != MODEL_DIGEST_SIZE:
+            raise PromptusError(f"model digest must be {MODEL_DIGEST_SIZE} bytes, got {self.digest!r:.60}")
+
+    @classmethod
+    def unknown(cls) -> "ModelIdentity":
+        """Name "unknown" and an all-zero digest: decoders will not check the model."""
+        return cls("unknown", bytes(MODEL_DIGEST_SIZE))
+
+    @property
+    def hexdigest(self) -> str:
+        return self.digest.hex()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import Backend
-from .bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
+from .bitstream import Bitstream, Header, InitLatent, Keyframe
+from .config import ModelIdentity
 from .errors import BitstreamError, PromptusError
 from .prompts import embedding, segment_embeddings
 from .schedule import OneStep, make_noise, mix_latent
@@ -123,23 +124,17 @@ class Decoder:
         check_model(header, self.model)
         return ClipState(self.backend, header, init)
 
+    def session(self) -> "DecodeSession":
+        """A fresh :class:`DecodeSession`: feed it the items of one clip in order."""
+        return DecodeSession(self)
+
     def stream(self, items: Iterable[Header | InitLatent | Keyframe]) -> Iterator[Segment]:
-        header: Header | None = None
-        state: ClipState | None = None
+        """Segments as the items arrive: each as soon as the keyframe that closes it is there."""
+        session = self.session()
         for item in items:
-            if isinstance(item, Header):
-                header = item
-            elif isinstance(item, InitLatent):
-                if header is None:
-                    raise BitstreamError("the init latent came before the header", record="init latent")
-                state = self.start(header, item)
-            elif isinstance(item, Keyframe):
-                if state is None:
-                    raise BitstreamError("a keyframe came before the header and init latent",
-                                         record=f"keyframe {item.index}")
-                yield state.push(item)
-            else:
-                raise PromptusError(f"unexpected bitstream item {type(item).__name__}")
+            seg = session.accept(item)
+            if seg is not None:
+                yield seg
 
     def decode(self, bitstream: Bitstream) -> Iterator[Segment]:
         """Segments of a whole bitstream, in order."""
@@ -150,12 +145,45 @@ class Decoder:
         return torch.cat([s.frames.cpu() for s in self.decode(bitstream)])
 
 
+class DecodeSession:
+    """The record dispatch of one clip, shared by :class:`Decoder` and the pipelined decoder.
+
+    ``accept(item)`` takes the bitstream's items in order — header, init latent,
+    keyframes — and returns the :class:`Segment` a keyframe closes (None for the
+    header and init latent). Items out of order raise :class:`BitstreamError`.
+    """
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.header: Header | None = None
+        self.state: ClipState | None = None
+
+    def accept(self, item: Header | InitLatent | Keyframe,
+               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Segment | None:
+        """Take the next item; ``factors``: a keyframe's dequantized (U, V) already on the device."""
+        if isinstance(item, Header):
+            self.header = item
+        elif isinstance(item, InitLatent):
+            if self.header is None:
+                raise BitstreamError("the init latent came before the header", record="init latent")
+            self.state = self.decoder.start(self.header, item)
+        elif isinstance(item, Keyframe):
+            if self.state is None:
+                raise BitstreamError("a keyframe came before the header and init latent",
+                                     record=f"keyframe {item.index}")
+            return self.state.push(item, factors)
+        else:
+            raise PromptusError(f"unexpected bitstream item {type(item).__name__}")
+        return None
+
+
 def decode(source, model: str = "auto", *, device: str | torch.device | None = None,
            backend: str = "auto", taesd: str | None = None) -> torch.Tensor:
     """Decode a .promptus file (path, bytes or :class:`Bitstream`) to a CPU uint8 tensor N×H×W×3.
 
     ``model`` is anything :func:`promptus.models.load_models` accepts ("tiny",
-    a checkpoint file, a diffusers folder, a hub id).
+    a checkpoint file, a diffusers folder, a hub id). The backend is prepared for
+    the clip: its batch (the interval) and frame size come from the header.
     """
     from .backends import default_dtype, make_backend, resolve_device
     from .bitstream import from_bytes, read
@@ -169,4 +197,5 @@ def decode(source, model: str = "auto", *, device: str | torch.device | None = N
         bs = read(source)
     dev = resolve_device(device)
     models = load_models(model, device=dev, dtype=default_dtype(dev), taesd=taesd, vae=False)
-    return Decoder(make_backend(backend, models, dev), models.identity()).decode_all(bs)
+    h = bs.header
+    return Decoder(make_backend(backend, models, dev, batch=h.interval, size=h.width), models.identity()).decode_all(bs)

@@ -31,12 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .backends.base import Backend
 from .bitstream import Bitstream, Header, InitLatent, Keyframe, read, write
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
 from .errors import PromptusError, VideoError
 from .files import atomic_write
-from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolation_weights, quantize
+from .metrics.frames import clip_psnr, psnr_from_mse
+from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, quantize
 from .schedule import OneStep, to_model_range
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class KeyframeResult:
     best_iteration: int
     best_loss: float
     final_lr: float
-    psnr: float  # closed-loop PSNR of the segment, from the transmitted prompts
+    psnr: float  # closed-loop PSNR of the segment (of its mean MSE), from the transmitted prompts
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +71,7 @@ class EncodeResult:
     frame_count: int
     keyframes: list[KeyframeResult] = field(default_factory=list)
     reconstruction: torch.Tensor | None = None  # uint8 N×H×W×3 from the closed loop (CPU)
-    fps: float = 30.0
+    fps: float = CodecConfig.fps
 
     @property
     def duration_s(self) -> float:
@@ -81,6 +83,7 @@ class EncodeResult:
 
     @property
     def mean_psnr(self) -> float:
+        """The segments' closed-loop PSNRs averaged with their frame counts as weights (finite ones only)."""
         return _mean_psnr(self.keyframes)
 
 
@@ -90,12 +93,6 @@ def _mean_psnr(results: list[KeyframeResult]) -> float:
     if not finite:
         return float("inf")
     return sum(p * n for p, n in finite) / sum(n for _, n in finite)
-
-
-def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two uint8 frame tensors (inf when identical)."""
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def frames_digest(frames: torch.Tensor) -> str:
@@ -117,24 +114,37 @@ class Encoder:
     """Turns a clip into a .promptus bitstream.
 
     ``models`` is a :class:`promptus.models.Models`; it is moved to ``device`` in the
-    decoder's precision. ``callback(metrics: dict)`` is called after every training
-    iteration with keyframe, iteration, loss, psnr and lr.
+    decoder's precision. ``backend`` is the decoder backend the closed loop
+    regenerates segments with (as :class:`promptus.decoder.Decoder` takes one);
+    decoding with the same kind of backend reproduces the encoder's reconstruction
+    bit for bit. Without one, the eager backend on ``device`` is used; with one,
+    ``device`` defaults to the backend's. ``callback(metrics: dict)`` is called after
+    every training iteration with keyframe, iteration, loss, psnr and lr (psnr: of
+    the iteration's unquantized frames, range [-1, 1] so peak 2).
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
-                 backend: str = "eager"):
+                 backend: Backend | None = None):
         from .backends import default_dtype, make_backend, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
+        if device is None and backend is not None:
+            device = backend.device
         self.device = resolve_device(device)
         self.dtype = default_dtype(self.device)
         self.callback = callback
         self.progress = progress
-        # The closed loop regenerates segments with this decoder backend; decoding with the
-        # same backend reproduces the encoder's reconstruction bit for bit.
-        self.backend = make_backend(backend, models, self.device, self.dtype, batch=codec.interval,
-                                    size=codec.width)
+        if backend is None:
+            backend = make_backend("eager", models, self.device, self.dtype, batch=codec.interval, size=codec.width)
+        elif not isinstance(backend, Backend):
+            raise PromptusError(f"backend must be a promptus Backend (promptus.backends.make_backend), "
+                                f"got {type(backend).__name__}")
+        elif backend.device.type != self.device.type or backend.dtype != self.dtype:
+            raise PromptusError(f"the closed-loop backend runs on {backend.device} in {backend.dtype} but the encoder "
+                                f"trains on {self.device} in {self.dtype}; build the backend with make_backend(name, "
+                                "models, device) for the encoder's device and its default precision")
+        self.backend = backend
         if models.vae is not None:
             torch.nn.Module.to(models.vae, self.device, self.dtype)
         torch.nn.Module.to(models.taesd, self.device, self.dtype)
@@ -228,7 +238,6 @@ class Encoder:
         z_in = z.to(device, dtype).expand(n, -1, -1, -1)
         timestep = torch.full((n,), c.timestep, device=device, dtype=torch.long)
         if prev is not None:
-            w = interpolation_weights(c.interval, device)[:n].view(-1, 1, 1)
             U0, V0 = prev.U.to(device), prev.V.to(device)
         with torch.no_grad(), self._loss_autocast():
             target_feats = self.loss_fn.target_features(targets)
@@ -245,7 +254,8 @@ class Encoder:
             if prev is None:
                 ctx = embedding(Uq, Vq).unsqueeze(0)
             else:
-                ctx = embedding((1 - w) * U0 + w * Uq, (1 - w) * V0 + w * Vq)
+                u, v = interpolate_factors(U0, V0, Uq, Vq, c.interval)
+                ctx = embedding(u[:n], v[:n])
             eps = unet(z_in, timestep, encoder_hidden_states=ctx.to(dtype), return_dict=False)[0]
             x0 = onestep.x0(z_in.float(), eps.float())
             image = decoder(x0.to(dtype)).float()
@@ -277,7 +287,7 @@ class Encoder:
                     opt = torch.optim.Adam([U, V], lr=lr)
                 window_best = best_loss
                 countdown = patience
-            psnr = 10 * math.log10(4.0 / max(sum(frame_mse) / n, 1e-12))
+            psnr = psnr_from_mse(max(sum(frame_mse) / n, 1e-12), peak=2.0)  # frames in [-1, 1]
             if bar is not None:
                 bar.update(1)
                 if it % 10 == 0 or it == iters - 1:
@@ -355,7 +365,7 @@ class Encoder:
                 seg = state.push(kf)  # closed loop: regenerate from what is transmitted
                 assert (seg.start, seg.stop - 1) == (start, stop)
                 recon.append(seg.frames.cpu())
-                psnr = psnr_uint8(seg.frames.cpu(), targets_all[start:stop + 1])
+                psnr = clip_psnr(targets_all[start:stop + 1], seg.frames.cpu())
                 keyframes.append(kf)
                 res = KeyframeResult(keyframe=k, index=kf.index, frames=(start, stop), psnr=psnr,
                                      seconds=time.perf_counter() - t0, **stats)

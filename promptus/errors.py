@@ -35,3 +35,12 @@ class ModelNotFoundError(PromptusError):
 
 class VideoError(PromptusError):
     """Input frames cannot be read or do not fit the codec settings."""
+
+
+class MetricUnavailable(PromptusError):
+    """A metric cannot be computed here; ``reason`` says why (and what would fix it)."""
+
+    def __init__(self, metric: str, reason: str):
+        super().__init__(f"{metric} is unavailable: {reason}")
+        self.metric = metric
+        self.reason = reason

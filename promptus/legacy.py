@@ -10,6 +10,7 @@ whose dequantized factors are bit-exact to the originals.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 from .bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
 from .config import CodecConfig
 from .errors import PromptusError
+from .files import atomic_write
 from .prompts import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def load_legacy(folder: str | os.PathLike, *, fps: float = 30.0, init_precision:
             raise PromptusError(f"--interval {interval} disagrees with the keyframe spacing {spacing} in {folder}")
         interval = spacing
     elif interval is None:
-        interval = 10
+        interval = CodecConfig.interval
         log.warning("only one keyframe: the interval cannot be inferred, assuming %d", interval)
 
     init = _load(init_path)
@@ -169,9 +171,9 @@ def write_legacy(bitstream: Bitstream, folder: str | os.PathLike) -> list[Path]:
     written = []
 
     def save(obj, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        atomic_write(path, buf.getbuffer())
         written.append(path)
 
     for kf in bitstream.keyframes:

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .config import ModelIdentity
 from .errors import ModelNotFoundError, PromptusError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
-    from .bitstream import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,11 @@ class Models:
         self._digest = None
         return self
 
-    def identity(self) -> "ModelIdentity":
+    def identity(self) -> ModelIdentity:
         """This model's identity for the bitstream header: ``ModelIdentity(name, digest)``.
 
         The digest (see :func:`model_digest`) is computed once and cached until :meth:`to`.
         """
-        from .bitstream import ModelIdentity  # lazily: bitstream must not depend on torch models
-
         if self._digest is None:
             self._digest = model_digest(self)
         return ModelIdentity(name=self.name, digest=self._digest)

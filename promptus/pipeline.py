@@ -24,7 +24,6 @@ import torch
 
 from .bitstream import Header, InitLatent, Keyframe
 from .decoder import Decoder
-from .errors import BitstreamError, PromptusError
 
 _DONE = object()
 
@@ -110,33 +109,24 @@ class PipelinedDecoder:
         if writer:
             writer.start()
         count = 0
-        header = state = None
+        session = self.decoder.session()
         try:
             while True:
                 job = parsed.get()
                 if job is _DONE:
                     break
                 item, factors = job
-                if isinstance(item, Header):
-                    header = item
-                elif isinstance(item, InitLatent):
-                    if header is None:
-                        raise BitstreamError("the init latent came before the header", record="init latent")
-                    state = self.decoder.start(header, item)
-                elif isinstance(item, Keyframe):
-                    if state is None:
-                        raise BitstreamError("a keyframe came before the header and init latent",
-                                             record=f"keyframe {item.index}")
+                if factors is not None:
                     factors = tuple(f.to(self.device, non_blocking=True) for f in factors)
-                    seg = state.push(item, factors)
-                    count += seg.frames.shape[0]
-                    if not self.to_host:
-                        if sink is not None:
-                            sink(seg.start, seg.frames)
-                        continue
-                    put(outgoing, self._to_host(seg, copy_stream, buffers))
-                else:
-                    raise PromptusError(f"unexpected bitstream item {type(item).__name__}")
+                seg = session.accept(item, factors)
+                if seg is None:
+                    continue
+                count += seg.frames.shape[0]
+                if not self.to_host:
+                    if sink is not None:
+                        sink(seg.start, seg.frames)
+                    continue
+                put(outgoing, self._to_host(seg, copy_stream, buffers))
                 if writer is not None and writer.error is not None:
                     break
         finally:

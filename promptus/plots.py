@@ -9,12 +9,15 @@ after the promptus point whose bitrate they match, so they align across clips).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write
 
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS (lower is better)"}
 
@@ -133,9 +136,9 @@ def save_rd_plots(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, cli
         fig = rd_figure(rows, clip, metrics)
         shown = describe_figure(fig)
         png = out_dir / f"rd_{'mean' if clip is None else clip}.png"
-        tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write(png, buf.getbuffer())
         with Image.open(png) as im:
             size = im.size
         info.append({"png": str(png), "clip": clip, "width": size[0], "height": size[1], "panels": shown})

@@ -329,3 +329,25 @@ def ensure_sample_clip(folder: str | os.PathLike, frame_count: int = 141, size: 
     log.info("making the sample clip (%d frames, %d×%d) in %s", frame_count, size, size, folder)
     write_frames(sky_clip(frame_count, size), folder, fps=30)
     return folder
+
+
+def native_frame_size(source: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the first frame of a folder of images, an image or a video file."""
+    source = Path(source)
+    if not source.exists():
+        raise VideoError(f"{source} does not exist")
+    if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
+        first = list_images(source)[0] if source.is_dir() else source
+        with Image.open(first) as im:
+            return im.size
+    import av
+
+    try:
+        with av.open(str(source)) as c:
+            if not c.streams.video:
+                raise VideoError(f"{source} has no video stream")
+            for frame in c.decode(video=0):
+                return frame.width, frame.height
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot read video {source}: {e}") from e
+    raise VideoError(f"{source} holds no decodable video frames")

@@ -11,15 +11,16 @@ bd_rate.csv and rd_*.png into --out.
 import argparse
 import sys
 
-from promptus.cli import add_verbosity_args, run_command
-from promptus.sweep import add_sweep_args, cmd_sweep
+from promptus.commands.common import add_verbosity_args, run_command
+from promptus.commands.sweep import add_sweep_args
+from promptus.commands.sweep import run as run_sweep
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     add_verbosity_args(p)
-    return run_command("bitrate_sweep", cmd_sweep, p.parse_args(argv))
+    return run_command("bitrate_sweep", run_sweep, p.parse_args(argv))
 
 
 if __name__ == "__main__":

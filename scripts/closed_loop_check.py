@@ -21,7 +21,8 @@ from promptus.backends import default_dtype, make_backend, resolve_device
 from promptus.bitstream import read
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
-from promptus.encoder import Encoder, psnr_uint8
+from promptus.encoder import Encoder
+from promptus.metrics import clip_psnr
 from promptus.models import full_size_random_models, load_models
 from promptus.video import sky_clip
 
@@ -30,7 +31,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random")
     p.add_argument("--device", default="auto")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=CodecConfig.width)
     p.add_argument("--frames", type=int, default=21)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--backends", nargs="+", default=["eager"],
@@ -41,21 +42,22 @@ def main() -> int:
     dev = resolve_device(a.device)
     dtype = default_dtype(dev)
     models = full_size_random_models(dev, dtype) if a.model == "random" else load_models(a.model, device=dev, dtype=dtype, vae=False)
-    codec = CodecConfig(width=a.size, height=a.size, rank=8, interval=10)
+    codec = CodecConfig(width=a.size, height=a.size)
     train = TrainConfig(iters_first=a.iters, iters=a.iters, perceptual=False, init_latent="taesd")
     clip = torch.from_numpy(sky_clip(a.frames, a.size))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "c.promptus"
         t0 = time.perf_counter()
-        res = Encoder(codec, train, models, device=dev, progress=False, backend=a.encoder_backend).encode(clip, out)
+        closed_loop = make_backend(a.encoder_backend, models, dev, batch=codec.interval, size=codec.width)
+        res = Encoder(codec, train, models, device=dev, progress=False, backend=closed_loop).encode(clip, out)
         t_enc = time.perf_counter() - t0
         bs = read(out)
         per_backend = {}
         for name in a.backends:
-            backend = make_backend(name, models, dev, batch=codec.interval)
+            backend = make_backend(name, models, dev, batch=bs.header.interval, size=bs.header.width)
             t0 = time.perf_counter()
             decoded = Decoder(backend, models.identity()).decode_all(bs)
-            per_backend[name] = {"psnr_vs_encoder": psnr_uint8(decoded, res.reconstruction),
+            per_backend[name] = {"psnr_vs_encoder": clip_psnr(res.reconstruction, decoded),
                                  "identical": bool(torch.equal(decoded, res.reconstruction)),
                                  "decode_s": time.perf_counter() - t0}
     r = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "model": a.model,

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptus.cli import _add_model_args, add_verbosity_args, run_command
+from promptus.commands.common import add_model_args, add_verbosity_args, run_command
+from promptus.config import CodecConfig
 from promptus.errors import PromptusError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-frame_path", default=str(ROOT / "data" / "sky"))
-    p.add_argument("-rank", type=int, default=8)
-    p.add_argument("-interval", type=int, default=10)
+    p.add_argument("-rank", type=int, default=CodecConfig.rank)
+    p.add_argument("-interval", type=int, default=CodecConfig.interval)
     p.add_argument("--backend", default="auto")
-    _add_model_args(p)
+    add_model_args(p)
     add_verbosity_args(p)
     return run_command("generation", generate, p.parse_args(argv))
 
@@ -32,7 +33,7 @@ def generate(args) -> int:
     from promptus.backends import default_dtype, make_backend, resolve_device
     from promptus.bitstream import read
     from promptus.decoder import Decoder
-    from promptus.encoder import psnr_uint8
+    from promptus.metrics import clip_psnr
     from promptus.models import load_models
     from promptus.video import FrameWriter, read_frames
 
@@ -46,7 +47,7 @@ def generate(args) -> int:
     device = resolve_device(args.device)
     models = load_models(args.model, device=device, dtype=default_dtype(device), taesd=args.taesd, vae=False,
                          checkpoints_dir=args.checkpoints)
-    decoder = Decoder(make_backend(args.backend, models, device), models.identity())
+    decoder = Decoder(make_backend(args.backend, models, device, batch=h.interval, size=h.width), models.identity())
     originals = read_frames(args.frame_path, h.width, h.height, max_frames=h.frame_count)
     out = folder / "frames"
     scores = []
@@ -56,7 +57,7 @@ def generate(args) -> int:
             w.write_batch(frames)
             for i, f in enumerate(frames):
                 idx = seg.start + i
-                scores.append(psnr_uint8(f, originals[idx]))
+                scores.append(clip_psnr(originals[idx][None], f[None]))
                 if not args.quiet:
                     print(f"frame: {idx}, psnr: {scores[-1]:.2f}")
     print(f"mean psnr: {sum(scores) / len(scores):.2f} dB over {len(scores)} frames → {out}")

@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from promptus.cli import _add_model_args, add_encode_args, add_verbosity_args, print_encode_summary, run_command, run_encode
+from promptus.commands.common import add_encode_args, add_model_args, add_verbosity_args, run_command
+from promptus.commands.encode import print_encode_summary, run_encode
+from promptus.config import CodecConfig
 from promptus.errors import PromptusError
 from promptus.video import ensure_sample_clip, list_images
 
@@ -28,10 +30,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-frame_path", default=str(SAMPLE), help="folder of frames 00000.png, ... (default: data/sky)")
     p.add_argument("-max_id", type=int, default=140, help="keyframes are placed below this frame index (default: 140)")
-    p.add_argument("-rank", type=int, default=8)
-    p.add_argument("-interval", type=int, default=10)
+    p.add_argument("-rank", type=int, default=CodecConfig.rank)
+    p.add_argument("-interval", type=int, default=CodecConfig.interval)
     add_encode_args(p, rate=False)
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted inversion")
     add_verbosity_args(p)
     return run_command("inversion", invert, p.parse_args(argv))

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from promptus.cli import _add_model_args, add_verbosity_args, run_command
+from promptus.commands.common import add_model_args, add_verbosity_args, run_command
+from promptus.config import CodecConfig
 from promptus.errors import PromptusError
 
 
@@ -33,12 +34,13 @@ def load(prompt_dir: Path, fps: float):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-prompt_dir", required=True, help="release prompt folder, folder with prompts.promptus, or a file")
-    p.add_argument("-batch", type=int, default=10, help="frames per engine call: must equal the keyframe interval")
+    p.add_argument("-batch", type=int, default=CodecConfig.interval, help="frames per engine call: must equal the keyframe interval")
     p.add_argument("-visualize", action="store_true", help="write realtime.mp4 (and show frames if a display exists)")
-    p.add_argument("--fps", type=float, default=30.0, help="frame rate for a release folder (default: 30)")
+    p.add_argument("--fps", type=float, default=CodecConfig.fps,
+                   help=f"frame rate for a release folder (default: {CodecConfig.fps:g})")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, compile, torch or eager")
     p.add_argument("--repeat", type=int, default=1, help="decode the clip this many times (steady-state FPS)")
-    _add_model_args(p)
+    add_model_args(p)
     add_verbosity_args(p)
     return run_command("realtime_demo", run, p.parse_args(argv))
 

@@ -12,6 +12,11 @@ from promptus.pipeline import PipelinedDecoder
 from test_decoder import make_bitstream
 
 
+def for_clip(bs):
+    """make_backend's clip arguments, from the header."""
+    return dict(batch=bs.header.interval, size=bs.header.width)
+
+
 @pytest.fixture(scope="module")
 def clip(tiny):
     return make_bitstream(tiny, frame_count=10, interval=4)  # segments of 1, 4, 4, 1 frames
@@ -19,12 +24,12 @@ def clip(tiny):
 
 @pytest.fixture(scope="module")
 def reference(tiny, clip):
-    return Decoder(make_backend("eager", tiny, "cpu"), tiny.identity()).decode_all(clip)
+    return Decoder(make_backend("eager", tiny, "cpu", **for_clip(clip)), tiny.identity()).decode_all(clip)
 
 
 def test_backend_parity_on_cpu(tiny, clip, reference):
     backends = [
-        make_backend("torch", tiny, "cpu"),
+        make_backend("torch", tiny, "cpu", **for_clip(clip)),
         TorchBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, channels_last=True),
         # Padding the short last segment to the fixed batch must not change its frames.
         TorchBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, batch=4),
@@ -43,11 +48,11 @@ def test_auto_picks_torch_without_cuda_or_tensorrt(tiny):
     assert not ok and why
     ok, why = compile_status(torch.device("cpu"))
     assert not ok and "CUDA" in why
-    assert make_backend("auto", tiny, "cpu").name == "torch"
+    assert make_backend("auto", tiny, "cpu", batch=4, size=64).name == "torch"
     with pytest.raises(PromptusError, match="tensorrt backend cannot run here"):
-        make_backend("tensorrt", tiny, "cpu")
+        make_backend("tensorrt", tiny, "cpu", batch=4, size=64)
     with pytest.raises(PromptusError, match="unknown backend"):
-        make_backend("fast", tiny, "cpu")
+        make_backend("fast", tiny, "cpu", batch=4, size=64)
 
 
 def test_cuda_graphs_fall_back_on_cpu(tiny):
@@ -65,7 +70,7 @@ def test_pipelined_decoder_matches_plain(tiny, clip, reference, to_host):
     def sink(start, frames):
         got[start] = frames.clone()  # buffers are reused after the call
 
-    n = PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu")), to_host=to_host).run(
+    n = PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu", **for_clip(clip))), to_host=to_host).run(
         iter_records(io.BytesIO(data), chunk_size=1000), sink)
     assert n == 10 and sorted(got) == [0, 1, 5, 9]
     assert torch.equal(torch.cat([got[k] for k in sorted(got)]), reference)
@@ -77,7 +82,7 @@ def test_pipelined_decoder_keeps_intact_frames_then_raises(tiny, clip, reference
     data = to_bytes(clip, entropy="none")[:-1000]  # inside the last keyframe record
     got = []
     with pytest.raises(BitstreamError):
-        PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu"))).run(
+        PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu", **for_clip(clip)))).run(
             iter_records(io.BytesIO(data)), lambda s, f: got.append(f.clone()))
     assert torch.equal(torch.cat(got), reference[:9])
 
@@ -87,14 +92,14 @@ def test_sink_errors_propagate(tiny, clip):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu"))).run(
+        PipelinedDecoder(Decoder(make_backend("torch", tiny, "cpu", **for_clip(clip)))).run(
             [clip.header, clip.init, *clip.keyframes], sink)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: CUDA-graph replay runs only in the GPU benchmark")
 def test_cuda_graph_matches_eager_on_gpu(tiny, clip):
-    eager = Decoder(make_backend("eager", tiny, "cuda")).decode_all(clip)
-    graph = Decoder(make_backend("torch", tiny, "cuda", batch=4)).decode_all(clip)
+    eager = Decoder(make_backend("eager", tiny, "cuda", **for_clip(clip))).decode_all(clip)
+    graph = Decoder(make_backend("torch", tiny, "cuda", **for_clip(clip))).decode_all(clip)
     assert (graph.int() - eager.int()).abs().max() <= 2
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import promptus
-from promptus.cli import main
+from promptus.commands.main import main
 from promptus.video import read_frames, synthetic_clip
 
 from conftest import make_legacy_folder

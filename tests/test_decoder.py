@@ -61,7 +61,7 @@ def reference_frames(models, bs):
 
 @pytest.fixture(scope="module")
 def decoder(tiny):
-    return Decoder(make_backend("torch", tiny, "cpu"), tiny.identity())
+    return Decoder(make_backend("torch", tiny, "cpu", batch=4, size=64), tiny.identity())
 
 
 def test_decoder_matches_the_frame_by_frame_reference(tiny, decoder):
@@ -142,4 +142,4 @@ def test_public_decode(tiny, tmp_path):
     promptus.write(path, bs)
     frames = promptus.decode(path, model="tiny", device="cpu")
     assert frames.shape == (6, 64, 64, 3)
-    assert torch.equal(frames, Decoder(make_backend("torch", tiny, "cpu")).decode_all(bs))
+    assert torch.equal(frames, Decoder(make_backend("torch", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)).decode_all(bs))

@@ -18,7 +18,8 @@ import promptus
 from promptus.backends import make_backend
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
-from promptus.encoder import Encoder, checkpoint_paths, psnr_uint8
+from promptus.encoder import Encoder, checkpoint_paths
+from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.errors import PromptusError, VideoError
 from promptus.prompts import embedding
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
@@ -92,7 +93,9 @@ def test_written_prompt_is_the_best_quantized_iterate(tiny, encoded, clip):
 
 def test_closed_loop_decoder_reproduces_the_encoder(tiny, encoded):
     res, _ = encoded
-    decoded = Decoder(make_backend("torch", tiny, "cpu"), tiny.identity()).decode_all(promptus.read(res.path))
+    bs = promptus.read(res.path)
+    backend = make_backend("torch", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)
+    decoded = Decoder(backend, tiny.identity()).decode_all(bs)
     assert psnr_uint8(decoded, res.reconstruction) >= 50
 
 

@@ -11,9 +11,10 @@ import torch
 
 from promptus.errors import PromptusError
 from promptus.metrics import (
-    LPIPSNet, MetricUnavailable, QualityMeter, add_eval_parser, bd_quality, bd_rate, evaluate, load_lpips, ms_ssim,
+    LPIPSNet, MetricUnavailable, QualityMeter, bd_quality, bd_rate, evaluate, load_lpips, ms_ssim,
     ms_ssim_scales, psnr, ssim,
 )
+from promptus.commands.eval import register as add_eval_parser
 from promptus.video import synthetic_clip, write_frames
 
 

@@ -21,14 +21,19 @@ import promptus.encoder as encoder_mod
 from promptus.baselines import X264, X265, decode_frames, encode_at_bitrate, make_baseline
 from promptus.errors import PromptusError
 from promptus.plots import describe_figure, rd_figure
-from promptus.sweep import COLUMNS, TIMING_FIELDS, SweepConfig, add_sweep_parser, run_sweep
+from promptus.commands.sweep import config_from_args
+from promptus.commands.sweep import register as add_sweep_parser
+from promptus.config import CodecConfig, TrainConfig
+from promptus.sweep import COLUMNS, TIMING_FIELDS, SweepConfig, run_sweep
 from promptus.video import sky_clip, write_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 FFMPEG = shutil.which("ffmpeg")
 needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed here (CI installs it: "
                                                          "apt-get install -y ffmpeg)")
-FAST = dict(size=32, model="tiny", perceptual=False, init_latent="taesd", iters_first=12, iters=6, progress=False)
+FAST = dict(codec=CodecConfig(width=32, height=32),
+            train=TrainConfig(perceptual=False, init_latent="taesd", iters_first=12, iters=6), model="tiny",
+            progress=False)
 
 
 def grainy_clip(n, size, seed=0):
@@ -118,10 +123,10 @@ def test_sweep_parser_has_the_encoder_options():
     a = p.parse_args(["sweep", "a.mp4", "b", "--model", "tiny", "--perceptual", "off", "--iters", "3"])
     assert a.clips == ["a.mp4", "b"] and a.ranks == [2, 4, 8, 16] and a.intervals == [5, 10, 20]
     assert a.baselines == ["x264", "x265"] and a.iters == 3 and a.iters_first == 10_000 and a.size == 512
-    cfg = SweepConfig.from_args(a)
-    assert cfg.perceptual is False and cfg.model == "tiny" and cfg.device == "auto"
+    cfg = config_from_args(a)
+    assert cfg.train.perceptual is False and cfg.model == "tiny" and cfg.device == "auto"
     a = p.parse_args(["sweep", "a.mp4", "--baselines", "--ray-address", "ray://head:10001"])
-    assert a.baselines == [] and SweepConfig.from_args(a).ray_address == "ray://head:10001"
+    assert a.baselines == [] and config_from_args(a).ray_address == "ray://head:10001"
 
 
 def test_script_has_the_same_options():

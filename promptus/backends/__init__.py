@@ -1,6 +1,7 @@
 """Backends that run the denoiser and the TAESD decoder.
 
-``make_backend(name, models, device)`` builds one:
+``make_backend(name, models, device, batch=..., size=...)`` builds one for a clip
+(batch = the clip's keyframe interval, size = its frame size, from the header):
 
 * ``torch``: PyTorch, fp16 + channels-last + CUDA-graph replay of the segment step on
   CUDA; plain fp32 on the CPU.
@@ -19,6 +20,7 @@ import torch
 
 from ..errors import PromptusError
 from .base import Backend
+from .engine_cache import DEFAULT_ENGINE_DIR
 from .torch_backend import CompileBackend, TorchBackend
 
 log = logging.getLogger(__name__)
@@ -62,16 +64,22 @@ def compile_status(device: torch.device) -> tuple[bool, str]:
 
 
 def make_backend(name: str, models, device: torch.device | str, dtype: torch.dtype | None = None, *,
-                 batch: int | None = None, engine_dir: str = "engines", size: int | None = None) -> Backend:
-    """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``.
+                 batch: int, size: int, engine_dir: str = DEFAULT_ENGINE_DIR) -> Backend:
+    """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``, prepared for one clip.
 
-    ``batch`` is the segment batch (the interval) that graphs, compiled kernels and
-    engines are specialised for; ``size`` the frame size (needed for TensorRT engines).
+    ``batch`` is the segment batch — the clip's keyframe interval — that CUDA graphs,
+    compiled kernels and engines are specialised for, and ``size`` the clip's frame
+    size; both come from the bitstream header (or the encoder's codec settings).
+    ``dtype`` defaults to fp16 on CUDA, fp32 elsewhere.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if name not in BACKENDS:
         raise PromptusError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    for what, value in (("batch", batch), ("size", size)):
+        if not isinstance(value, int) or value < 1:
+            raise PromptusError(f"make_backend needs the clip's {what} (a positive integer from its header), "
+                                f"got {value!r}")
     cuda = device.type == "cuda"
     if name == "auto":
         ok, why = tensorrt_status(device)
@@ -89,13 +97,15 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
             raise PromptusError(f"the tensorrt backend cannot run here: {why}; use --backend compile or torch")
         from .tensorrt import TensorRTBackend
 
-        backend = TensorRTBackend(models, device, dtype, batch=batch or 10, size=size, engine_dir=engine_dir)
+        backend = TensorRTBackend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir)
     elif name == "compile":
         backend = CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
                                  cuda_graph=cuda, batch=batch)
     elif name == "torch":
+        # Padding short segments to the batch only serves graph replay: on the CPU the
+        # frames stay those of the eager backend (the encoder's closed loop).
         backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
-                               cuda_graph=cuda, batch=batch)
+                               cuda_graph=cuda, batch=batch if cuda else None)
     else:  # eager
         backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
         backend.name = "eager"

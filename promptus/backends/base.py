@@ -1,8 +1,15 @@
-"""What the decoder needs from a backend: ``denoise`` and ``decode``.
+"""What the decoder needs from a backend: one call per segment, :meth:`Backend.segment`.
 
-Backends run the two network components at a fixed device and precision. They
-know nothing of bitstreams. Latent arithmetic (mixing, x0) stays in float32 at the
-decoder; a backend casts at its own boundary.
+``segment(z_prev, noise, mix, context, onestep) → (x0 of the last frame, uint8 frames)``
+runs the whole segment step — mix → UNet → x0 → TAESD decoder → uint8 — so that a
+backend can capture or compile it as one unit (CUDA graphs, inductor, TensorRT
+engines). The base class builds it from two primitives, :meth:`Backend.denoise`
+(the UNet) and :meth:`Backend.decode` (the TAESD decoder), which subclasses
+implement; fast backends override :meth:`Backend.segment` itself. Backends run at a
+fixed device and precision, are prepared for one clip's batch (its interval) and
+frame size by :func:`promptus.backends.make_backend`, and know nothing of
+bitstreams. Latent arithmetic (mixing, x0) is float32 at the boundary; a backend
+casts inside. See docs/design.md, "Backends".
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ from ..schedule import OneStep, mix_latent, to_uint8
 
 
 class Backend:
-    """Base class: subclasses implement :meth:`denoise` and :meth:`decode`.
+    """Base class of the backends; :meth:`segment` is what the decoder (and the encoder's closed loop) calls.
 
-    :meth:`segment` is one whole segment step — mix → UNet → x0 → decoder → uint8 —
-    and is what the decoder calls; fast backends override it with a fused or
-    graph-captured version.
+    Subclasses implement :meth:`denoise` and :meth:`decode` (the benchmark times
+    them separately); :meth:`segment` composes them, and fast backends override it
+    with a fused, compiled or graph-captured version of the same step.
     """
 
     name = "base"

@@ -1,0 +1,85 @@
+"""``promptus decode``: regenerate the frames of a .promptus file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ..backends import BACKENDS
+from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..errors import BitstreamError, PromptusError
+from .common import add_model_args, load_models
+
+log = logging.getLogger("promptus")
+
+
+def register(subparsers) -> None:
+    d = subparsers.add_parser("decode", help="regenerate the frames of a .promptus file",
+                              description="Regenerate every frame of a .promptus bitstream with SD-Turbo + TAESD.")
+    d.add_argument("file", help="the .promptus file")
+    d.add_argument("-o", "--output", required=True, help="output: a .mp4/.mov/.mkv file or a folder for PNG frames")
+    add_model_args(d)
+    d.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="network backend: auto takes tensorrt where it can run, else compile on CUDA, else torch "
+                        "(default: auto)")
+    d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
+                   help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
+    d.add_argument("--allow-partial", action="store_true",
+                   help="on a truncated or corrupted file, keep the frames decoded before the damage")
+    d.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..backends import make_backend, resolve_device
+    from ..bitstream import Header, iter_records
+    from ..decoder import Decoder
+    from ..pipeline import PipelinedDecoder
+    from ..video import FrameWriter
+
+    src = Path(args.file)
+    if not src.is_file():
+        raise PromptusError(f"{src} does not exist or is not a file")
+    device = resolve_device(args.device)
+    with open(src, "rb") as f:
+        records = iter_records(f)
+        header = next(records)  # the header first: it gives the fps, frame count and batch
+        assert isinstance(header, Header)
+        models = load_models(args, device)
+        backend = make_backend(args.backend, models, device, batch=header.interval, size=header.width,
+                               engine_dir=args.engine_dir)
+        decoder = PipelinedDecoder(Decoder(backend, models.identity()), to_host=True)
+        log.info("decoding %s with %s", src, backend.describe())
+
+        def items():
+            yield header
+            yield from records
+
+        t0 = time.perf_counter()
+        bar = tqdm(total=header.frame_count, unit="frame", desc="decode", disable=args.quiet)
+        writer = FrameWriter(args.output, header.fps)
+
+        def sink(start, frames):
+            writer.write_batch(frames)
+            bar.update(frames.shape[0])
+
+        try:
+            try:
+                decoder.run(items(), sink)
+            except BitstreamError as e:
+                if not args.allow_partial or writer.count == 0:
+                    raise
+                log.warning("%s\nkeeping the %d frames decoded before the damage (--allow-partial)", e, writer.count)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+    dt = time.perf_counter() - t0
+    print(f"wrote {writer.count} frames to {args.output} in {dt:.1f} s ({writer.count / dt:.1f} frame/s, "
+          f"{backend.describe()})")
+    return 0

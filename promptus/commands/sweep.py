@@ -1,0 +1,122 @@
+"""``promptus sweep``: rate–distortion sweep of promptus ranks × intervals against x264/x265."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from .common import add_encode_args, add_model_args, codec_from_args, train_from_args
+from .eval import add_metric_args
+
+
+def _default(name: str):
+    """The default of a :class:`promptus.sweep.SweepConfig` field: the options read them from there."""
+    from ..sweep import SweepConfig
+
+    f = next(f for f in dataclasses.fields(SweepConfig) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The sweep's options (the `sweep` command and scripts/bitrate_sweep.py)."""
+    ranks, intervals, baselines = _default("ranks"), _default("intervals"), _default("baselines")
+
+    def words(values):
+        return " ".join(map(str, values))
+
+    p.add_argument("clips", nargs="+", metavar="CLIP", help="video files or folders of frames")
+    p.add_argument("--ranks", type=int, nargs="+", default=ranks, help=f"prompt ranks (default: {words(ranks)})")
+    p.add_argument("--intervals", type=int, nargs="+", default=intervals,
+                   help=f"keyframe intervals; one promptus curve each (default: {words(intervals)})")
+    p.add_argument("--baselines", nargs="*", default=baselines, metavar="CODEC",
+                   help="baseline codecs at matched bitrates: x264, x265; none with a bare --baselines "
+                        f"(default: {words(baselines)})")
+    p.add_argument("--out", default=_default("out"),
+                   help=f"output folder; rerunning resumes (default: {_default('out')})")
+    add_encode_args(p, rate=False)
+    add_model_args(p)
+    p.add_argument("--decode-backend", default=_default("decode_backend"),
+                   help=f"backend that decodes the promptus points (default: {_default('decode_backend')})")
+    p.add_argument("--threads", type=int, default=_default("threads"),
+                   help="torch CPU threads per job; CPU results depend on it, so it is part of each point's "
+                        f"inputs (default: {_default('threads')})")
+    p.add_argument("--preset", default=_default("preset"),
+                   help=f"x264/x265 preset (default: {_default('preset')})")
+    p.add_argument("--ffmpeg", default=_default("ffmpeg"), help="the ffmpeg executable (default: ffmpeg on PATH)")
+    p.add_argument("--tolerance", type=float, default=_default("tolerance"),
+                   help="baseline bitrate tolerance: a CRF search follows two-pass ABR when it misses the target "
+                        f"by more (default: {_default('tolerance'):.2f})")
+    add_metric_args(p)
+    p.add_argument("--ray", action="store_true",
+                   help="run one Ray task per point on a local Ray instance (pip install 'promptus[distributed]')")
+    p.add_argument("--ray-address", default=None, help="run the tasks on this Ray cluster (implies --ray)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`promptus.sweep.SweepConfig` of the sweep's options."""
+    from ..sweep import SweepConfig
+
+    names = {f.name for f in dataclasses.fields(SweepConfig)} - {"codec", "train"}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["progress"] = not getattr(args, "quiet", False)
+    if args.baselines is None:
+        values["baselines"] = []
+    return SweepConfig(codec=codec_from_args(args), train=train_from_args(args), **values)
+
+
+def format_results(result) -> str:
+    """The table ``promptus sweep`` prints ("PSNR": the mean of the per-frame PSNRs)."""
+
+    def f(v, d=2):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "inf" if v == float("inf") else f"{v:.{d}f}"
+        return str(v)
+
+    head = (f"{'clip':<12}{'codec':<9}{'r':>3}{'T':>4}{'target':>9}{'kbps':>9}{'PSNR':>7}{'SSIM':>8}"
+            f"{'MS-SSIM':>8}{'LPIPS':>7}{'sev.':>6}{'enc s':>8}  rate control")
+    lines = [head]
+    for r in result.rows:
+        rc = r["rate_control"] + (f" crf {r['crf']:g}" if r["crf"] is not None else "")
+        if r["within_tolerance"] is False:
+            rc += " (missed target)"
+        lines.append(f"{r['clip'][:11]:<12}{r['codec']:<9}{r['rank']:>3}{r['interval']:>4}"
+                     f"{f(r['target_kbps'], 1):>9}{f(r['kbps_all_bytes'], 1):>9}{f(r['psnr']):>7}"
+                     f"{f(r['ssim'], 4):>8}{f(r['ms_ssim'], 4):>8}{f(r['lpips'], 3):>7}"
+                     f"{f(r['severe_psnr_share']):>6}{f(r['encode_s'], 1):>8}  {rc}")
+    lines += ["", "BD-rate of promptus against each baseline (mean over clips; - = curves don't overlap):"]
+    for e in result.bd_mean:
+        v = "-" if e["bd_rate_pct"] is None else f"{e['bd_rate_pct']:+.1f} %"
+        lines.append(f"  T={e['promptus_interval']:<3} vs {e['baseline']:<5} {e['metric']:<5} {v:>10}"
+                     f"  ({e['clips_with_overlap']}/{e['clips']} clips)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..sweep import run_sweep
+
+    result = run_sweep(config_from_args(args))
+    print(format_results(result))
+    print(f"\nwrote {result.out / 'results.csv'}, results.json, bd_rate.csv and "
+          f"{', '.join(Path(p['png']).name for p in result.plots)} ({result.computed} points computed now)")
+    if result.failures:
+        for f in result.failures:
+            print(f"promptus: error: point {f['clip']}/{f['point']} failed: {f['error']}")
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "sweep", help="rate–distortion sweep: promptus ranks × intervals against x264/x265",
+        description="Encode every (clip, rank, interval) with promptus, encode the same clips with x264/x265 "
+                    "(system ffmpeg) at each point's bitrate, measure everything the same way and write "
+                    "results.csv/json, bd_rate.csv and rate–distortion plots into --out. Finished points are "
+                    "reused: rerun the same command to resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: promptus sweep clip.mp4 --ranks 2 4 8 16 --intervals 5 10 20 --baselines x264 x265 "
+               "--out outputs/sweep --perceptual off")
+    add_sweep_args(s)
+    s.set_defaults(func=run)

@@ -1,0 +1,244 @@
+"""Sweep jobs: each point is a pure function of a JSON-able spec (:func:`run_point`).
+
+A spec's ``inputs`` decide the result (a point is reused when its result JSON was
+made from the same inputs); ``paths`` say where its files go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import PromptusError
+from ..files import read_json
+from .clips import ClipInfo
+from .config import SweepConfig
+
+log = logging.getLogger(__name__)
+
+#: Columns of results.csv, in order (results.json holds the same rows).
+COLUMNS = ["clip", "codec", "point", "rank", "interval", "target_kbps", "crf", "rate_control", "kbps_all_bytes",
+           "bytes", "container", "frames", "fps", "duration_s", "within_tolerance", "psnr", "psnr_clip", "ssim",
+           "ms_ssim", "lpips", "severe_psnr_share", "severe_lpips_share", "encode_s", "search_s", "decode_s",
+           "closed_loop_identical", "file"]
+#: Row fields that measure time: the only ones allowed to differ between two runs of the same sweep.
+TIMING_FIELDS = ("encode_s", "search_s", "decode_s")
+
+
+def point_id(codec: str, rank: int, interval: int) -> str:
+    """The name of a point: ``promptus_r8_t10``; a baseline point is named after the promptus point it matches."""
+    return f"{codec}_r{rank}_t{interval}"
+
+
+def _clip_inputs(clip: ClipInfo) -> dict[str, Any]:
+    return {"clip": clip.name, "digest": clip.digest, "size": clip.size, "fps": clip.fps,
+            "frame_count": clip.frame_count}
+
+
+def _metric_inputs(cfg: SweepConfig) -> dict[str, Any]:
+    return {"lpips": cfg.lpips, "lpips_weights": cfg.lpips_weights, "psnr_threshold": cfg.psnr_threshold,
+            "lpips_threshold": cfg.lpips_threshold, "threads": cfg.threads}
+
+
+def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int) -> dict[str, Any]:
+    """The job of one promptus point. ``inputs`` decide the result; ``paths`` say where files go."""
+    pid = point_id("promptus", rank, interval)
+    folder = Path(cfg.out).resolve() / "points" / clip.name
+    t = cfg.train
+    # The keys and values of earlier versions: their finished points stay valid.
+    inputs = {"codec": "promptus", **_clip_inputs(clip), "rank": rank, "interval": interval,
+              "iters_first": t.iters_first, "iters": t.iters, "init_latent": t.init_latent,
+              "init_precision": t.init_precision, "perceptual": t.perceptual, "vgg": cfg.vgg, "seed": cfg.codec.seed,
+              "model": cfg.model, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints, "device": cfg.device,
+              "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+    return {"point": pid, "inputs": inputs, "progress": cfg.progress,
+            "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.promptus"),
+                      "result": str(folder / f"{pid}.json")}}
+
+
+def baseline_spec(cfg: SweepConfig, clip: ClipInfo, codec: str, matched: dict[str, Any]) -> dict[str, Any]:
+    """The job of one baseline point at the bitrate of the promptus row ``matched``."""
+    pid = point_id(codec, matched["rank"], matched["interval"])
+    folder = Path(cfg.out).resolve() / "points" / clip.name
+    inputs = {"codec": codec, **_clip_inputs(clip), "rank": matched["rank"], "interval": matched["interval"],
+              "target_kbps": matched["kbps_all_bytes"], "preset": cfg.preset, "tolerance": cfg.tolerance,
+              **_metric_inputs(cfg)}
+    return {"point": pid, "inputs": inputs, "progress": False, "ffmpeg": cfg.ffmpeg,
+            "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.mp4"),
+                      "result": str(folder / f"{pid}.json")}}
+
+
+def finished_row(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of a finished point: its result JSON exists and was made from the same inputs."""
+    path = Path(spec["paths"]["result"])
+    try:
+        done = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s): recomputing %s", path, e, spec["point"])
+        return None
+    if done.get("inputs") != spec["inputs"]:
+        log.warning("%s was made with other options: recomputing %s", path, spec["point"])
+        return None
+    return done["row"]
+
+
+# -------------------------------------------------------------------- jobs
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    # CPU results depend on the thread count (reduction order); every job fixes it.
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@functools.lru_cache(maxsize=1)
+def load_models(model: str, taesd: str | None, checkpoints: str, device: str, vae: bool):
+    """The models of a sweep (cached: every point of one process shares them)."""
+    from ..backends import default_dtype
+    from ..models import load_models
+
+    return load_models(model, device=device, dtype=default_dtype(device), taesd=taesd, vae=vae,
+                       checkpoints_dir=checkpoints)
+
+
+@functools.lru_cache(maxsize=1)
+def load_vgg(path: str | None):
+    """The perceptual loss' VGG-19 (cached)."""
+    from ..losses import load_vgg19
+
+    return load_vgg19(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips(mode: str, weights: str | None):
+    """An LPIPS network, or the reason why there is none (as a string)."""
+    from ..metrics import MetricUnavailable, load_lpips
+
+    if mode == "off":
+        return "off"
+    try:
+        return load_lpips(weights)
+    except MetricUnavailable as e:
+        return e.reason
+
+
+def _measure(reference, decoded, inputs: dict[str, Any]):
+    from ..metrics import QualityMeter
+
+    lp = _lpips(inputs["lpips"], inputs["lpips_weights"])
+    meter = QualityMeter(lpips="off" if isinstance(lp, str) else lp, psnr_threshold_db=inputs["psnr_threshold"],
+                         lpips_threshold=inputs["lpips_threshold"])
+    if isinstance(lp, str) and lp != "off":
+        meter.report.unavailable["lpips"] = lp
+    for i in range(0, reference.shape[0], 16):
+        meter.update(reference[i:i + 16], decoded[i:i + 16])
+    return meter.report
+
+
+def _row(inputs: dict[str, Any], point: str, **values) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS)
+    row.update(clip=inputs["clip"], codec=inputs["codec"], point=point, rank=inputs["rank"],
+               interval=inputs["interval"], frames=inputs["frame_count"], fps=inputs["fps"],
+               duration_s=inputs["frame_count"] / inputs["fps"])
+    row.update(values)
+    assert set(row) == set(COLUMNS), set(row) ^ set(COLUMNS)
+    return row
+
+
+def _quality_fields(report) -> dict[str, Any]:
+    s = report.summary()
+    return {k: s[k] for k in ("psnr", "psnr_clip", "ssim", "ms_ssim", "lpips", "severe_psnr_share",
+                              "severe_lpips_share")}
+
+
+def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
+    import torch
+
+    from ..backends import make_backend, resolve_device
+    from ..bitstream import read
+    from ..config import CodecConfig, TrainConfig
+    from ..decoder import Decoder
+    from ..encoder import Encoder
+    from ..video import read_frames
+
+    inputs, paths = spec["inputs"], spec["paths"]
+    with _torch_threads(inputs["threads"]):
+        device = resolve_device(inputs["device"])
+        models = load_models(inputs["model"], inputs["taesd"], inputs["checkpoints"], str(device),
+                             inputs["init_latent"] == "vae")
+        vgg = load_vgg(inputs["vgg"]) if inputs["perceptual"] else None
+        codec = CodecConfig(width=inputs["size"], height=inputs["size"], fps=inputs["fps"], rank=inputs["rank"],
+                            interval=inputs["interval"], seed=inputs["seed"])
+        train = TrainConfig(iters_first=inputs["iters_first"], iters=inputs["iters"], perceptual=inputs["perceptual"],
+                            init_latent=inputs["init_latent"], init_precision=inputs["init_precision"])
+        reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
+        enc = Encoder(codec, train, models, device=device, vgg=vgg, progress=spec.get("progress", False))
+        t0 = time.perf_counter()
+        res = enc.encode(reference, paths["file"], resume=True)  # continues a killed point from its checkpoint
+        encode_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        bs = read(paths["file"])
+        backend = make_backend(inputs["decode_backend"], models, device, batch=bs.header.interval,
+                               size=bs.header.width)
+        decoded = Decoder(backend, models.identity()).decode_all(bs)
+        decode_s = time.perf_counter() - t0
+        if decoded.shape != reference.shape:
+            raise PromptusError(f"{paths['file']} decoded to {tuple(decoded.shape)}, the clip is "
+                                f"{tuple(reference.shape)}")
+        report = _measure(reference, decoded, inputs)
+    nbytes = Path(paths["file"]).stat().st_size
+    duration = bs.header.frame_count / bs.header.fps
+    row = _row(inputs, spec["point"], rate_control="promptus", kbps_all_bytes=8 * nbytes / duration / 1000,
+               bytes=nbytes, container="promptus", encode_s=encode_s, decode_s=decode_s,
+               closed_loop_identical=bool(torch.equal(decoded, res.reconstruction)), file=Path(paths["file"]).name,
+               **_quality_fields(report))
+    return {"row": row, "quality": report.to_dict(),
+            "encode": {"keyframes": [k.to_dict() for k in res.keyframes], "model": models.name,
+                       "model_digest": bs.header.model.hexdigest}}
+
+
+def run_baseline_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Encode one baseline point at its target bitrate, decode it with ffmpeg and measure it."""
+    from ..baselines import decode_frames, encode_at_bitrate, make_baseline
+    from ..video import read_frames
+
+    inputs, paths = spec["inputs"], spec["paths"]
+    codec = make_baseline(inputs["codec"], preset=inputs["preset"], ffmpeg=spec["ffmpeg"])
+    enc = encode_at_bitrate(codec, paths["frames"], inputs["fps"], inputs["frame_count"], inputs["target_kbps"],
+                            paths["file"], tolerance=inputs["tolerance"])
+    t0 = time.perf_counter()
+    decoded = decode_frames(paths["file"], inputs["size"], inputs["size"], ffmpeg=spec["ffmpeg"])
+    decode_s = time.perf_counter() - t0
+    with _torch_threads(inputs["threads"]):
+        reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
+        if decoded.shape != reference.shape:
+            raise PromptusError(f"{paths['file']} decoded to {tuple(decoded.shape)}, the clip is "
+                                f"{tuple(reference.shape)}")
+        report = _measure(reference, decoded, inputs)
+    row = _row(inputs, spec["point"], target_kbps=enc.target_kbps, crf=enc.crf, rate_control=enc.rate_control,
+               kbps_all_bytes=enc.kbps, bytes=enc.bytes, container="mp4", within_tolerance=enc.within_tolerance,
+               encode_s=enc.encode_s, search_s=enc.search_s, decode_s=decode_s, file=Path(paths["file"]).name,
+               **_quality_fields(report))
+    return {"row": row, "quality": report.to_dict(), "encode": enc.to_dict()}
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside)."""
+    if spec["inputs"]["codec"] == "promptus":
+        return run_promptus_point(spec)
