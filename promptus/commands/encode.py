@@ -54,7 +54,8 @@ def encode_summary(res) -> str:
     factor_bytes = sum(r.payload for r in recs if r.name.startswith("keyframe"))
     return (f"wrote {res.path}: {res.frame_count} frames, {len(res.keyframes)} keyframes, {res.bytes} bytes\n"
             f"bitrate: {res.kbps:.1f} kbit/s (all bytes), {8 * factor_bytes / res.duration_s / 1000:.1f} kbit/s "
-            f"(keyframe payloads only); mean closed-loop PSNR {res.mean_psnr:.2f} dB")
+            f"(keyframe payloads only); mean closed-loop PSNR {res.mean_psnr:.2f} dB (segments' PSNR of their "
+            f"mean MSE, weighted by frame count)")
 
 
 def print_encode_summary(res) -> None:
