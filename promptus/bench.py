@@ -90,8 +90,10 @@ def _published_iteration(models, vgg, U, V, ranges, opt, z, targets, prev, onest
                 gt = targets[s - 1:s]
             eps = models.unet(z, t, encoder_hidden_states=c).sample
             x = models.taesd.decoder(onestep.x0(z, eps))
-            feats = vgg(((torch.cat([gt, x]) + 1) / 2 - mean) / std)
-            perc = sum(torch.nn.functional.mse_loss(f[1:].float(), f[:1].float()) for f in feats) / len(feats)
+            perc = 0.0  # --perceptual off
+            if vgg is not None:
+                feats = vgg(((torch.cat([gt, x]) + 1) / 2 - mean) / std)
+                perc = sum(torch.nn.functional.mse_loss(f[1:].float(), f[:1].float()) for f in feats) / len(feats)
             loss = 0.2 * perc + 0.8 * torch.nn.functional.mse_loss(x.float(), gt) + 0.1 * c.abs().mean()
         loss.backward()
         opt.step()
@@ -109,16 +111,16 @@ def _time_published(models, vgg, size, interval, rank, iters, warmup, device, fr
     models.unet.requires_grad_(not frozen)
     models.taesd.requires_grad_(not frozen)
     cfg = CodecConfig(width=size, height=size, rank=rank, interval=interval)
-    onestep = OneStep.at(999)
+    onestep = OneStep.at(cfg.timestep)
     z = make_noise(cfg).to(device)
     targets = _targets(size, interval, device)
     g = torch.Generator().manual_seed(0)
-    prev = (torch.rand(77, rank, generator=g).to(device), torch.rand(rank, 1024, generator=g).to(device))
+    prev = (torch.rand(cfg.tokens, rank, generator=g).to(device), torch.rand(rank, cfg.embed_dim, generator=g).to(device))
     out = []
     for first in (False, True):
-        U = torch.rand(77, rank, generator=g).to(device).requires_grad_()
-        V = torch.rand(rank, 1024, generator=g).to(device).requires_grad_()
-        opt = torch.optim.Adam([U, V], lr=0.1)
+        U = torch.rand(cfg.tokens, rank, generator=g).to(device).requires_grad_()
+        V = torch.rand(rank, cfg.embed_dim, generator=g).to(device).requires_grad_()
+        opt = torch.optim.Adam([U, V], lr=TrainConfig.lr)
         ranges = (RunningRange(), RunningRange())
         # T frames plus the worst frame twice more, as the release's step_list.
         steps = [0] if first else sorted(list(range(1, interval + 1)) + [interval] * 2)
@@ -144,10 +146,11 @@ def _time_ours(models, vgg, size, interval, rank, iters, warmup, device) -> tupl
 
     cfg = CodecConfig(width=size, height=size, rank=rank, interval=interval)
     g = torch.Generator().manual_seed(0)
-    prev = Keyframe(0, quantize_tensor(torch.rand(77, rank, generator=g)), quantize_tensor(torch.rand(rank, 1024, generator=g)))
+    prev = Keyframe(0, quantize_tensor(torch.rand(cfg.tokens, rank, generator=g)),
+                    quantize_tensor(torch.rand(rank, cfg.embed_dim, generator=g)))
     z = make_noise(cfg).to(device)
     targets = _targets(size, interval, device)
-    onestep = OneStep.at(999)
+    onestep = OneStep.at(cfg.timestep)
     out = []
     for first in (False, True):
         def run(n):
@@ -251,10 +254,11 @@ def model_flops(models, batch: int, size: int, device) -> tuple[float, float]:
     """FLOPs of one UNet and one TAESD-decoder forward at ``batch``, counted by PyTorch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    h = size // 8
-    z = torch.zeros(batch, 4, h, h, device=device, dtype=models.unet.dtype)
-    c = torch.zeros(batch, 77, 1024, device=device, dtype=models.unet.dtype)
-    t = torch.full((batch,), 999, device=device)
+    cfg = CodecConfig(width=size, height=size)
+    h = size // cfg.latent_factor
+    z = torch.zeros(batch, cfg.latent_channels, h, h, device=device, dtype=models.unet.dtype)
+    c = torch.zeros(batch, cfg.tokens, cfg.embed_dim, device=device, dtype=models.unet.dtype)
+    t = torch.full((batch,), cfg.timestep, device=device)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as fc:
             models.unet(z, t, encoder_hidden_states=c)
@@ -323,11 +327,11 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
         "decoder_tflop_per_batch": dec_flops / 1e12, "matmul_ceiling_tflops": ceiling / 1e12,
         "arithmetic_limit_fps": batch * ceiling / (unet_flops + dec_flops), "rows": [],
     }
-    onestep = OneStep.at(999)
-    h = size // 8
-    z = torch.randn(batch, 4, h, h, device=dev)
-    zp = torch.randn(1, 4, h, h, device=dev)
-    ctx = torch.randn(batch, 77, 1024, device=dev)
+    onestep = OneStep.at(cfg.timestep)
+    h = size // cfg.latent_factor
+    z = torch.randn(batch, cfg.latent_channels, h, h, device=dev)
+    zp = torch.randn(1, cfg.latent_channels, h, h, device=dev)
+    ctx = torch.randn(batch, cfg.tokens, cfg.embed_dim, device=dev)
     items = [long_clip.header, long_clip.init, *long_clip.keyframes]
     rows = []
     for name in backends:
@@ -346,7 +350,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
             frames = dec.decode_all(short_clip)  # also warms up: graphs captured, kernels compiled
             log.info("%s: ready in %.1f s", name, time.perf_counter() - t0)
             row.psnr_vs_fp32 = clip_psnr(reference, frames)
-            row.unet_ms = _time(lambda: backend.denoise(z, 999, ctx), dev, reps)
+            row.unet_ms = _time(lambda: backend.denoise(z, cfg.timestep, ctx), dev, reps)
             row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
             row.segment_ms = _time(lambda: backend.segment(zp, zp, 0.05, ctx, onestep), dev, reps)
             for to_host in (False, True):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .config import CodecConfig
 from .errors import VideoError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _iter_video(path: Path, width: int, height: int, max_frames: int | None) -> 
             raise VideoError(f"{path} holds no decodable video frames")
 
 
-def read_frames(source: str | os.PathLike, width: int = 512, height: int = 512,
+def read_frames(source: str | os.PathLike, width: int = CodecConfig.width, height: int = CodecConfig.height,
                 max_frames: int | None = None) -> torch.Tensor:
     """All frames of ``source`` as a uint8 tensor N×H×W×3."""
     frames = list(iter_frames(source, width, height, max_frames))
