@@ -4,7 +4,7 @@
 architecture (random weights unless real ones are given) against the published
 procedure, emulated in the same process on the same GPU:
 
-* ``published``: the release's loop (DESIGN §1, inversion.py of the public
+* ``published``: the release's loop (docs/design.md, "The method"; inversion.py of the public
   release): every frame of a segment is its own batch-1 forward and backward pass
   under fp16 autocast with fp32 weights, followed by its own Adam step; the worst
   frame is trained twice more per iteration (T + 2 passes); the UNet and TAESD

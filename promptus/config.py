@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import PromptusError
 
-#: Name of the only noise generator the codec knows (DESIGN §1).
+#: Name of the only noise generator the codec knows (docs/design.md, "The method").
 NOISE_NUMPY_RANDN = "numpy.random.RandomState.randn"
 
 
@@ -121,7 +121,7 @@ INIT_PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of the inversion trainer (DESIGN §1, "Inversion"); the published defaults.
+    """Settings of the inversion trainer (docs/design.md, "The method"); the published defaults.
 
     Attributes:
         iters_first, iters: Adam iterations for keyframe 0 and for each later keyframe.

@@ -1,4 +1,4 @@
-"""Bitstream → frames (DESIGN §1), independent of the backend that runs the networks.
+"""Bitstream → frames (docs/design.md, "The method"), independent of the backend that runs the networks.
 
 Frame 0 is generated alone from the init latent and keyframe 0. Every later
 segment k → k+1 is one batch of T frames that share one ``z``, built from the

@@ -1,4 +1,4 @@
-"""The inversion trainer: video → keyframe prompts → .promptus bitstream (DESIGN §1).
+"""The inversion trainer: video → keyframe prompts → .promptus bitstream (docs/design.md, "The method").
 
 Keyframe 0 is fitted to frame 0 alone. Keyframe k > 0 is fitted so that the T
 interpolated frames of segment k−1 → k, generated as **one batch** sharing one z,

@@ -1,4 +1,4 @@
-"""Import of the public Promptus release's prompt folders (DESIGN §3).
+"""Import of the public Promptus release's prompt folders (docs/design.md, "The method").
 
 The release stores each keyframe as a torch-pickled dict ``frame_XXXXX.prompt``
 (``U``, ``V`` uint8; ``U_scale``, ``U_zero_point``, ``V_scale``, ``V_zero_point``

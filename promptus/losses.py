@@ -1,4 +1,4 @@
-"""The inversion loss: reconstruction + VGG-19 perceptual + prompt regulariser (DESIGN §1).
+"""The inversion loss: reconstruction + VGG-19 perceptual + prompt regulariser (docs/design.md, "The method").
 
 Per frame the encoder minimises ``0.8·MSE + 0.2·perceptual + 0.1·mean|c|``:
 

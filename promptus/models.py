@@ -1,6 +1,6 @@
 """Model weights: the one place where the SD-Turbo UNet, TAESD and the SD VAE come from.
 
-The codec needs three frozen networks (DESIGN §1):
+The codec needs three frozen networks (docs/design.md, "The method"):
 
 * the SD-Turbo UNet, which predicts the noise ε̂ from ``z``, timestep 999 and a prompt;
 * the TAESD decoder, which turns the clean latent into an image in [-1, 1];
@@ -154,8 +154,8 @@ class Models:
         """Encode frame(s) ``B×3×H×W`` in [-1, 1] into the init latent ``B×4×H/8×W/8``.
 
         ``which="vae"``: the SD VAE encoder's posterior mean times its scaling factor
-        (0.18215) — the exact latent of DESIGN §1. ``which="taesd"``: the TAESD encoder,
-        which produces the same (already scaled) latent space more cheaply. The frame is
+        (0.18215) — the exact init latent of the method (docs/design.md). ``which="taesd"``:
+        the TAESD encoder, which produces the same (already scaled) latent space more cheaply. The frame is
         moved to the encoder's device and dtype; the latent is returned there.
         """
         if not isinstance(frame, torch.Tensor) or frame.ndim != 4 or frame.shape[1] != 3:

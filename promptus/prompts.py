@@ -2,7 +2,7 @@
 
 A keyframe prompt is a pair U (tokens×r), V (r×dim); its embedding is
 ``c = U·V / sqrt(r)``. Factors travel quantized per tensor, asymmetric, 8 bits
-(DESIGN §1). Frames between keyframes use linearly interpolated *factors*.
+(docs/design.md, "The method"). Frames between keyframes use linearly interpolated *factors*.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one-step math of SD-Turbo (DESIGN §1), as pure functions.
+"""The one-step math of SD-Turbo (docs/design.md, "The method"), as pure functions.
 
 Nothing here holds a model. The constants are derived from SD-2.x's
 "scaled linear" DDPM schedule, never pasted.

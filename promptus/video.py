@@ -1,7 +1,7 @@
 """Reading and writing frames: folders of images and video files (PyAV).
 
 Input frames are RGB, centre-cropped to a square (the longer side is cropped
-symmetrically) and resized to the codec's frame size (DESIGN §1). Output goes to a
+symmetrically) and resized to the codec's frame size (docs/design.md, "The method"). Output goes to a
 folder of PNGs or a video file at the clip's fps; both are written atomically.
 """
 

@@ -22,6 +22,7 @@ from promptus.bitstream import read
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
 from promptus.encoder import Encoder
+from promptus.files import write_json_atomic
 from promptus.metrics import clip_psnr
 from promptus.models import full_size_random_models, load_models
 from promptus.video import sky_clip
@@ -65,7 +66,7 @@ def main() -> int:
          "encoder_backend": a.encoder_backend, "encode_s": t_enc, "bytes": res.bytes, "backends": per_backend}
     print(json.dumps(r, indent=1))
     if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
+        write_json_atomic(a.json, r)
     return 0 if per_backend[a.backends[0]]["psnr_vs_encoder"] >= 50 else 1
 
 

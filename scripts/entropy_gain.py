@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from promptus.bitstream import CODECS, compress_codes, entropy_code
+from promptus.files import atomic_write
 from promptus.prompts import quantize_tensor
 
 
@@ -66,9 +66,7 @@ def measure(kind: str, rank: int, tokens: int, dim: int, keyframes: int, seed: i
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

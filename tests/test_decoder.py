@@ -1,4 +1,4 @@
-"""The PyTorch decoder with the tiny model: DESIGN §1 step by step, determinism, streaming."""
+"""The PyTorch decoder with the tiny model: the method step by step, determinism, streaming."""
 
 import math
 import warnings
@@ -28,7 +28,7 @@ def make_bitstream(models, *, frame_count=10, interval=4, rank=2, size=64, seed=
 
 
 def reference_frames(models, bs):
-    """DESIGN §1 written out frame by frame at batch 1, the way the release's generation script runs."""
+    """The method written out frame by frame at batch 1, the way the release's generation script runs."""
     cfg, o = bs.header.config, OneStep.at(999)
     eps = make_noise(cfg)
     m = torch.tensor(cfg.mix)

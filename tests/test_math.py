@@ -1,4 +1,4 @@
-"""The one-step math of DESIGN §1, checked against independently computed numbers."""
+"""The one-step math (docs/design.md, "The method"), checked against independently computed numbers."""
 
 import math
 
