@@ -50,7 +50,7 @@ def _preflight(cfg: SweepConfig) -> None:
     except ImportError as e:
         raise PromptusError("the sweep's plots need matplotlib: pip install 'promptus[eval]' "
                             "(or pip install matplotlib)") from e
-    if cfg.perceptual:
+    if cfg.train.perceptual:
         from ..errors import ModelNotFoundError
 
         try:
@@ -61,7 +61,7 @@ def _preflight(cfg: SweepConfig) -> None:
 
     # Load the weights once here so a missing checkpoint fails now, not in every job.
     device = "cpu" if (cfg.ray or cfg.ray_address) else str(resolve_device(cfg.device))
-    load_models(cfg.model, cfg.taesd, cfg.checkpoints, device, cfg.init_latent == "vae")
+    load_models(cfg.model, cfg.taesd, cfg.checkpoints, device, cfg.train.init_latent == "vae")
 
 
 def _row_order(cfg: SweepConfig):
