@@ -242,3 +242,4 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside)."""
     if spec["inputs"]["codec"] == "promptus":
         return run_promptus_point(spec)
+    return run_baseline_point(spec)
