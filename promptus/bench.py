@@ -169,8 +169,9 @@ def _time_ours(models, vgg, size, interval, rank, iters, warmup, device) -> tupl
 
 
 def bench_encode(model: str = "random", device: str | None = None, size: int = CodecConfig.width,
-                 interval: int = CodecConfig.interval, rank: int = CodecConfig.rank, iters: int = 10, iters_published: int = 3, warmup: int = 2,
-                 perceptual: bool = True, json_path: str | None = None) -> dict:
+                 interval: int = CodecConfig.interval, rank: int = CodecConfig.rank,
+                 iters: int = 10, iters_published: int = 3, warmup: int = 2, perceptual: bool = True,
+                 json_path: str | None = None) -> dict:
     """Time the published per-frame procedure and ours in one process; return the results (and write them as JSON)."""
     from .backends import resolve_device
     from .losses import random_vgg19

@@ -24,7 +24,9 @@ class SweepConfig:
 
     clips: list[str]
     ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
-    intervals: list[int] = field(default_factory=lambda: [5, 10, 20])
+    # half, once and twice the published keyframe interval
+    intervals: list[int] = field(default_factory=lambda: [CodecConfig.interval // 2, CodecConfig.interval,
+                                                          2 * CodecConfig.interval])
     baselines: list[str] = field(default_factory=lambda: ["x264", "x265"])
     out: str = "outputs/sweep"
     # the encoder (as `promptus encode`)
