@@ -17,13 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from promptus.backends import tensorrt as trtb
+from promptus.backends import trt_build, trt_runtime
 from promptus.backends.engine_cache import EngineCache, EngineKey, clean_engines, list_engines
 from promptus.backends.tensorrt import (
     PORTABLE, Engine, TensorRTBackend, TensorRTError, TensorRTFlavour, TensorRTNotInstalledError, engine_key,
     find_tensorrt, get_or_build, resolve_compute_capability, tensorrt_status,
 )
 from promptus.backends.torch_backend import TorchBackend
+from promptus.commands import engines as engines_command
 from promptus.errors import PromptusError
 
 BATCH, SIZE = 2, 64
@@ -202,8 +203,8 @@ def counted_builds(monkeypatch):
         calls.append((onnx_path.name, compute_capability, precision))
         return f"engine {len(calls)} {onnx_path.name}".encode()
 
-    monkeypatch.setattr(trtb, "export_component", export)
-    monkeypatch.setattr(trtb, "build_engine", build)
+    monkeypatch.setattr(trt_build, "export_component", export)
+    monkeypatch.setattr(trt_build, "build_engine", build)
     return calls
 
 
@@ -213,7 +214,7 @@ def test_get_or_build_rebuilds_exactly_when_the_key_changes(tiny, tmp_path, coun
     no_cuda(monkeypatch)
     rtx = fake_flavour()
     base = dict(batch=BATCH, size=SIZE, dtype=torch.float16, engine_dir=tmp_path, flavour=rtx)
-    with caplog.at_level(logging.INFO, logger="promptus.backends.tensorrt"):
+    with caplog.at_level(logging.INFO, logger="promptus.backends.trt_build"):
         first = get_or_build(tiny, "unet", **base)
     assert "building the TensorRT engine for unet" in caplog.text and "built " in caplog.text
     assert len(counted_builds) == 1 and counted_builds[0][1:] == (PORTABLE, "fp16")
@@ -343,7 +344,7 @@ def test_tensorrt_status_without_tensorrt(monkeypatch):
 
 
 def test_tensorrt_status_with_rtx_on_hopper_and_on_ada(monkeypatch):
-    monkeypatch.setattr(trtb, "find_tensorrt", lambda flavour="auto": fake_flavour())
+    monkeypatch.setattr(trt_build, "find_tensorrt", lambda flavour="auto": fake_flavour())
     fake_gpu(monkeypatch, cc=(9, 0), name="NVIDIA H200")
     ok, why = tensorrt_status("cuda")
     assert not ok
@@ -351,7 +352,7 @@ def test_tensorrt_status_with_rtx_on_hopper_and_on_ada(monkeypatch):
     fake_gpu(monkeypatch, cc=(8, 9), name="NVIDIA GeForce RTX 4090")
     ok, why = tensorrt_status("cuda:0")
     assert ok and "RTX 4090" in why and "tensorrt_rtx 1.7.1.116" in why
-    monkeypatch.setattr(trtb, "find_tensorrt", lambda flavour="auto": fake_flavour(name="tensorrt", version="10.13"))
+    monkeypatch.setattr(trt_build, "find_tensorrt", lambda flavour="auto": fake_flavour(name="tensorrt", version="10.13"))
     fake_gpu(monkeypatch, cc=(9, 0), name="NVIDIA H200")
     assert tensorrt_status("cuda")[0]  # the standard library runs on Hopper
 
@@ -379,10 +380,10 @@ def test_runtime_uses_only_names_the_rtx_bindings_have():
         missing = [n for n in names if not hasattr(cls, n)]
         assert not missing, (cls.__name__, missing)
     assert m.TensorIOMode.INPUT and m.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE and m.EngineValidity.INVALID
-    assert {n for n in trtb._TORCH_DTYPES} <= set(m.DataType.__members__)
-    assert trtb.torch_dtype(m.DataType.HALF) == torch.float16 and trtb.torch_dtype(m.DataType.INT64) == torch.int64
+    assert {n for n in trt_runtime._TORCH_DTYPES} <= set(m.DataType.__members__)
+    assert trt_runtime.torch_dtype(m.DataType.HALF) == torch.float16 and trt_runtime.torch_dtype(m.DataType.INT64) == torch.int64
     assert not hasattr(m.BuilderFlag, "FP16")  # RTX: strongly typed only, precision comes from the graph
-    assert "UNSUPPORTED_CC" in trtb._validity_reasons(m, int(m.EngineInvalidityDiagnostics.UNSUPPORTED_CC))
+    assert "UNSUPPORTED_CC" in trt_runtime._validity_reasons(m, int(m.EngineInvalidityDiagnostics.UNSUPPORTED_CC))
 
 
 # ---------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def test_runtime_uses_only_names_the_rtx_bindings_have():
 
 def run_cli(*argv) -> int:
     parser = argparse.ArgumentParser(prog="promptus")
-    trtb.add_engines_parser(parser.add_subparsers(dest="command"))
+    engines_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(list(argv))
     return args.func(args)
 
@@ -433,7 +434,7 @@ def test_rtx_builds_both_tiny_components(built):
 def test_second_build_is_a_cache_hit(built, tiny, capsys, monkeypatch):
     no_cuda(monkeypatch)
     before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
-    monkeypatch.setattr(trtb, "build_engine", lambda *a, **k: pytest.fail("rebuilt a cached engine"))
+    monkeypatch.setattr(trt_build, "build_engine", lambda *a, **k: pytest.fail("rebuilt a cached engine"))
     for component in ("unet", "taesd_decoder"):
         get_or_build(tiny, component, batch=BATCH, size=SIZE, engine_dir=built, flavour="tensorrt_rtx")
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
@@ -453,8 +454,8 @@ def test_rtx_rejects_a_broken_graph(tmp_path):
     rtx = rtx_or_skip()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
-    with pytest.raises(trtb.EngineBuildError, match="cannot parse"):
-        trtb.build_engine(bad, rtx)
+    with pytest.raises(trt_build.EngineBuildError, match="cannot parse"):
+        trt_build.build_engine(bad, rtx)
 
 
 def test_cli_list_and_clean(built, tmp_path, capsys):
@@ -590,11 +591,16 @@ def test_engine_reports_its_io(tmp_path):
         ("context", (2, 77, 1024), torch.float16, True), ("eps", (2, 4, 8, 8), torch.float16, False)]
 
 
-def test_backend_defaults_to_the_codec_batch_and_size(tiny):
+def test_backend_takes_batch_and_size_from_the_caller(tiny):
+    """No 10/512 fallback: the caller passes the clip's interval and frame size."""
     from promptus.backends.onnx_export import COMPONENTS
 
     engines = {c: SimpleNamespace(infer=None) for c in COMPONENTS}
-    backend = TensorRTBackend(tiny, "cpu", torch.float32, batch=None, size=None, engines=engines)
-    assert (backend.batch, backend.size, backend.latent) == (10, 512, 64)
+    with pytest.raises(TypeError):
+        TensorRTBackend(tiny, "cpu", torch.float32, engines=engines)
+    with pytest.raises(PromptusError, match="batch must be a positive integer"):
+        TensorRTBackend(tiny, "cpu", torch.float32, batch=None, size=64, engines=engines)
+    backend = TensorRTBackend(tiny, "cpu", torch.float32, batch=3, size=64, engines=engines)
+    assert (backend.batch, backend.size, backend.latent) == (3, 64, 8)
     with pytest.raises(PromptusError, match="engines missing"):
         TensorRTBackend(tiny, "cpu", torch.float32, batch=2, size=64, engines={"unet": engines["unet"]})

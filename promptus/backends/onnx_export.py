@@ -217,7 +217,7 @@ def validate_shape(models: "Models", batch: int, size: int) -> None:
     if _latent(size) % factor:
         raise PromptusError(
             f"size {size}: this UNet needs the latent side (size/8 = {_latent(size)}) to be a multiple of "
-            f"{factor}, i.e. a size that is a multiple of {8 * factor} (512 is the standard size)"
+            f"{factor}, i.e. a size that is a multiple of {8 * factor}"
         )
 
 
@@ -309,8 +309,8 @@ def export_component(
     component: str,
     path: str | os.PathLike,
     *,
-    batch: int = 10,
-    size: int = 512,
+    batch: int,
+    size: int,
     dtype: torch.dtype = torch.float16,
     exporter: str = "auto",
     opset: int = OPSET,
@@ -525,8 +525,8 @@ def check_onnx(
     component: str,
     path: str | os.PathLike,
     *,
-    batch: int = 10,
-    size: int = 512,
+    batch: int,
+    size: int,
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
