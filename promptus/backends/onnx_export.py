@@ -324,7 +324,7 @@ def export_component(
     ``.data``, written first, so the ``.onnx`` file appears last. The caller's models
     are not modified (a casted private copy is exported). Returns ``path``.
     """
-    _require_onnx()
+    require_onnx()
     spec = component_spec(component)
     precision_name(dtype)
     validate_shape(models, batch, size)
@@ -354,7 +354,8 @@ def export_component(
     return path
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
+    """Raise :class:`OnnxExportError` (with the pip command) when a package the export needs is missing."""
     try:
         import onnx  # noqa: F401
         import onnx_graphsurgeon  # noqa: F401
@@ -590,5 +591,5 @@ def check_onnx(
 
 __all__ = [
     "COMPONENTS", "ComponentSpec", "GRAPH_VERSION", "OPSET", "OnnxExportError", "check_onnx", "clean_graph",
-    "component_spec", "export_component", "exporter_order", "precision_name", "static_shape_problems",
+    "component_spec", "export_component", "exporter_order", "precision_name", "require_onnx", "static_shape_problems",
 ]

@@ -23,6 +23,7 @@ engines in the cache (:mod:`promptus.backends.engine_cache`). Running them is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -33,13 +34,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import PromptusError
-from .engine_cache import DEFAULT_ENGINE_DIR, EngineCache, EngineKey
-from .onnx_export import GRAPH_VERSION, component_spec, export_component, precision_name, validate_shape
+from ..files import atomic_write
+from . import trt_cuda
+from .engine_cache import ANY_GPU, DEFAULT_ENGINE_DIR, EngineCache, EngineKey, read_regular_file
+from .onnx_export import (
+    GRAPH_VERSION, component_spec, export_component, precision_name, require_onnx, validate_shape,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..models import Models
@@ -65,6 +70,8 @@ RTX_COMPUTE_CAPABILITIES_FALLBACK = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (1
 #: H200 lists them; the library exposes no getter for the default set).
 PORTABLE = "portable"
 RTX_PORTABLE_TARGETS = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+#: Timing caches are tens of MB at most; a bigger file is not one.
+MAX_TIMING_CACHE_BYTES = 1 << 30
 
 
 class TensorRTError(PromptusError):
@@ -80,7 +87,16 @@ class EngineBuildError(TensorRTError):
 
 
 class EngineLoadError(TensorRTError):
-    """A serialized engine could not be deserialized (wrong version, GPU, or damaged file)."""
+    """A serialized engine could not be deserialized.
+
+    ``rebuildable`` says whether building the engine again can help: yes for an engine of
+    another TensorRT version, for another GPU, or a malformed one; no for out-of-memory,
+    CUDA errors or an old driver, which a rebuild would meet again after minutes of work.
+    """
+
+    def __init__(self, message: str, *, rebuildable: bool = False):
+        super().__init__(message)
+        self.rebuildable = rebuildable
 
 
 # ---------------------------------------------------------------------------------
@@ -90,12 +106,17 @@ class EngineLoadError(TensorRTError):
 
 @dataclass(frozen=True)
 class TensorRTFlavour:
-    """An importable TensorRT library: its flavour name, import name, version and module."""
+    """An importable TensorRT library: its flavour name, import name, version and module.
+
+    ``cuda_major`` is the CUDA major version its wheels are built for (``tensorrt_rtx_cu13_*``
+    → 13), read from the installed distribution's name; ``None`` when that is unknown.
+    """
 
     name: str
     module_name: str
     version: str
     module: ModuleType = field(compare=False, repr=False)
+    cuda_major: int | None = None
 
     @property
     def is_rtx(self) -> bool:
@@ -143,7 +164,7 @@ def find_tensorrt(flavour: str = "auto") -> TensorRTFlavour:
                 failures.append(f"{module_name}: imports but is not a TensorRT library (no Builder)")
                 continue
             version = str(getattr(module, "__version__", "unknown"))
-            return TensorRTFlavour(name, module_name, version, module)
+            return TensorRTFlavour(name, module_name, version, module, cuda_major=_wheel_cuda_major(module_name))
     which = "TensorRT" if flavour == "auto" else flavour
     detail = f" ({'; '.join(failures)})" if failures else ""
     raise TensorRTNotInstalledError(f"{which} is not installed{detail}: {INSTALL_HELP}")
@@ -152,6 +173,18 @@ def find_tensorrt(flavour: str = "auto") -> TensorRTFlavour:
 # ---------------------------------------------------------------------------------
 # GPUs and compute capabilities
 # ---------------------------------------------------------------------------------
+
+
+def _wheel_cuda_major(module_name: str) -> int | None:
+    """13 for a module installed by ``tensorrt_rtx_cu13_bindings`` (or ``tensorrt-cu12``...); None if unknown."""
+    try:
+        from importlib.metadata import packages_distributions
+
+        dists = packages_distributions().get(module_name, [])
+    except Exception:  # metadata is a hint only: a broken environment must not stop the import
+        return None
+    majors = {int(m.group(1)) for d in dists if (m := re.search(r"[-_]cu(\d+)", d.lower()))}
+    return majors.pop() if len(majors) == 1 else None
 
 
 def sm_name(major: int, minor: int) -> str:
@@ -221,10 +254,13 @@ def resolve_compute_capability(flavour: TensorRTFlavour, compute_capability: str
 
 
 def tensorrt_status(device: torch.device | str = "cuda", flavour: str = "auto") -> tuple[bool, str]:
-    """Whether the TensorRT backend can run engines on ``device`` here, and why (not).
+    """Whether the TensorRT backend can build and run engines on ``device`` here, and why (not).
 
     Checks, in order: a CUDA device (PyTorch sees one), an importable TensorRT flavour,
-    and — for TensorRT-RTX — that it supports the GPU's compute capability.
+    the packages the ONNX export needs, a driver new enough for the flavour's CUDA
+    (when the driver can be asked), and — for TensorRT-RTX — that it supports the GPU's
+    compute capability. What it cannot check (export, build, load, the first inference)
+    can still fail: ``make_backend("auto", ...)`` then falls back to another backend.
     """
     d = torch.device(device)
     if d.type != "cuda":
@@ -233,13 +269,21 @@ def tensorrt_status(device: torch.device | str = "cuda", flavour: str = "auto") 
         return False, "no CUDA: PyTorch sees no CUDA GPU here, and TensorRT engines run only on one"
     try:
         found = find_tensorrt(flavour)
-    except TensorRTError as e:
+        require_onnx()
+    except PromptusError as e:
         return False, str(e)
     index = d.index if d.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         return False, f"no CUDA device {index} (this machine has {torch.cuda.device_count()})"
     cc = torch.cuda.get_device_capability(index)
     gpu = f"{torch.cuda.get_device_name(index)} (compute capability {cc[0]}.{cc[1]})"
+    driver = trt_cuda.CUDA.driver_version()
+    if driver is not None and found.cuda_major is not None and driver[0] < found.cuda_major:
+        return False, (
+            f"the NVIDIA driver here supports up to CUDA {driver[0]}.{driver[1]}, but {found.describe()} is built for "
+            f"CUDA {found.cuda_major}: update the driver (CUDA 13 needs driver 580 or newer), or install a "
+            f"TensorRT build for CUDA {driver[0]}"
+        )
     supported = found.supported_compute_capabilities()
     if supported is not None and cc not in supported:
         listed = ", ".join(f"{a}.{b}" for a, b in supported)
@@ -269,19 +313,24 @@ def make_logger(trt: ModuleType):
                 self.errors.append(msg)
                 log.debug("TensorRT error: %s", msg)  # raised (with the message) by our caller
             elif severity == s.WARNING:
-                log.debug("TensorRT warning: %s", msg)
+                log.warning("TensorRT: %s", msg)  # e.g. an engine used on another GPU model than it was built on
 
     return _Logger()
 
 
 def build_engine(onnx_path: str | os.PathLike, flavour: TensorRTFlavour, *, compute_capability: str = PORTABLE,
-                 precision: str = "fp16", builder_optimization_level: int | None = None):
+                 precision: str = "fp16", builder_optimization_level: int | None = None,
+                 workspace_bytes: int | None = None, timing_cache: str | os.PathLike | None = None):
     """Parse ``onnx_path`` and build a serialized engine (a bytes-like ``IHostMemory``).
 
     The network is strongly typed (the ONNX graph's float16/float32 is the precision)
     where the flavour has ``STRONGLY_TYPED``; older TensorRT gets ``BuilderFlag.FP16``
-    instead. ``compute_capability`` is a :func:`resolve_compute_capability` value; with
-    TensorRT-RTX an ``"smXY"`` value sets that single target, ``"portable"`` none.
+    instead where it has that flag. ``compute_capability`` is a
+    :func:`resolve_compute_capability` value; with TensorRT-RTX an ``"smXY"`` value sets
+    that single target, ``"portable"`` none. ``workspace_bytes`` caps the builder's
+    workspace (the memory free on the GPU, so that it does not try tactics that cannot
+    get theirs). ``timing_cache`` (standard TensorRT only; a no-op in TensorRT-RTX) is a
+    file of tactic timings loaded before and saved after the build.
     """
     trt = flavour.module
     logger = make_logger(trt)
@@ -300,7 +349,14 @@ def build_engine(onnx_path: str | os.PathLike, flavour: TensorRTFlavour, *, comp
         raise EngineBuildError(f"{flavour.describe()} cannot parse {onnx_path}: " + "; ".join(errors[:5]))
     config = builder.create_builder_config()
     if not strongly_typed and precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+        if hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        else:  # TensorRT 11 and RTX dropped the flag (and always have STRONGLY_TYPED): do not fail over it
+            log.warning("%s has neither strongly typed networks nor BuilderFlag.FP16; building with the "
+                        "graph's types as they are", flavour.describe())
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    cache = _load_timing_cache(trt, config, timing_cache) if timing_cache is not None and not flavour.is_rtx else None
     if builder_optimization_level is not None:
         config.builder_optimization_level = builder_optimization_level
     if flavour.is_rtx and compute_capability != PORTABLE:
@@ -313,7 +369,30 @@ def build_engine(onnx_path: str | os.PathLike, flavour: TensorRTFlavour, *, comp
         raise EngineBuildError(
             f"{flavour.describe()} failed to build an engine from {onnx_path}: " + "; ".join(logger.errors[-5:])
         )
+    if cache is not None:
+        try:
+            atomic_write(timing_cache, memoryview(config.get_timing_cache().serialize()))
+        except OSError as e:  # the cache only saves time: a read-only folder must not fail the build
+            log.warning("could not save the timing cache %s: %s", timing_cache, e)
     return serialized
+
+
+def _load_timing_cache(trt: ModuleType, config, path: str | os.PathLike):
+    """Attach the timing cache in ``path`` (or a new one) to ``config``; returns it (it must outlive the build)."""
+    data = b""
+    if os.path.lexists(path):
+        try:
+            data = read_regular_file(path, MAX_TIMING_CACHE_BYTES)
+        except (OSError, PromptusError) as e:
+            log.warning("ignoring the timing cache %s: %s", path, e)
+        if len(data) > MAX_TIMING_CACHE_BYTES:
+            data = b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):  # another GPU's or version's timings: start afresh
+        log.info("timing cache %s does not fit this GPU or TensorRT; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
 
 
 def engine_key(models: "Models", component: str, *, batch: int, size: int,
@@ -322,6 +401,10 @@ def engine_key(models: "Models", component: str, *, batch: int, size: int,
     """The cache key of ``component`` of ``models`` built with these settings here."""
     found = flavour if isinstance(flavour, TensorRTFlavour) else find_tensorrt(flavour)
     component_spec(component)
+    cc = resolve_compute_capability(found, compute_capability, device)
+    gpu = ANY_GPU
+    if not found.is_rtx:  # standard TensorRT builds for (and tunes on) the GPU it runs on
+        gpu = torch.cuda.get_device_name(_cuda_index(device))
     return EngineKey(
         model_digest=models.identity().hexdigest,
         component=component,
@@ -330,12 +413,22 @@ def engine_key(models: "Models", component: str, *, batch: int, size: int,
         precision=precision_name(dtype),
         flavour=found.name,
         trt_version=found.version,
-        compute_capability=resolve_compute_capability(found, compute_capability, device),
+        compute_capability=cc,
+        gpu=gpu,
         graph_version=GRAPH_VERSION,
     )
 
 
-def get_or_build(
+def get_or_build(models: "Models", component: str, *, batch: int, size: int, **options) -> Path:
+    """The cached engine file of ``component``, exported and built first if it is not there.
+
+    Takes the arguments of :func:`load_or_build`; for callers that want the file (the
+    ``engines build`` command), not the engine's bytes.
+    """
+    return load_or_build(models, component, batch=batch, size=size, **options)[0]
+
+
+def load_or_build(
     models: "Models",
     component: str,
     *,
@@ -349,16 +442,23 @@ def get_or_build(
     force: bool = False,
     keep_onnx: bool = False,
     exporter: str = "auto",
-) -> Path:
-    """The cached engine file of ``component``, exported and built first if it is not there.
+) -> tuple[Path, Any]:
+    """The engine of ``component`` as (cache file, its bytes), exported and built first if not cached.
 
-    The cache key (:func:`engine_key`) covers the model digest, component, batch, size,
-    precision, TensorRT flavour and version and the target compute capability. An
-    unusable entry is removed and rebuilt; ``force`` rebuilds regardless. The ONNX file
-    is built in a temporary folder beside the engines and removed, unless ``keep_onnx``
-    (then it stays as ``<engine_dir>/onnx/<stem>.onnx``). With TensorRT-RTX and
+    ``batch`` (the clip's keyframe interval) and ``size`` (its frame size) come from the
+    caller. The cache key (:func:`engine_key`) covers the model digest, component,
+    batch, size, precision, TensorRT flavour and version, the target compute capability
+    and, for standard TensorRT, the GPU model. A cached engine is read once: the bytes
+    that were checked against the sidecar's SHA-256 are the bytes returned. An unusable
+    entry is removed and rebuilt; ``force`` rebuilds regardless. With TensorRT-RTX and
     ``compute_capability="auto"`` on a GPU its portable engines cover, a cached portable
     engine is used when there is none for that exact GPU.
+
+    Building on a GPU: the export runs first, then PyTorch's cached memory is handed back
+    to the driver and the builder's workspace is capped at the memory then free; the
+    build runs with ``device`` current; standard TensorRT keeps a timing cache in the
+    engine folder. The ONNX file is built in a temporary folder beside the engines and
+    removed, unless ``keep_onnx`` (then it stays as ``<engine_dir>/onnx/<stem>.onnx``).
     """
     found = flavour if isinstance(flavour, TensorRTFlavour) else find_tensorrt(flavour)
     validate_shape(models, batch, size)
@@ -368,34 +468,44 @@ def get_or_build(
     if force:
         cache.evict(key)
     else:
-        path = cache.lookup(key)
+        hit, data = key, cache.read(key)
         covered = key.compute_capability != PORTABLE and _parse_cc(key.compute_capability) in RTX_PORTABLE_TARGETS
-        if path is None and found.is_rtx and compute_capability in ("auto", None) and covered:
+        if data is None and found.is_rtx and compute_capability in ("auto", None) and covered:
             # a portable engine (built without a GPU, say on CI) runs here too: use it rather than build
-            path = cache.lookup(dataclasses.replace(key, compute_capability=PORTABLE))
-        if path is not None:
-            log.debug("engine cache hit: %s", path)
-            return path
+            hit = dataclasses.replace(key, compute_capability=PORTABLE)
+            data = cache.read(hit)
+        if data is not None:
+            log.debug("engine cache hit: %s", cache.engine_path(hit))
+            return cache.engine_path(hit), data
     log.info("building the TensorRT engine for %s; first use, this takes a while", key.describe())
+    index = _cuda_index(device)
+    gpu = torch.device("cuda", index) if index is not None else None
+    cuda = trt_cuda.CUDA
     t0 = time.perf_counter()
     cache.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache.dir, prefix=".tmp-onnx-") as tmp:
         onnx_path = (cache.dir / "onnx" if keep_onnx else Path(tmp)) / f"{key.stem}.onnx"
         export_component(models, component, onnx_path, batch=batch, size=size, dtype=dtype, exporter=exporter)
         t_export = time.perf_counter() - t0
-        serialized = build_engine(onnx_path, found, compute_capability=key.compute_capability,
-                                  precision=key.precision)
+        workspace = None
+        if gpu is not None:
+            cuda.release_cached_memory()  # the export's activations (an fp16 UNet forward) stay cached otherwise
+            workspace = cuda.mem_get_info(gpu)[0]
+        with cuda.device(gpu) if gpu is not None else contextlib.nullcontext():
+            serialized = build_engine(onnx_path, found, compute_capability=key.compute_capability,
+                                      precision=key.precision, workspace_bytes=workspace,
+                                      timing_cache=None if found.is_rtx else cache.timing_cache_path(key))
     t_build = time.perf_counter() - t0 - t_export
     path = cache.store(key, serialized, model_name=models.name, export_seconds=round(t_export, 3),
                        build_seconds=round(t_build, 3), torch_version=torch.__version__,
                        flavour_module=found.module_name)
     log.info("built %s in %.1f s (ONNX export %.1f s, engine build %.1f s, %.1f MB)", path.name,
              t_export + t_build, t_export, t_build, path.stat().st_size / 1e6)
-    return path
+    return path, memoryview(serialized)
 
 
 __all__ = [
     "EngineBuildError", "EngineLoadError", "FLAVOURS", "INSTALL_HELP", "PORTABLE", "TensorRTError",
     "TensorRTFlavour", "TensorRTNotInstalledError", "build_engine", "engine_key", "find_tensorrt", "get_or_build",
-    "make_logger", "resolve_compute_capability", "sm_name", "tensorrt_status",
+    "load_or_build", "make_logger", "resolve_compute_capability", "sm_name", "tensorrt_status",
 ]
