@@ -331,6 +331,17 @@ def test_inference_runs_on_the_engines_gpu(tiny, rig):
     assert all(e[1] == 1 for e in r.events.of("alloc"))
 
 
+def test_an_engine_enqueues_with_its_gpu_current_whatever_the_caller_has(tiny, rig):
+    r = rig()
+    path = trt_build.get_or_build(tiny, "taesd_decoder", batch=BATCH, size=SIZE, engine_dir=r.engine_dir,
+                                  flavour=r.flavour, device="cuda:1")
+    engine = trt_runtime.Engine(path, flavour=r.flavour, device="cuda:1").load().activate()
+    with r.cuda.device("cuda:0"):  # the caller works on GPU 0
+        engine.infer({"latent": torch.zeros(2, 4, 8, 8)})
+    (run,) = r.events.of("execute")
+    assert run[2] == 1 and run[3] == engine.stream.cuda_stream and engine.stream.device == 1
+
+
 # ---------------------------------------------------------------------------------
 # Finding 6: PyTorch's cached memory is released before building and before contexts
 # ---------------------------------------------------------------------------------

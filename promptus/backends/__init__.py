@@ -8,8 +8,10 @@
 * ``eager``: PyTorch without channels-last or graphs (the benchmark's baseline).
 * ``compile``: ``torch.compile`` of both networks, CUDA-graph replayed on CUDA.
 * ``tensorrt``: TensorRT engines built for this GPU and cached under engines/.
-* ``auto``: the first that works here — TensorRT where a supported GPU and a TensorRT
-  flavour exist, else compile (CUDA with Triton), else torch — and it logs its choice.
+* ``auto``: the first that works here — tensorrt if every stage of its setup works
+  (TensorRT and the export packages installed, a driver new enough, export, build,
+  load, first inference), else compile (CUDA with Triton), else torch — logging why it
+  passed over each.
 """
 
 from __future__ import annotations

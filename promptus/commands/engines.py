@@ -77,7 +77,8 @@ def register(subparsers) -> None:
     c = sub.add_parser("clean", help="remove unusable engines (or more)",
                        description="Without options: remove unusable entries (corrupt, orphan, temporary files) and "
                                    "engines of another version of the installed TensorRT. With --model/--size/--batch:"
-                                   " also the engines that match all of them. With --all: everything.")
+                                   " also the engines that match all of them. With --all: everything, timing caches "
+                                   "included. An engine's runtime cache (.rtcache) goes with it.")
     common(c)
     model_args(c, None)
     c.add_argument("--size", type=int, default=None, help="also remove engines of this frame size")
@@ -161,7 +162,8 @@ def _list(args) -> int:
     header = ("component", "batch", "size", "prec", "flavour", "target", "model", "MB", "status")
     table = [header] + [
         (r.get("component") or r["file"], str(r.get("batch", "")), str(r.get("size", "")), r.get("precision", ""),
-         f"{r.get('flavour', '')} {r.get('trt_version', '')}".strip(), r.get("compute_capability", ""),
+         f"{r.get('flavour', '')} {r.get('trt_version', '')}".strip(),
+         r.get("compute_capability", "") + (f" {r['gpu']}" if r.get("gpu") not in (None, "any") else ""),
          f"{r.get('model_name') or ''} {str(r.get('model_digest', ''))[:12]}".strip(), f"{r['mb']:.1f}",
          r["status"] + (f": {r['reason']}" if r["reason"] else ""))
         for r in rows
