@@ -133,7 +133,7 @@ def _spy_make_backend(monkeypatch):
 
     def spy(name, models, device, *args, **kw):
         seen.append(kw)
-        return real("torch", models, "cpu", *args[:1])
+        return real("torch", models, "cpu", *args[:1], batch=kw["batch"], size=kw["size"])
 
     monkeypatch.setattr(backends, "make_backend", spy)
     return seen
@@ -155,7 +155,7 @@ def test_decode_prepares_the_backend_for_the_clip(tiny, monkeypatch):
 def test_demo_prepares_the_backend_for_its_clip(tmp_path, monkeypatch):
     from PIL import Image
 
-    from promptus.cli import main
+    from promptus.commands.main import main
     from promptus.video import synthetic_clip
 
     clip = tmp_path / "clip"
