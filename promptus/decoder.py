@@ -198,4 +198,6 @@ def decode(source, model: str = "auto", *, device: str | torch.device | None = N
     dev = resolve_device(device)
     models = load_models(model, device=dev, dtype=default_dtype(dev), taesd=taesd, vae=False)
     h = bs.header
-    return Decoder(make_backend(backend, models, dev, batch=h.interval, size=h.width), models.identity()).decode_all(bs)
+    identity = models.identity()  # before the backend may move the networks off the GPU
+    backend = make_backend(backend, models, dev, batch=h.interval, size=h.width, offload_models=True)
+    return Decoder(backend, identity).decode_all(bs)

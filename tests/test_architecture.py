@@ -34,13 +34,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "promptus"
 
-# Still in promptus/backends/tensorrt.py, which its own issue splits: the `engines`
-# command (it prints, and its build action imports `promptus.backends` for
-# resolve_device, closing a cycle with the backend factory's lazy import of tensorrt).
-# Both go when that command moves to promptus/commands/engines.py; the tests below fail
-# when an entry is no longer needed, so that it is removed here.
-PENDING_CYCLE_EDGES = {("promptus.backends.tensorrt", "promptus.backends")}
-PENDING_PRINTERS = {"promptus/backends/tensorrt.py"}
+# Exceptions still waiting for their issue to land (none now); the tests below fail when an
+# entry is no longer needed, so that it is removed here.
+PENDING_CYCLE_EDGES: set[tuple[str, str]] = set()
+PENDING_PRINTERS: set[str] = set()
 
 
 def module_name(path: Path) -> str:

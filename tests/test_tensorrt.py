@@ -17,13 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from promptus.backends import tensorrt as trtb
+from promptus.backends import trt_build, trt_cuda, trt_runtime
 from promptus.backends.engine_cache import EngineCache, EngineKey, clean_engines, list_engines
 from promptus.backends.tensorrt import (
     PORTABLE, Engine, TensorRTBackend, TensorRTError, TensorRTFlavour, TensorRTNotInstalledError, engine_key,
     find_tensorrt, get_or_build, resolve_compute_capability, tensorrt_status,
 )
 from promptus.backends.torch_backend import TorchBackend
+from promptus.commands import engines as engines_command
 from promptus.errors import PromptusError
 
 BATCH, SIZE = 2, 64
@@ -48,6 +49,10 @@ def no_cuda(monkeypatch):
 
 
 def fake_gpu(monkeypatch, cc=(9, 0), name="NVIDIA H100 80GB HBM3"):
+    """PyTorch sees one GPU; the engine code's own CUDA calls go to a recorder (tests/fake_tensorrt.py)."""
+    from fake_tensorrt import Events, FakeCuda
+
+    monkeypatch.setattr(trt_cuda, "CUDA", FakeCuda(Events(), device_count=1))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -63,7 +68,8 @@ BASE_KEY = EngineKey(model_digest="0" * 32, component="unet", batch=10, size=512
                      flavour="tensorrt_rtx", trt_version="1.7.1.116", compute_capability=PORTABLE)
 CHANGES = {
     "model_digest": "1" * 32, "component": "taesd_decoder", "batch": 2, "size": 256, "precision": "fp32",
-    "flavour": "tensorrt", "trt_version": "1.7.2.1", "compute_capability": "sm89", "graph_version": 99,
+    "flavour": "tensorrt", "trt_version": "1.7.2.1", "compute_capability": "sm89", "gpu": "NVIDIA L4",
+    "graph_version": 99,
 }
 
 
@@ -127,6 +133,63 @@ def test_damaged_entries_are_not_trusted(tmp_path, how, caplog):
         assert cache.lookup(BASE_KEY) is None
     assert "rebuilt" in caplog.text
     assert list(tmp_path.iterdir()) == []  # the damaged entry is gone
+
+
+@pytest.fixture
+def deadline():
+    """Fail (rather than hang) when a cache read blocks: a reader of /dev/zero or a FIFO never ends."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError("the engine cache read blocked")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_cache_reads_only_regular_files_and_only_the_recorded_size(tmp_path, deadline, special, caplog):
+    import os
+
+    cache = EngineCache(tmp_path)
+    cache.store(BASE_KEY, b"")  # a sidecar that vouches for 0 bytes: reading until EOF would never end
+    engine = cache.engine_path(BASE_KEY)
+    engine.unlink()
+    if special == "fifo":
+        os.mkfifo(engine)
+    else:
+        engine.symlink_to(special)
+    with caplog.at_level(logging.WARNING):
+        assert cache.lookup(BASE_KEY) is None
+        assert cache.read(BASE_KEY) is None
+    assert "not a regular file" in caplog.text
+    assert [e.status for e in list_engines(tmp_path)] in ([], ["corrupt"], ["orphan"])
+    clean_engines(tmp_path, everything=True)
+
+
+def test_a_deeply_nested_sidecar_is_a_clean_miss(tmp_path, caplog):
+    cache = EngineCache(tmp_path)
+    cache.store(BASE_KEY, b"engine")
+    cache.sidecar_path(BASE_KEY).write_text("[" * 200_000 + "]" * 200_000)
+    with caplog.at_level(logging.WARNING):
+        assert cache.lookup(BASE_KEY) is None  # not RecursionError
+    assert "not readable JSON" in caplog.text
+    cache.store(BASE_KEY, b"engine")
+    cache.sidecar_path(BASE_KEY).write_text("[" * 200_000 + "]" * 200_000)
+    assert [e.status for e in list_engines(tmp_path)] == ["corrupt"]
+
+
+def test_an_engine_path_that_is_a_folder_is_a_clean_error(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.store(BASE_KEY, b"engine")
+    cache.engine_path(BASE_KEY).unlink()
+    cache.engine_path(BASE_KEY).mkdir()
+    with pytest.raises(PromptusError, match="is a folder"):
+        cache.lookup(BASE_KEY)
+    assert [e.status for e in list_engines(tmp_path)] == ["corrupt"]
 
 
 def test_store_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
@@ -198,12 +261,12 @@ def counted_builds(monkeypatch):
         path.write_bytes(b"onnx")
         return path
 
-    def build(onnx_path, flavour, *, compute_capability, precision):
+    def build(onnx_path, flavour, *, compute_capability, precision, **options):
         calls.append((onnx_path.name, compute_capability, precision))
         return f"engine {len(calls)} {onnx_path.name}".encode()
 
-    monkeypatch.setattr(trtb, "export_component", export)
-    monkeypatch.setattr(trtb, "build_engine", build)
+    monkeypatch.setattr(trt_build, "export_component", export)
+    monkeypatch.setattr(trt_build, "build_engine", build)
     return calls
 
 
@@ -213,7 +276,7 @@ def test_get_or_build_rebuilds_exactly_when_the_key_changes(tiny, tmp_path, coun
     no_cuda(monkeypatch)
     rtx = fake_flavour()
     base = dict(batch=BATCH, size=SIZE, dtype=torch.float16, engine_dir=tmp_path, flavour=rtx)
-    with caplog.at_level(logging.INFO, logger="promptus.backends.tensorrt"):
+    with caplog.at_level(logging.INFO, logger="promptus.backends.trt_build"):
         first = get_or_build(tiny, "unet", **base)
     assert "building the TensorRT engine for unet" in caplog.text and "built " in caplog.text
     assert len(counted_builds) == 1 and counted_builds[0][1:] == (PORTABLE, "fp16")
@@ -343,7 +406,7 @@ def test_tensorrt_status_without_tensorrt(monkeypatch):
 
 
 def test_tensorrt_status_with_rtx_on_hopper_and_on_ada(monkeypatch):
-    monkeypatch.setattr(trtb, "find_tensorrt", lambda flavour="auto": fake_flavour())
+    monkeypatch.setattr(trt_build, "find_tensorrt", lambda flavour="auto": fake_flavour())
     fake_gpu(monkeypatch, cc=(9, 0), name="NVIDIA H200")
     ok, why = tensorrt_status("cuda")
     assert not ok
@@ -351,7 +414,7 @@ def test_tensorrt_status_with_rtx_on_hopper_and_on_ada(monkeypatch):
     fake_gpu(monkeypatch, cc=(8, 9), name="NVIDIA GeForce RTX 4090")
     ok, why = tensorrt_status("cuda:0")
     assert ok and "RTX 4090" in why and "tensorrt_rtx 1.7.1.116" in why
-    monkeypatch.setattr(trtb, "find_tensorrt", lambda flavour="auto": fake_flavour(name="tensorrt", version="10.13"))
+    monkeypatch.setattr(trt_build, "find_tensorrt", lambda flavour="auto": fake_flavour(name="tensorrt", version="10.13"))
     fake_gpu(monkeypatch, cc=(9, 0), name="NVIDIA H200")
     assert tensorrt_status("cuda")[0]  # the standard library runs on Hopper
 
@@ -364,25 +427,15 @@ def test_backend_refuses_to_start_where_it_cannot_run(tiny, monkeypatch):
         Engine("x.engine", flavour=fake_flavour(), device="cuda")
 
 
-def test_runtime_uses_only_names_the_rtx_bindings_have():
-    """The runtime cannot be run here; at least every API name it calls must exist."""
+def test_runtime_helpers_match_the_rtx_bindings():
+    """The API names themselves are checked for both flavours in test_tensorrt_fake.py."""
     rtx = rtx_or_skip()
     m = rtx.module
-    for cls, names in {
-        m.Runtime: ["deserialize_cuda_engine", "get_engine_validity"],
-        m.ICudaEngine: ["num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
-                        "get_tensor_shape", "create_execution_context", "create_runtime_config"],
-        m.IExecutionContext: ["set_tensor_address", "set_input_shape", "execute_async_v3"],
-        m.IRuntimeConfig: ["cuda_graph_strategy"],
-        m.IBuilderConfig: ["num_compute_capabilities", "set_compute_capability", "builder_optimization_level"],
-    }.items():
-        missing = [n for n in names if not hasattr(cls, n)]
-        assert not missing, (cls.__name__, missing)
-    assert m.TensorIOMode.INPUT and m.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE and m.EngineValidity.INVALID
-    assert {n for n in trtb._TORCH_DTYPES} <= set(m.DataType.__members__)
-    assert trtb.torch_dtype(m.DataType.HALF) == torch.float16 and trtb.torch_dtype(m.DataType.INT64) == torch.int64
+    assert {n for n in trt_runtime._TORCH_DTYPES} <= set(m.DataType.__members__)
+    assert trt_runtime.torch_dtype(m.DataType.HALF) == torch.float16
+    assert trt_runtime.torch_dtype(m.DataType.INT64) == torch.int64
     assert not hasattr(m.BuilderFlag, "FP16")  # RTX: strongly typed only, precision comes from the graph
-    assert "UNSUPPORTED_CC" in trtb._validity_reasons(m, int(m.EngineInvalidityDiagnostics.UNSUPPORTED_CC))
+    assert "UNSUPPORTED_CC" in trt_runtime._validity_reasons(m, int(m.EngineInvalidityDiagnostics.UNSUPPORTED_CC))
 
 
 # ---------------------------------------------------------------------------------
@@ -392,7 +445,7 @@ def test_runtime_uses_only_names_the_rtx_bindings_have():
 
 def run_cli(*argv) -> int:
     parser = argparse.ArgumentParser(prog="promptus")
-    trtb.add_engines_parser(parser.add_subparsers(dest="command"))
+    engines_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(list(argv))
     return args.func(args)
 
@@ -433,7 +486,7 @@ def test_rtx_builds_both_tiny_components(built):
 def test_second_build_is_a_cache_hit(built, tiny, capsys, monkeypatch):
     no_cuda(monkeypatch)
     before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
-    monkeypatch.setattr(trtb, "build_engine", lambda *a, **k: pytest.fail("rebuilt a cached engine"))
+    monkeypatch.setattr(trt_build, "build_engine", lambda *a, **k: pytest.fail("rebuilt a cached engine"))
     for component in ("unet", "taesd_decoder"):
         get_or_build(tiny, component, batch=BATCH, size=SIZE, engine_dir=built, flavour="tensorrt_rtx")
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
@@ -453,8 +506,8 @@ def test_rtx_rejects_a_broken_graph(tmp_path):
     rtx = rtx_or_skip()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file")
-    with pytest.raises(trtb.EngineBuildError, match="cannot parse"):
-        trtb.build_engine(bad, rtx)
+    with pytest.raises(trt_build.EngineBuildError, match="cannot parse"):
+        trt_build.build_engine(bad, rtx)
 
 
 def test_cli_list_and_clean(built, tmp_path, capsys):
@@ -590,11 +643,16 @@ def test_engine_reports_its_io(tmp_path):
         ("context", (2, 77, 1024), torch.float16, True), ("eps", (2, 4, 8, 8), torch.float16, False)]
 
 
-def test_backend_defaults_to_the_codec_batch_and_size(tiny):
+def test_backend_takes_batch_and_size_from_the_caller(tiny):
+    """No 10/512 fallback: the caller passes the clip's interval and frame size."""
     from promptus.backends.onnx_export import COMPONENTS
 
     engines = {c: SimpleNamespace(infer=None) for c in COMPONENTS}
-    backend = TensorRTBackend(tiny, "cpu", torch.float32, batch=None, size=None, engines=engines)
-    assert (backend.batch, backend.size, backend.latent) == (10, 512, 64)
+    with pytest.raises(TypeError):
+        TensorRTBackend(tiny, "cpu", torch.float32, engines=engines)
+    with pytest.raises(PromptusError, match="batch must be a positive integer"):
+        TensorRTBackend(tiny, "cpu", torch.float32, batch=None, size=64, engines=engines)
+    backend = TensorRTBackend(tiny, "cpu", torch.float32, batch=3, size=64, engines=engines)
+    assert (backend.batch, backend.size, backend.latent) == (3, 64, 8)
     with pytest.raises(PromptusError, match="engines missing"):
         TensorRTBackend(tiny, "cpu", torch.float32, batch=2, size=64, engines={"unet": engines["unet"]})

@@ -8,8 +8,10 @@
 * ``eager``: PyTorch without channels-last or graphs (the benchmark's baseline).
 * ``compile``: ``torch.compile`` of both networks, CUDA-graph replayed on CUDA.
 * ``tensorrt``: TensorRT engines built for this GPU and cached under engines/.
-* ``auto``: the first that works here — TensorRT where a supported GPU and a TensorRT
-  flavour exist, else compile (CUDA with Triton), else torch — and it logs its choice.
+* ``auto``: the first that works here — tensorrt if every stage of its setup works
+  (TensorRT and the export packages installed, a driver new enough, export, build,
+  load, first inference), else compile (CUDA with Triton), else torch — logging why it
+  passed over each.
 """
 
 from __future__ import annotations
@@ -64,13 +66,17 @@ def compile_status(device: torch.device) -> tuple[bool, str]:
 
 
 def make_backend(name: str, models, device: torch.device | str, dtype: torch.dtype | None = None, *,
-                 batch: int, size: int, engine_dir: str = DEFAULT_ENGINE_DIR) -> Backend:
+                 batch: int, size: int, engine_dir: str = DEFAULT_ENGINE_DIR,
+                 offload_models: bool = False) -> Backend:
     """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``, prepared for one clip.
 
     ``batch`` is the segment batch — the clip's keyframe interval — that CUDA graphs,
     compiled kernels and engines are specialised for, and ``size`` the clip's frame
     size; both come from the bitstream header (or the encoder's codec settings).
-    ``dtype`` defaults to fp16 on CUDA, fp32 elsewhere.
+    ``dtype`` defaults to fp16 on CUDA, fp32 elsewhere. ``auto`` tries tensorrt, then
+    compile, then torch, logging why it passes over each; ``tensorrt`` chosen by name
+    fails loudly instead. ``offload_models`` (tensorrt only): move the PyTorch networks
+    to the CPU once the engines run — for callers that only decode.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -82,22 +88,16 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
                                 f"got {value!r}")
     cuda = device.type == "cuda"
     if name == "auto":
-        ok, why = tensorrt_status(device)
-        if ok:
-            name = "tensorrt"
-        else:
-            log.info("backend auto: not tensorrt (%s)", why)
-            ok, why = compile_status(device)
-            name = "compile" if ok else "torch"
-            if not ok:
-                log.info("backend auto: not compile (%s)", why)
-    if name == "tensorrt":
+        backend = _auto_backend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
+                                offload_models=offload_models)
+    elif name == "tensorrt":
         ok, why = tensorrt_status(device)
         if not ok:
             raise PromptusError(f"the tensorrt backend cannot run here: {why}; use --backend compile or torch")
         from .tensorrt import TensorRTBackend
 
-        backend = TensorRTBackend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir)
+        backend = TensorRTBackend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
+                                  offload_models=offload_models)
     elif name == "compile":
         backend = CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
                                  cuda_graph=cuda, batch=batch)
@@ -111,6 +111,29 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
         backend.name = "eager"
     log.info("backend: %s", backend.describe())
     return backend
+
+
+def _auto_backend(models, device: torch.device, dtype: torch.dtype, *, batch, size, engine_dir,
+                  offload_models: bool) -> Backend:
+    """tensorrt if every stage of its setup works, else compile, else torch; each pass-over is logged."""
+    from .tensorrt import try_tensorrt_backend
+
+    backend = try_tensorrt_backend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
+                                   offload_models=offload_models)
+    if backend is not None:
+        return backend
+    cuda = device.type == "cuda"
+    ok, why = compile_status(device)
+    if ok:
+        try:
+            return CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
+                                  cuda_graph=cuda, batch=batch)
+        except Exception as e:  # auto promises a working backend: torch is the last resort
+            log.warning("backend auto: compile failed, using torch (%s: %s)", type(e).__name__, e)
+    else:
+        log.info("backend auto: not compile (%s)", why)
+    return TorchBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda, cuda_graph=cuda,
+                        batch=batch if cuda else None)  # as make_backend("torch"): eager frames on the CPU
 
 
 __all__ = ["Backend", "TorchBackend", "CompileBackend", "BACKENDS", "make_backend", "default_dtype",

@@ -217,7 +217,7 @@ def validate_shape(models: "Models", batch: int, size: int) -> None:
     if _latent(size) % factor:
         raise PromptusError(
             f"size {size}: this UNet needs the latent side (size/8 = {_latent(size)}) to be a multiple of "
-            f"{factor}, i.e. a size that is a multiple of {8 * factor} (512 is the standard size)"
+            f"{factor}, i.e. a size that is a multiple of {8 * factor}"
         )
 
 
@@ -309,8 +309,8 @@ def export_component(
     component: str,
     path: str | os.PathLike,
     *,
-    batch: int = 10,
-    size: int = 512,
+    batch: int,
+    size: int,
     dtype: torch.dtype = torch.float16,
     exporter: str = "auto",
     opset: int = OPSET,
@@ -324,7 +324,7 @@ def export_component(
     ``.data``, written first, so the ``.onnx`` file appears last. The caller's models
     are not modified (a casted private copy is exported). Returns ``path``.
     """
-    _require_onnx()
+    require_onnx()
     spec = component_spec(component)
     precision_name(dtype)
     validate_shape(models, batch, size)
@@ -354,7 +354,8 @@ def export_component(
     return path
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
+    """Raise :class:`OnnxExportError` (with the pip command) when a package the export needs is missing."""
     try:
         import onnx  # noqa: F401
         import onnx_graphsurgeon  # noqa: F401
@@ -525,8 +526,8 @@ def check_onnx(
     component: str,
     path: str | os.PathLike,
     *,
-    batch: int = 10,
-    size: int = 512,
+    batch: int,
+    size: int,
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
@@ -590,5 +591,5 @@ def check_onnx(
 
 __all__ = [
     "COMPONENTS", "ComponentSpec", "GRAPH_VERSION", "OPSET", "OnnxExportError", "check_onnx", "clean_graph",
-    "component_spec", "export_component", "exporter_order", "precision_name", "static_shape_problems",
+    "component_spec", "export_component", "exporter_order", "precision_name", "require_onnx", "static_shape_problems",
 ]

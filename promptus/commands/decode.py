@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         assert isinstance(header, Header)
         models = load_models(args, device)
         backend = make_backend(args.backend, models, device, batch=header.interval, size=header.width,
-                               engine_dir=args.engine_dir)
+                               engine_dir=args.engine_dir, offload_models=True)
         decoder = PipelinedDecoder(Decoder(backend, models.identity()), to_host=True)
         log.info("decoding %s with %s", src, backend.describe())
 

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     print(describe(path.read_bytes()))
 
     bs = read(path)
-    backend = make_backend("auto", models, device, batch=bs.header.interval, size=bs.header.width)
+    backend = make_backend("auto", models, device, batch=bs.header.interval, size=bs.header.width,
+                           offload_models=True)
     t0 = time.perf_counter()
     decoded = []
     with FrameWriter(out / "decoded", res.fps) as pngs, FrameWriter(out / "decoded.mp4", res.fps) as mp4:

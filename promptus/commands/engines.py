@@ -1,23 +1,192 @@
-"""``promptus engines build|list|clean``: the TensorRT engine cache.
+"""``promptus engines build|list|clean``: the cached TensorRT engines.
 
-For now a thin wrapper over the parser and actions that
-:mod:`promptus.backends.tensorrt` still holds; they move here when that module is split.
+``build`` exports and builds the engines ahead of time (the tensorrt backend otherwise
+builds them on first use), ``list`` shows the cache and ``clean`` removes engines.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from ..backends.engine_cache import DEFAULT_ENGINE_DIR, clean_engines, list_engines
+from ..backends.onnx_export import COMPONENTS, PRECISIONS
+from ..config import CodecConfig
+
+ACTIONS = ("build", "list", "clean")
 
 
 def register(subparsers) -> None:
-    from ..backends.tensorrt import add_engines_parser
+    """Add ``engines`` and its actions to ``subparsers`` (from ``add_subparsers``)."""
+    codec = CodecConfig()
+    p = subparsers.add_parser(
+        "engines", help="build, list and clean the cached TensorRT engines",
+        description="TensorRT engines of the UNet and the TAESD decoder, for one batch, frame size and GPU, "
+                    "cached in the engine folder and built automatically by the tensorrt backend on first use. "
+                    "'build' builds them ahead of time; 'list' shows the cache; 'clean' removes engines.",
+    )
+    p.set_defaults(func=run, engines_command=None, engines_help=p.format_help)
+    sub = p.add_subparsers(dest="engines_command", metavar="ACTION")
 
-    p = add_engines_parser(subparsers)  # its actions set their own func; a bare `engines` prints help
-    p.set_defaults(func=lambda args: run(args, p))
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
+                       help=f"folder of the engine cache (default: {DEFAULT_ENGINE_DIR})")
+
+    def model_args(q: argparse.ArgumentParser, default: str | None) -> None:
+        q.add_argument("--model", default=default,
+                       help="model weights: 'auto' (checkpoints/), 'tiny' (built-in test model), 'random' (full-size "
+                            "architecture, random weights), a .safetensors file, a diffusers folder or a hub id"
+                            + (f" (default: {default})" if default else ""))
+        q.add_argument("--taesd", default=None, help="TAESD weights (default: checkpoints/taesd)")
+        q.add_argument("--checkpoints", default="checkpoints", help="folder searched by --model auto")
+
+    b = sub.add_parser("build", help="export and build the engines now (skips those already cached)",
+                       description="Export the UNet and the TAESD decoder to ONNX and build TensorRT engines for a "
+                                   "fixed batch and frame size. With tensorrt_rtx this works without a GPU "
+                                   "(portable engines for compute capability 8.0/8.6/8.9/12.x).")
+    model_args(b, "auto")
+    b.add_argument("--size", type=int, default=codec.width,
+                   help=f"frame size in pixels: the clip's (default: {codec.width})")
+    b.add_argument("--batch", type=int, default=codec.interval,
+                   help=f"frames per engine call: the clip's keyframe interval (default: {codec.interval})")
+    b.add_argument("--component", choices=["all", *COMPONENTS], default="all", help="which engine (default: all)")
+    b.add_argument("--precision", choices=list(PRECISIONS), default="fp16", help="engine precision (default: fp16)")
+    b.add_argument("--device", default="auto",
+                   help="where the models are loaded and exported, and whose GPU the engine targets: "
+                        "cpu, cuda, cuda:N or auto (default)")
+    b.add_argument("--flavour", choices=["auto", "tensorrt", "tensorrt_rtx"], default="auto",
+                   help="TensorRT library: auto prefers tensorrt, then tensorrt_rtx")
+    b.add_argument("--compute-capability", default="auto",
+                   help="target GPU, e.g. 8.9; 'portable' (tensorrt_rtx default targets); auto: this machine's GPU, "
+                        "or portable without one (default: auto)")
+    b.add_argument("--force", action="store_true", help="rebuild even when a cached engine exists")
+    b.add_argument("--keep-onnx", action="store_true", help="keep the ONNX files in ENGINE_DIR/onnx/")
+    common(b)
+
+    ls = sub.add_parser("list", help="show the cached engines and whether each is usable",
+                        description="List the engine cache: key fields, size, and status (ok, corrupt, orphan, "
+                                    "temp, or stale when built by another version of the installed TensorRT).")
+    common(ls)
+    model_args(ls, None)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    c = sub.add_parser("clean", help="remove unusable engines (or more)",
+                       description="Without options: remove unusable entries (corrupt, orphan, temporary files) and "
+                                   "engines of another version of the installed TensorRT. With --model/--size/--batch:"
+                                   " also the engines that match all of them. With --all: everything, timing caches "
+                                   "included. An engine's runtime cache (.rtcache) goes with it.")
+    common(c)
+    model_args(c, None)
+    c.add_argument("--size", type=int, default=None, help="also remove engines of this frame size")
+    c.add_argument("--batch", type=int, default=None, help="also remove engines of this batch")
+    c.add_argument("--all", action="store_true", help="remove every engine")
+    c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """A bare ``promptus engines`` (no action): the help, exit code 2."""
-    if parser is not None:
-        parser.print_help()
-    return 2
+def run(args) -> int:
+    if args.engines_command is None:
+        print(args.engines_help())
+        return 2
+    return {"build": _build, "list": _list, "clean": _clean}[args.engines_command](args)
+
+
+def _models(args, device: torch.device):
+    from ..backends import default_dtype
+    from ..models import full_size_random_models, load_models
+
+    dtype = default_dtype(device)
+    if args.model == "random":
+        return full_size_random_models(device, dtype)
+    return load_models(args.model, device=device, dtype=dtype, taesd=args.taesd, vae=False,
+                       checkpoints_dir=args.checkpoints)
+
+
+def _build(args) -> int:
+    from ..backends import resolve_device
+    from ..backends.trt_build import find_tensorrt, get_or_build
+
+    device = resolve_device(args.device)
+    found = find_tensorrt(args.flavour)
+    models = _models(args, device)
+    components = list(COMPONENTS) if args.component == "all" else [args.component]
+    for component in components:
+        t0 = time.perf_counter()
+        path = get_or_build(models, component, batch=args.batch, size=args.size, dtype=PRECISIONS[args.precision],
+                            engine_dir=args.engine_dir, flavour=found, compute_capability=args.compute_capability,
+                            device=device, force=args.force, keep_onnx=args.keep_onnx)
+        print(f"{component}: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _installed_versions() -> dict[str, str]:
+    from ..backends.trt_build import FLAVOURS, TensorRTError, find_tensorrt
+
+    out = {}
+    for name in FLAVOURS:
+        with contextlib.suppress(TensorRTError):
+            found = find_tensorrt(name)
+            out[found.name] = found.version
+    return out
+
+
+def _digest_filter(args) -> str | None:
+    if not getattr(args, "model", None):
+        return None
+    return _models(args, torch.device("cpu")).identity().hexdigest
+
+
+def _list(args) -> int:
+    installed = _installed_versions()
+    digest = _digest_filter(args)
+    rows = []
+    for e in list_engines(args.engine_dir):
+        if digest and (e.key is None or e.key.model_digest != digest):
+            continue
+        status = e.status
+        stale = e.key is not None and installed.get(e.key.flavour, e.key.trt_version) != e.key.trt_version
+        if status == "ok" and stale:  # built by another version of the installed flavour: it cannot load
+            status = "stale"
+        rows.append({"file": e.path.name, "status": status, "reason": e.reason, "mb": round(e.nbytes / 1e6, 1),
+                     **(e.key.as_dict() if e.key else {}), "model_name": e.sidecar.get("model_name"),
+                     "build_seconds": e.sidecar.get("build_seconds")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no engines in {args.engine_dir}")
+        return 0
+    header = ("component", "batch", "size", "prec", "flavour", "target", "model", "MB", "status")
+    table = [header] + [
+        (r.get("component") or r["file"], str(r.get("batch", "")), str(r.get("size", "")), r.get("precision", ""),
+         f"{r.get('flavour', '')} {r.get('trt_version', '')}".strip(),
+         r.get("compute_capability", "") + (f" {r['gpu']}" if r.get("gpu") not in (None, "any") else ""),
+         f"{r.get('model_name') or ''} {str(r.get('model_digest', ''))[:12]}".strip(), f"{r['mb']:.1f}",
+         r["status"] + (f": {r['reason']}" if r["reason"] else ""))
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    print(f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'} in {args.engine_dir}")
+    return 0
+
+
+def _clean(args) -> int:
+    digest = _digest_filter(args)
+    filters = [f for f in (
+        (lambda k: k.model_digest == digest) if digest else None,
+        (lambda k: k.size == args.size) if args.size is not None else None,
+        (lambda k: k.batch == args.batch) if args.batch is not None else None,
+    ) if f is not None]
+    match = (lambda k: all(f(k) for f in filters)) if filters else None
+    removed = clean_engines(args.engine_dir, everything=args.all, match=match,
+                            installed=_installed_versions().items(), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for p in removed:
+        print(f"{verb} {p}")
+    print(f"{verb} {len(removed)} file{'s' if len(removed) != 1 else ''} from {args.engine_dir}")
+    return 0
