@@ -424,6 +424,8 @@ def load_models(
         spec: where the SD-Turbo weights are:
             ``"auto"`` — :func:`find_default_weights` in ``checkpoints_dir``;
             ``"tiny"`` — :func:`tiny_models` (random weights, for tests);
+            ``"random"`` — :func:`full_size_random_models` (the real architecture with
+            random weights, seed 0: for timing and for runs that must not need weights);
             a ``.safetensors``/``.ckpt``/``.pth`` file — an original Stability/LDM
             checkpoint (``model.diffusion_model.*`` UNet, ``first_stage_model.*`` VAE)
             converted with diffusers' converters, or a bare diffusers-format UNet state dict;
@@ -451,6 +453,11 @@ def load_models(
         if not vae:
             models.vae = None
         return models.to(device, dtype)
+
+    if spec == "random":
+        if taesd is not None:
+            logger.warning("load_models('random'): taesd=%r ignored; the random model has its own TAESD", taesd)
+        return full_size_random_models(device, dtype, vae=vae)
 
     if spec == "auto":
         found = find_default_weights(checkpoints_dir)

@@ -398,3 +398,14 @@ def test_full_size_random_models_architecture():
     assert m.name == "sd-turbo-random" and m.vae is None
     assert sum(p.numel() for p in m.unet.parameters()) == 865_910_724
     assert m.dtype == torch.float16 and m.taesd.config.latent_channels == 4
+
+
+def test_load_models_random_builds_the_full_size_architecture(monkeypatch):
+    """``--model random``: the real architecture with random weights (built by full_size_random_models)."""
+    from promptus import models as m
+
+    calls = []
+    monkeypatch.setattr(m, "full_size_random_models",
+                        lambda device, dtype, vae=False: calls.append((str(device), dtype, vae)) or "built")
+    assert m.load_models("random", device="cpu", vae=False) == "built"
+    assert calls == [("cpu", torch.float32, False)]

@@ -7,6 +7,7 @@ the reason where it is missing; the Ray test where Ray is not installed.
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -243,3 +244,9 @@ def test_ray_local_cluster_matches_the_sequential_run(clip_dir, tmp_path):
     for r in seq.rows:  # the same bytes, not just the same numbers
         assert (tmp_path / "seq/points/grainy" / r["file"]).read_bytes() == \
                (tmp_path / "ray/points/grainy" / r["file"]).read_bytes()
+    # Each job says where it ran: Ray tasks in worker processes with Ray's (here empty) GPU list.
+    for r in seq.rows:
+        local = json.loads((tmp_path / "seq/points/grainy" / (r["point"] + ".json")).read_text())["worker"]
+        remote = json.loads((tmp_path / "ray/points/grainy" / (r["point"] + ".json")).read_text())["worker"]
+        assert local["pid"] == os.getpid() and "ray_gpu_ids" not in local
+        assert remote["pid"] != os.getpid() and remote["ray_gpu_ids"] == [] and remote["ray_task_id"]

@@ -238,8 +238,43 @@ def run_baseline_point(spec: dict[str, Any]) -> dict[str, Any]:
     return {"row": row, "quality": report.to_dict(), "encode": enc.to_dict()}
 
 
+def worker_info() -> dict[str, Any]:
+    """Where a job ran: host, process, the GPUs it was given (Ray's own report when inside a Ray task)."""
+    import os
+    import socket
+
+    info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info["ray_gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+            info["ray_node_id"] = ctx.get_node_id()
+            info["ray_task_id"] = ctx.get_task_id()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception as e:  # noqa: BLE001 — this is a report, never a reason to fail a job
+        info["cuda_device_error"] = str(e)
+    return info
+
+
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
-    """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside)."""
+    """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside).
+
+    The result also says where the job ran (``"worker"``: host, GPUs as Ray reported them)."""
+    result = _run_point(spec)
+    result["worker"] = worker_info()
+    return result
+
+
+def _run_point(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["inputs"]["codec"] == "promptus":
         return run_promptus_point(spec)
     return run_baseline_point(spec)
