@@ -71,7 +71,7 @@ from .prompts import QuantizedTensor, quant_params, quantize
 __all__ = [
     "MAGIC", "VERSION", "PRECISIONS", "CODECS", "ENTROPY_CHOICES", "ModelIdentity", "Header", "InitLatent", "Keyframe",
     "Bitstream", "RecordInfo", "StreamParser", "to_bytes", "from_bytes", "write", "read", "iter_records", "layout",
-    "describe", "compress_codes", "entropy_code",
+    "describe", "compress_codes", "entropy_code", "split_records", "parse_record",
 ]
 
 #: File signature. Like PNG's: a high-bit byte (catches 7-bit transfers), a name,
@@ -861,6 +861,91 @@ class StreamParser:
         self.done = True
         self.records.append(RecordInfo("end", offset, size, length))
         return None
+
+
+# ------------------------------------------------------ single records
+
+
+def split_records(data: bytes) -> tuple[list[bytes], BitstreamError | None]:
+    """The pieces of a file as a stream sends them: signature + version + header record,
+    init latent record, each keyframe record, end record.
+
+    Each piece is a whole framed record that :func:`parse_record` reads on its own.
+    A damaged file yields its intact leading pieces and the BitstreamError that
+    stopped the split (``None`` for a sound file).
+    """
+    data = _as_bytes(data)
+    parser = StreamParser()
+    error = None
+    try:
+        parser.feed(data)
+        parser.close()
+    except BitstreamError as e:
+        error = e
+    recs = parser.records
+    pieces: list[bytes] = []
+    if len(recs) >= 2:  # signature+version, header: sent together so that every stream starts self-describing
+        pieces.append(data[:recs[1].offset + recs[1].size])
+        pieces += [data[r.offset:r.offset + r.size] for r in recs[2:]]
+    return pieces, error
+
+
+def parse_record(piece: bytes, header: Header | None = None) -> Item | None:
+    """One piece of :func:`split_records` on its own: the Header (the piece starts with
+    the signature), an InitLatent or a Keyframe (both need ``header``), or None for the
+    end record.
+
+    Unlike :class:`StreamParser` it does not require keyframes in order: a receiver
+    checks the index itself, so that it can conceal a lost record and resynchronise
+    at the next good one. Any flaw raises a BitstreamError naming the record.
+    """
+    piece = _as_bytes(piece)
+    if piece[:4] == MAGIC[:4]:  # the signature: a header piece
+        parser = StreamParser()
+        items = parser.feed(piece)
+        if not items or parser.offset != len(piece):
+            raise BitstreamError(f"header piece of {len(piece)} bytes is truncated or has trailing data "
+                                 "— the stream is damaged", record="header record")
+        return items[0]
+    if len(piece) < _FRAMING:
+        raise BitstreamError(f"a record piece of {len(piece)} bytes is shorter than a record's framing "
+                             f"({_FRAMING} bytes) — it was truncated", record="record")
+    rtype, length = _FRAME.unpack_from(piece, 0)
+    name = _KIND.get(rtype, f"record {rtype!r}")
+    if rtype not in (_INIT, _KEYF, _END):
+        raise BitstreamError(f"unknown or misplaced record type {rtype!r} — the stream is damaged", record=name)
+    if len(piece) != length + _FRAMING:
+        raise BitstreamError(f"{name} record: {len(piece)} bytes where its framing announces {length + _FRAMING} "
+                             "— it was truncated or padded", record=name)
+    payload = piece[_FRAME.size:_FRAME.size + length]
+    (crc,) = _CRC.unpack_from(piece, _FRAME.size + length)
+    if crc != zlib.crc32(payload, zlib.crc32(rtype)):
+        raise BitstreamError(f"{name} record: checksum mismatch — its bytes were damaged", record=name)
+    if rtype == _END:
+        if length:
+            raise BitstreamError("end record with a payload — the stream is damaged", record=name)
+        return None
+    if header is None:
+        raise BitstreamError(f"a {name} record came before the header", record=name)
+    try:
+        if rtype == _INIT:
+            return _unpack_init(payload, header)
+        if len(payload) < _KEYF_FIXED.size:
+            raise _FormatError(f"payload of {len(payload)} bytes is shorter than a keyframe's fixed part")
+        index = _KEYF_FIXED.unpack_from(payload)[0]
+        position, rest = divmod(index, header.interval)
+        if rest or position >= header.keyframe_count:
+            raise _FormatError(f"keyframe index {index} is not one of 0, {header.interval}, ... up to the clip's "
+                               f"{header.keyframe_count} keyframes")
+        if len(payload) > _KEYF_FIXED.size + _code_bytes(header.config):
+            raise _FormatError(f"payload of {len(payload)} bytes is longer than a keyframe can be")
+        return _unpack_keyframe(payload, header, position)[0]
+    except _FormatError as e:
+        raise BitstreamError(f"{name} record: {e} — the stream is damaged", record=name) from None
+    except PromptusError:
+        raise
+    except Exception as e:  # malformed input must only ever raise BitstreamError
+        raise BitstreamError(f"{name} record: unreadable payload ({type(e).__name__}: {e})", record=name) from None
 
 
 # ------------------------------------------------------------ entry points

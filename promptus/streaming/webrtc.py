@@ -1,0 +1,132 @@
+"""WebRTC video of a :class:`~promptus.streaming.viewer.ViewSession` (aiortc).
+
+The browser makes the offer (one receive-only video transceiver and a data
+channel named "stats"); the server answers preferring H.264, else VP8, sends the
+regenerated frames as the video track and the session's numbers on the data
+channel twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+
+from aiortc import MediaStreamTrack  # this module is imported only where aiortc is installed
+
+from ..errors import PromptusError
+from .viewer import ViewSession
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK = 90_000  # RTP video clock rate
+
+
+class WebRTCSession:
+    """One RTCPeerConnection sending one ViewSession's frames."""
+
+    def __init__(self, session: ViewSession):
+        from aiortc import RTCPeerConnection
+
+        self.session = session
+        self.pc = RTCPeerConnection()
+        self.done = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+        @self.pc.on("connectionstatechange")
+        async def _state():
+            log.info("webrtc: connection %s", self.pc.connectionState)
+            if self.pc.connectionState in ("failed", "closed"):
+                await self.close()
+
+        @self.pc.on("datachannel")
+        def _channel(channel):
+            if channel.label == "stats":
+                self._tasks.append(asyncio.ensure_future(self._send_stats(channel)))
+
+    async def answer(self, sdp: str, kind: str) -> dict:
+        """Take the browser's offer, return the answer (after ICE gathering)."""
+        from aiortc import RTCRtpSender, RTCSessionDescription
+
+        if kind != "offer":
+            raise PromptusError(f"expected an SDP offer, got {kind!r}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        track = _SessionTrack(self.session, self)
+        video = [t for t in self.pc.getTransceivers() if t.kind == "video"]
+        if not video:
+            raise PromptusError("the offer has no video transceiver; add one with direction 'recvonly'")
+        transceiver = video[0]
+        self.pc.addTrack(track)  # takes the offer's video transceiver and makes it send
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        prefer = [c for c in caps if c.mimeType == "video/H264"] + [c for c in caps if c.mimeType == "video/VP8"]
+        prefer += [c for c in caps if c.mimeType == "video/rtx"]
+        try:
+            transceiver.setCodecPreferences(prefer)
+        except Exception as e:  # noqa: BLE001 - keep aiortc's default order
+            log.info("webrtc: codec preferences not set: %s", e)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        codec = _negotiated_codec(self.pc.localDescription.sdp)
+        self.session.transport, self.session.codec = "webrtc", codec
+        return {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type, "codec": codec}
+
+    async def _send_stats(self, channel) -> None:
+        try:
+            while not self.done.is_set():
+                if channel.readyState == "open":
+                    channel.send(json.dumps(self.session.stats()))
+                await asyncio.sleep(0.5)
+        except Exception as e:  # noqa: BLE001 - a closed channel ends the loop
+            log.info("webrtc: stats channel closed: %s", e)
+
+    async def close(self) -> None:
+        if self.done.is_set():
+            return
+        self.done.set()
+        self.session.close()
+        for t in self._tasks:
+            t.cancel()
+        await self.pc.close()
+
+
+def _negotiated_codec(sdp: str) -> str | None:
+    """The first video codec of an SDP answer (the one that will be sent)."""
+    in_video, payloads, names = False, [], {}
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            in_video = line.startswith("m=video")
+            if in_video:
+                payloads = line.split()[3:]
+        elif in_video and line.startswith("a=rtpmap:"):
+            pt, _, rest = line[len("a=rtpmap:"):].partition(" ")
+            names[pt] = rest.split("/")[0]
+    for pt in payloads:
+        if names.get(pt) not in (None, "rtx", "red", "ulpfec"):
+            return names[pt]
+    return None
+
+
+class _SessionTrack(MediaStreamTrack):
+    """The ViewSession's frames as a WebRTC video track, stamped on the 90 kHz RTP clock."""
+
+    kind = "video"
+
+    def __init__(self, session: ViewSession, owner: WebRTCSession):
+        super().__init__()
+        self.session, self.owner = session, owner
+        self._frames = session.frames()
+
+    async def recv(self):
+        import av
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            f = await self._frames.__anext__()
+        except StopAsyncIteration:
+            self.stop()
+            raise MediaStreamError from None
+        frame = av.VideoFrame.from_ndarray(f.rgb, format="rgb24")
+        frame.pts = round(f.index * VIDEO_CLOCK / self.session.rate)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        return frame
