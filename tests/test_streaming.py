@@ -32,7 +32,7 @@ from promptus.backends import make_backend  # noqa: E402
 from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, split_records, to_bytes  # noqa: E402
 from promptus.config import CodecConfig  # noqa: E402
 from promptus.decoder import Decoder  # noqa: E402
-from promptus.errors import BitstreamError  # noqa: E402
+from promptus.errors import BitstreamError, PromptusError  # noqa: E402
 from promptus.prompts import quantize_tensor  # noqa: E402
 from promptus.streaming import (  # noqa: E402
     AdmissionError, ConcealingReader, Receiver, StreamScheduler, backend_decoders, create_app,
@@ -231,3 +231,185 @@ def test_garbage_from_a_client_gets_an_error_and_a_closed_socket(server):
     _, close = asyncio.run(go("x" * 100_000))
     assert close == 1009
     assert httpx.get(server.http("/api/status"), timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------- faults
+
+
+class FaultyProxy:
+    """A WebSocket relay on 127.0.0.1 that damages chosen binary messages of the stream.
+
+    ``faults`` maps the index of a binary message (0 = header piece) to "flip"
+    (one byte of the payload inverted), "truncate" (the last 7 bytes cut off) or
+    "drop" (never delivered).
+    """
+
+    def __init__(self, upstream: str, faults: dict[int, str]):
+        self.upstream, self.faults = upstream, faults
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from websockets.asyncio.client import connect
+        from websockets.asyncio.server import serve
+
+        async def relay(client):
+            async with connect(self.upstream + client.request.path) as up:
+                n = 0
+                async for msg in up:
+                    if isinstance(msg, bytes):
+                        fault = self.faults.get(n)
+                        n += 1
+                        if fault == "drop":
+                            continue
+                        if fault == "flip":
+                            msg = bytearray(msg)
+                            msg[len(msg) // 2] ^= 0xFF
+                            msg = bytes(msg)
+                        elif fault == "truncate":
+                            msg = msg[:-7]
+                    await client.send(msg)
+
+        async def main():
+            self.stop = asyncio.get_running_loop().create_future()
+            async with serve(relay, HOST, 0) as srv:
+                self.port = srv.sockets[0].getsockname()[1]
+                self.ready.set()
+                await self.stop
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(main())
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.stop.set_result, None)
+        self.thread.join(10)
+
+
+def test_damaged_records_are_reported_and_concealed_and_the_stream_goes_on(server, clips, offline, decoder_for):
+    _, bss = clips
+    bs = bss["clip.promptus"]
+    T = bs.header.interval
+    # message 0 = header, 1 = init latent, 2 + k = keyframe k
+    faults = {2 + 3: "flip", 2 + 6: "truncate", 2 + 8: "drop"}
+    with FaultyProxy(server.ws(), faults) as proxy:
+        rx, segs = receive_all(f"ws://{HOST}:{proxy.port}/ws/prompts/clip.promptus?pace=fast", decoder_for)
+    frames = frames_of(segs)
+    ref = offline["clip.promptus"]
+    assert frames.shape[0] == bs.header.frame_count  # every frame still comes out
+    damaged = [str(d) for d in rx.stats.damage]
+    print("\n" + "\n".join(damaged))
+    assert len(damaged) == 3
+    assert "checksum" in damaged[0] and "truncated" in damaged[1] and "never arrived" in damaged[2]
+    assert all("held the prompt" in d for d in damaged)
+    assert [s.start for s in segs if s.concealed] == [2 * T + 1, 5 * T + 1, 7 * T + 1]
+    # Before the first damage the frames are exact; the concealed segments differ from the
+    # original (the held prompt) and the stream resynchronises at the next good keyframe.
+    assert torch.equal(frames[:2 * T + 1], ref[:2 * T + 1])
+    assert not torch.equal(frames[2 * T + 1:3 * T + 1], ref[2 * T + 1:3 * T + 1])
+
+
+def test_concealing_reader_without_the_network(tiny):
+    bs = make_clip(tiny, frame_count=17, interval=4)
+    pieces, err = split_records(to_bytes(bs))
+    assert err is None and len(pieces) == 2 + 5 + 1
+    r = ConcealingReader()
+    out = []
+    bad = bytearray(pieces[2])
+    bad[-1] ^= 1  # keyframe 0's CRC
+    for p in [pieces[0], pieces[1], bytes(bad), pieces[3], pieces[5], pieces[4], pieces[6], pieces[7]]:
+        out += r.feed(p)
+    kinds = [type(x).__name__ for x in out]
+    # keyframe 0 damaged: keyframe 1's prompt stands in for it; keyframe 3 lost: keyframe 2's held;
+    # the late keyframe 2... arrives after 3 and is dropped.
+    assert kinds == ["Header", "InitLatent", "Concealed", "Keyframe", "Concealed", "Keyframe", "Keyframe"]
+    idx = [getattr(x, "keyframe", x).index for x in out[2:]]
+    assert idx == [0, 4, 8, 12, 16]
+    assert len(r.damage) == 3 and "first good keyframe stands in" in str(r.damage[0])
+    with pytest.raises(BitstreamError, match="header is damaged"):
+        ConcealingReader().feed(pieces[0][:-3])
+    r2 = ConcealingReader()
+    r2.feed(pieces[0])
+    with pytest.raises(BitstreamError, match="init latent is damaged"):
+        r2.feed(pieces[1][:-1])
+
+
+def test_a_truncated_file_is_served_up_to_the_damage(server, clips, offline, decoder_for):
+    root, bss = clips
+    data = to_bytes(bss["sub/short.promptus"])
+    (root / "cut.promptus").write_bytes(data[:-1500])  # cut inside the last keyframe record
+    segs = []
+
+    async def go():
+        rx = Receiver(server.ws("/ws/prompts/cut.promptus?pace=fast"), decoder_for=decoder_for)
+        with pytest.raises(PromptusError, match="the file is damaged.*keyframe record 5"):
+            async for seg in rx:
+                segs.append(seg)
+        return rx
+
+    try:
+        rx = asyncio.run(asyncio.wait_for(go(), 30))
+    finally:
+        (root / "cut.promptus").unlink()
+    # The intact keyframes 0..4 give frames 0..16, exactly; the stream is reported cut short.
+    assert torch.equal(frames_of(segs), offline["sub/short.promptus"][:17])
+    assert "ended after 5 of 6 keyframes" in str(rx.stats.damage[-1])
+
+
+def _client_script(url: str) -> str:
+    return textwrap.dedent(f"""
+        import asyncio, sys
+        from websockets.asyncio.client import connect
+        async def main():
+            async with connect({url!r}) as c:
+                n = 0
+                async for m in c:
+                    n += 1
+                    if n == 4:
+                        print("receiving", flush=True)
+        asyncio.run(main())
+    """)
+
+
+def test_a_client_killed_mid_stream_is_dropped_without_stalling_others(server, clips, offline, decoder_for):
+    url = server.ws("/ws/prompts/clip.promptus")
+    proc = subprocess.Popen([sys.executable, "-c", _client_script(url)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "receiving"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # Another client is served in full while the server notices the dead one.
+        rx, segs = receive_all(url, decoder_for)
+        assert torch.equal(frames_of(segs), offline["clip.promptus"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while httpx.get(server.http("/api/status"), timeout=10).json()["clients"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server.http("/api/status"), timeout=10).json()["clients"] == 0
+
+
+def test_fifty_clients_at_once(server, clips):
+    root, _ = clips
+    pieces, _ = split_records((root / "clip.promptus").read_bytes())
+
+    async def one(i):
+        async with websockets.connect(server.ws("/ws/prompts/clip.promptus")) as c:
+            got = [m async for m in c if isinstance(m, bytes)]
+            return got
+
+    async def all_():
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(50)))
+        return results, time.perf_counter() - t0
+
+    results, wall = asyncio.run(asyncio.wait_for(all_(), 60))
+    assert all(r == pieces for r in results)  # byte for byte: every record, in order, to every client
+    print(f"\n50 clients, each paced in real time: all {len(pieces)} pieces to each in {wall:.2f} s")
+    assert httpx.get(server.http("/api/status"), timeout=10).json()["clients"] == 0

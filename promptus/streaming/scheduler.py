@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..bitstream import Header, InitLatent, Keyframe
@@ -282,24 +283,24 @@ class StreamScheduler:
                 (1 - self.smoothing) * self.capacity + self.smoothing * fps)
 
     def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3) -> float:
-        """Decode the first ``rounds`` full segments of a clip (warming up the backend) and set
-        ``capacity`` to the frames/s of the last of them; returns it."""
+        """Decode ``rounds`` full segments of a clip (warming up the backend) and set ``capacity``
+        to the median frames/s of all but the first; returns it."""
         decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]
         if not keyframes or not full:
             raise PromptusError("calibration needs a clip with at least one full segment")
-        last = math.nan
+        rates = []
         with self._device:
-            for r in range(rounds):
+            for r in range(max(2, rounds)):
                 if r % len(full) == 0:  # (re)start the clip: frame 0 first
                     state = decoder.start(header, init)
                     _host(state.push(keyframes[0]).frames)
                 t0 = time.perf_counter()
                 n = _host(state.push(full[r % len(full)]).frames).shape[0]
-                last = n / (time.perf_counter() - t0)
-        self.capacity = last
-        log.info("scheduler: the device sustains %.0f frames/s (%s)", last, decoder.backend.describe())
-        return last
+                rates.append(n / (time.perf_counter() - t0))
+        self.capacity = float(np.median(rates[1:]))  # the first round warms up (graph capture, compilation)
+        log.info("scheduler: the device sustains %.0f frames/s (%s)", self.capacity, decoder.backend.describe())
+        return self.capacity
 
     # -- admission
 

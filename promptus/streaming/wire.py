@@ -73,13 +73,16 @@ class ConcealingReader:
     """
 
     def __init__(self) -> None:
+        self.damage: list[Damage] = []
+        self._reset()
+
+    def _reset(self) -> None:
         self.header: Header | None = None
         self.init: InitLatent | None = None
         self.position = 0  # the keyframe (by position) expected next
         self.last: Keyframe | None = None  # the last good keyframe
         self.owed = 0  # keyframe positions lost before any good keyframe
         self.ended = False
-        self.damage: list[Damage] = []
 
     @property
     def complete(self) -> bool:
@@ -91,7 +94,7 @@ class ConcealingReader:
         except BitstreamError as e:
             return self._damaged(piece, e)
         if isinstance(item, Header):
-            self.__init__()
+            self._reset()  # a (re)start; the damage report goes on
             self.header = item
             return [item]
         if item is None:  # the end record

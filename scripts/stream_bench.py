@@ -1,0 +1,61 @@
+"""Many real-time streams on one GPU: aggregate FPS, per-stream rate, latency, admission.
+
+    python scripts/stream_bench.py --streams 1 2 4 8 12 16 --json benchmarks/stream_h200.json
+
+Full-size SD-Turbo architecture with random weights (the cost does not depend on
+the weights) unless --model names real ones; see promptus.streaming.bench.
+"""
+
+import argparse
+import json
+import sys
+
+from promptus.errors import PromptusError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16], help="stream counts to run")
+    p.add_argument("--backend", default="compile", help="decoder backend (default: compile)")
+    p.add_argument("--model", default="random", help="'random' (full size, random weights), 'tiny', or weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--interval", type=int, default=10)
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate of every stream (default: 30)")
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each run (default: 6)")
+    p.add_argument("--headroom", type=float, default=0.9, help="share of the capacity admission may promise")
+    p.add_argument("--no-lever", action="store_true", help="skip the batch-size measurement")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    from promptus.backends import resolve_device
+    from promptus.files import atomic_write
+    from promptus.models import full_size_random_models, load_models
+    from promptus.streaming.bench import bench_streams, format_table
+
+    logging.basicConfig(level=logging.INFO, format="stream-bench: %(message)s")
+    try:
+        dev = resolve_device(args.device)
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        models = (full_size_random_models(dev, dtype) if args.model == "random"
+                  else load_models(args.model, device=dev, dtype=dtype, vae=False))
+        result = bench_streams(models, dev, backend=args.backend, size=args.size, interval=args.interval,
+                               fps=args.fps, counts=args.streams, seconds=args.seconds, headroom=args.headroom,
+                               lever=not args.no_lever)
+    except PromptusError as e:
+        print(f"stream_bench: error: {e}", file=sys.stderr)
+        return 1
+    result["command"] = "python scripts/stream_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(result))
+    if args.json:
+        atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
