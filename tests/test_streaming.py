@@ -413,3 +413,130 @@ def test_fifty_clients_at_once(server, clips):
     assert all(r == pieces for r in results)  # byte for byte: every record, in order, to every client
     print(f"\n50 clients, each paced in real time: all {len(pieces)} pieces to each in {wall:.2f} s")
     assert httpx.get(server.http("/api/status"), timeout=10).json()["clients"] == 0
+
+
+# ------------------------------------------------------------------- scheduler
+
+
+def test_admission_control_refuses_what_the_device_cannot_serve_in_real_time(tiny, decoder_for):
+    bs = make_clip(tiny, fps=30.0)
+    sched = StreamScheduler(decoder_for, headroom=0.9)
+    sched.capacity = 100.0  # frames/s, as if measured
+    handles = [sched.open(bs.header, bs.init) for _ in range(3)]  # 90 of the 90 usable frames/s
+    assert sched.load == 90.0 and all(h.admission.realtime for h in handles)
+    adm = sched.admit(30.0)
+    assert not adm.admitted and "GPU is busy" in adm.reason
+    with pytest.raises(AdmissionError) as e:
+        sched.open(bs.header, bs.init)
+    assert e.value.admission.offer == 0.0  # 90% of 100 frames/s are promised already
+    handles[0].close()
+    lower = sched.open(bs.header, bs.init, rate=60.0, accept_lower=True)  # 30 of the 60 asked for
+    assert lower.rate == pytest.approx(30.0) and not lower.admission.realtime
+    with pytest.raises(AdmissionError):  # nothing left, not even at a lower rate
+        sched.open(bs.header, bs.init, accept_lower=True)
+
+
+def test_scheduler_serves_streams_exactly_and_a_stalled_consumer_holds_up_no_one(tiny, decoder_for, clips, offline):
+    _, bss = clips
+    bs = bss["clip.promptus"]
+    with StreamScheduler(decoder_for, max_queued=2) as sched:
+        stalled = sched.open(bs.header, bs.init)
+        live = [sched.open(bs.header, bs.init) for _ in range(2)]
+        for h in [stalled, *live]:
+            for kf in bs.keyframes:
+                h.push(kf)
+            h.end()
+        outs = []
+        for h in live:
+            segs = []
+            while (seg := h.get(timeout=30)) is not None:
+                segs.append(seg)
+            outs.append(torch.cat([s.frames for s in segs]))
+        assert all(torch.equal(o, offline["clip.promptus"]) for o in outs)
+        assert len(stalled.out) == 2  # decoded up to its queue bound, then skipped
+        assert sched.capacity > 0
+        stalled.close()
+
+
+# ------------------------------------------------------------------ the browser
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser_server(tiny, tmp_path_factory, decoder_for):
+    """A 4-second clip with its original video beside it, served with the viewer."""
+    from promptus.video import FrameWriter, sky_clip
+
+    root = tmp_path_factory.mktemp("browser")
+    bs = make_clip(tiny, frame_count=97, interval=4, fps=24.0, seed=3)
+    (root / "sky.promptus").write_bytes(to_bytes(bs))
+    frames = sky_clip(frame_count=97, size=64)
+    with FrameWriter(root / "sky.mp4", 24.0, crf=23) as w:
+        w.write_batch(frames)
+    with ServerThread(create_app(root, decoder_for=decoder_for)) as s:
+        yield s
+
+
+def _artifact(path: Path) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, ARTIFACTS / path.name)
+
+
+def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) is not installed")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium on this machine (CI installs Debian's chromium)")
+    args = ["--no-sandbox", "--autoplay-policy=no-user-gesture-required",
+            # host candidates as plain addresses: aiortc cannot resolve the browser's mDNS names here
+            "--disable-features=WebRtcHideLocalIpsWithMdns"]
+    results = {}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            logs = []
+            page.on("console", lambda m: logs.append(m.text))
+            for transport in ("websocket", "webrtc"):
+                page.goto(browser_server.http(f"/?clip=sky.promptus&transport={transport}"))
+                try:
+                    page.wait_for_function(
+                        "() => { const s = window.promptusViewer; return s && s.framesShown >= 24 "
+                        "&& s.statsUpdates >= 3 && (s.transport === 'websocket' || s.transport === 'webrtc') "
+                        "&& (s.transport !== 'webrtc' || s.videoKbps !== null) }",
+                        timeout=30_000)
+                except Exception:
+                    print(transport, page.evaluate("() => ({...window.promptusViewer})"), "\n".join(logs))
+                    raise
+                state = page.evaluate("() => ({...window.promptusViewer})")
+                assert state["transport"] == transport, (state, logs)
+                fps = float(page.inner_text("#stat-fps"))
+                kbps = float(page.inner_text("#stat-prompt-kbps"))
+                h264 = float(page.inner_text("#stat-h264-kbps"))
+                latency = float(page.inner_text("#stat-latency"))
+                assert fps > 5 and kbps > 0 and h264 > 0 and latency > 0
+                page.wait_for_timeout(500)
+                shot = tmp_path / f"viewer_{transport}.png"
+                page.screenshot(path=str(shot))
+                _artifact(shot)
+                if transport == "websocket":  # the canvas holds a real image, not a blank
+                    spread = page.evaluate(
+                        "() => { const c = document.getElementById('ws-canvas');"
+                        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                        " let lo = 255, hi = 0; for (let i = 0; i < d.length; i += 4) {"
+                        " lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); } return hi - lo; }")
+                    assert spread > 20
+                results[transport] = (state["codec"], fps, kbps, h264, latency, state["framesShown"])
+        finally:
+            browser.close()
+    for t, (codec, fps, kbps, h264, latency, n) in results.items():
+        print(f"\n{t}: codec {codec}, {fps:.0f} fps, prompts {kbps:.0f} kbit/s, H.264 original {h264:.0f} kbit/s, "
+              f"latency {latency:.0f} ms, {n} frames shown")
+    print(f"screenshots: {ARTIFACTS}")

@@ -42,8 +42,9 @@ class Admission:
     """The scheduler's answer to a viewer asking for a stream at ``requested`` frames/s.
 
     ``rate`` is what it may have (0 when refused); ``capacity`` the measured frames/s
-    of the device (``nan`` before any measurement) and ``load`` the frames/s already
-    promised to ``streams`` open streams.
+    of the device (``nan`` before any measurement), ``load`` the frames/s already
+    promised to ``streams`` open streams and ``offer`` the frames/s still free for one
+    more stream (at a lower rate than asked, when refused).
     """
 
     admitted: bool
@@ -53,17 +54,11 @@ class Admission:
     load: float
     streams: int
     reason: str
+    offer: float = 0.0
 
     @property
     def realtime(self) -> bool:
         return self.admitted and self.rate >= self.requested
-
-    @property
-    def offer(self) -> float:
-        """Frames/s still free for a lower-rate stream (0 when there is none)."""
-        if math.isnan(self.capacity):
-            return self.requested
-        return max(0.0, self.rate if self.admitted else self.capacity - self.load)
 
     def to_dict(self) -> dict:
         return {"admitted": self.admitted, "rate": self.rate, "requested": self.requested, "realtime": self.realtime,
@@ -126,6 +121,7 @@ class StreamHandle:
         self.origin: float | None = None  # display time of frame ``first_frame``
         self.first_frame = 0
         self.ended = False
+        self.busy = False  # a keyframe of this stream is on the device
         self.closed = False
         self.error: BaseException | None = None
         self.frames_done = 0
@@ -170,7 +166,7 @@ class StreamHandle:
                 seg = self.out.popleft()
                 self.scheduler._cv.notify_all()  # room for the next segment
                 return True, seg
-            if self.closed or (self.ended and not self.pending):
+            if self.closed or (self.ended and not self.pending and not self.busy):
                 return True, None
             return False, None
 
@@ -327,16 +323,16 @@ class StreamScheduler:
         if n >= self.max_streams:
             return Admission(False, 0.0, rate, cap, load, n, f"the server already serves {n} streams, its limit")
         if math.isnan(cap):  # nothing measured yet: admit; the first segments measure the device
-            return Admission(True, rate, rate, cap, load, n, "admitted (device not measured yet)")
+            return Admission(True, rate, rate, cap, load, n, "admitted (device not measured yet)", rate)
         budget = self.headroom * cap
-        if load + rate <= budget:
-            return Admission(True, rate, rate, cap, load, n, "admitted in real time")
         left = max(0.0, budget - load)
+        if load + rate <= budget:
+            return Admission(True, rate, rate, cap, load, n, "admitted in real time", left)
         return Admission(False, 0.0, rate, cap, load, n,
                          f"the GPU is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s it sustains "
                          f"({100 * self.headroom:.0f}% usable); one more at {rate:g} frames/s would make every "
                          f"stream late. {left:.1f} frames/s are free: watch at that rate (slower than real time) "
-                         "or try again later")
+                         "or try again later", left)
 
     def open(self, header: Header, init: InitLatent, *, rate: float | None = None, accept_lower: bool = False,
              force: bool = False) -> StreamHandle:
@@ -355,11 +351,13 @@ class StreamScheduler:
                 free = adm.offer
                 if accept_lower and free >= self.min_rate_fraction * rate and adm.streams < self.max_streams:
                     adm = Admission(True, free, rate, adm.capacity, adm.load, adm.streams,
-                                    f"admitted at {free:.1f} frames/s, slower than the clip's {rate:g} (GPU busy)")
+                                    f"admitted at {free:.1f} frames/s, slower than the clip's {rate:g} (GPU busy)",
+                                    free)
                 else:
                     raise AdmissionError(adm)
             elif not adm.admitted:
-                adm = Admission(True, rate, rate, adm.capacity, adm.load, adm.streams, "forced past admission control")
+                adm = Admission(True, rate, rate, adm.capacity, adm.load, adm.streams, "forced past admission control",
+                                adm.offer)
         state = decoder.start(header, init)  # checks the model identity, uploads the init latent
         handle = StreamHandle(self, state, adm.rate, adm, self.max_pending, self.max_queued)
         with self._cv:
@@ -391,6 +389,7 @@ class StreamScheduler:
                 if self._stop:
                     return
                 keyframe, arrived, concealed = job.pending.popleft()
+                job.busy = True
             try:
                 with self._device:
                     t0 = time.perf_counter()
@@ -403,6 +402,7 @@ class StreamScheduler:
                 with self._cv:
                     job.next_frame = out.stop
                     job.frames_done += n
+                    job.busy = False
                     if not job.closed:
                         job.out.append(out)
                     self._cv.notify_all()
@@ -410,6 +410,7 @@ class StreamScheduler:
                 log.warning("stream failed: %s", e)
                 with self._cv:
                     job.error = e
+                    job.busy = False
                     job.closed = True
                     if job in self._streams:
                         self._streams.remove(job)

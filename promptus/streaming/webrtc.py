@@ -51,20 +51,15 @@ class WebRTCSession:
 
         if kind != "offer":
             raise PromptusError(f"expected an SDP offer, got {kind!r}")
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        track = _SessionTrack(self.session, self)
-        video = [t for t in self.pc.getTransceivers() if t.kind == "video"]
-        if not video:
-            raise PromptusError("the offer has no video transceiver; add one with direction 'recvonly'")
-        transceiver = video[0]
-        self.pc.addTrack(track)  # takes the offer's video transceiver and makes it send
+        # A sending transceiver made before the offer is applied takes the offer's video m-line;
+        # its codec preferences (H.264 first, VP8 as the fallback) decide what the answer sends.
+        transceiver = self.pc.addTransceiver(_SessionTrack(self.session, self), direction="sendonly")
         caps = RTCRtpSender.getCapabilities("video").codecs
-        prefer = [c for c in caps if c.mimeType == "video/H264"] + [c for c in caps if c.mimeType == "video/VP8"]
-        prefer += [c for c in caps if c.mimeType == "video/rtx"]
-        try:
-            transceiver.setCodecPreferences(prefer)
-        except Exception as e:  # noqa: BLE001 - keep aiortc's default order
-            log.info("webrtc: codec preferences not set: %s", e)
+        transceiver.setCodecPreferences([c for c in caps if c.mimeType == "video/H264"]
+                                        + [c for c in caps if c.mimeType in ("video/VP8", "video/rtx")])
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if transceiver.mid is None:
+            raise PromptusError("the offer has no video transceiver; add one with direction 'recvonly'")
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         codec = _negotiated_codec(self.pc.localDescription.sdp)

@@ -1,0 +1,276 @@
+// Promptus viewer: pick a clip; the server regenerates it and sends the frames over WebRTC,
+// or over WebSocket (JPEG on a canvas) when WebRTC cannot connect. State for tests: window.promptusViewer.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = window.promptusViewer = {
+  clip: null, transport: "idle", codec: null, fallbackReason: null, framesShown: 0, fps: 0,
+  stats: null, statsUpdates: 0, rtt: 0, jitterMs: 0, videoKbps: null, error: null, ended: false, admission: null,
+};
+let session = null;  // {close()}
+const history = [];  // [{prompt, video, h264}]
+
+function clipPath(name) { return name.split("/").map(encodeURIComponent).join("/"); }
+function fmt(x, digits = 0) { return x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits); }
+
+async function loadClips() {
+  const list = $("clips");
+  try {
+    const r = await fetch("/api/clips");
+    const data = await r.json();
+    list.innerHTML = "";
+    for (const c of data.clips) {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.dataset.clip = c.name;
+      b.innerHTML = `${c.name}<small>${c.error ? c.error : `${c.frames} frames · ${c.width}×${c.height} · ${fmt(c.kbps)} kbit/s`}</small>`;
+      b.disabled = !!c.error;
+      b.onclick = () => play(c);
+      li.appendChild(b);
+      list.appendChild(li);
+    }
+    if (!data.clips.length) list.innerHTML = '<li class="muted">no .promptus files here</li>';
+    const wanted = params.get("clip");
+    const pick = data.clips.find((c) => c.name === wanted);
+    if (pick) play(pick);
+  } catch (e) {
+    list.innerHTML = `<li class="muted">cannot list clips: ${e}</li>`;
+  }
+}
+
+async function pollStatus() {
+  try {
+    const s = await (await fetch("/api/status")).json();
+    $("server-status").textContent = s.viewer
+      ? `${s.streams} stream(s) on the GPU · capacity ${fmt(s.capacity)} frames/s · WebRTC ${s.webrtc}`
+      : "this server streams prompts only (no model loaded)";
+  } catch (e) { $("server-status").textContent = "server unreachable"; }
+}
+
+function setTransport(kind, codec) {
+  state.transport = kind; state.codec = codec;
+  const t = $("transport");
+  t.textContent = kind === "webrtc" ? `WebRTC · ${codec || "?"}` : kind === "websocket" ? "WebSocket · JPEG" : kind;
+  t.className = `badge ${kind}`;
+  if (state.fallbackReason && kind === "websocket") t.title = `WebRTC did not connect: ${state.fallbackReason}`;
+  $("rtc-video").hidden = kind !== "webrtc";
+  $("ws-canvas").hidden = kind !== "websocket";
+  $("placeholder").hidden = kind === "webrtc" || kind === "websocket";
+}
+
+function notice(html) {
+  const n = $("notice");
+  n.hidden = !html;
+  n.innerHTML = html || "";
+}
+
+function showOriginal(clip, rate) {
+  const panel = $("original-panel"), v = $("original-video");
+  if (!clip.original) { panel.hidden = true; v.removeAttribute("src"); return null; }
+  panel.hidden = false;
+  $("original-codec").textContent = clip.original_codec || "";
+  v.src = `/files/${clipPath(clip.original)}`;
+  v.playbackRate = rate / clip.fps;
+  return v;
+}
+
+function updateStats(s) {
+  state.stats = s; state.statsUpdates += 1;
+  const extraLatency = 1000 * state.rtt / 2 + state.jitterMs;
+  $("stat-prompt-kbps").textContent = fmt(s.prompt_kbps);
+  $("stat-h264-kbps").textContent = fmt(s.h264_kbps);
+  $("stat-h264-kbps").title = s.h264_kbps ? `the original file (${s.original_codec})` : "no original next to this clip";
+  const video = state.transport === "webrtc" ? state.videoKbps : s.video_kbps;
+  $("stat-video-kbps").textContent = fmt(video);
+  $("stat-latency").textContent = s.latency_ms === null ? "–" : fmt(s.latency_ms + extraLatency);
+  $("stat-frame").textContent = fmt(s.frames);
+  $("stat-frames-total").textContent = `of ${s.frame_count}`;
+  $("stat-streams").textContent = s.streams;
+  $("stat-capacity").textContent = `stream${s.streams === 1 ? "" : "s"}` + (s.capacity ? ` of ${fmt(s.capacity)} fps` : "");
+  history.push({ prompt: s.prompt_kbps, video: video || 0, h264: s.h264_kbps || 0 });
+  if (history.length > 120) history.shift();
+  drawChart();
+}
+
+function drawChart() {
+  const c = $("rate-chart"), g = c.getContext("2d");
+  const w = c.width, h = c.height;
+  g.clearRect(0, 0, w, h);
+  const top = Math.max(1, ...history.map((p) => Math.max(p.prompt, p.video, p.h264))) * 1.15;
+  g.strokeStyle = "#263040"; g.fillStyle = "#8b96a3"; g.font = "11px sans-serif";
+  for (const f of [0.25, 0.5, 0.75]) {
+    g.beginPath(); g.moveTo(0, h - f * h); g.lineTo(w, h - f * h); g.stroke();
+    g.fillText(`${fmt(f * top)} kbit/s`, 4, h - f * h - 2);
+  }
+  const line = (key, color) => {
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    history.forEach((p, i) => {
+      const x = (i / 119) * w, y = h - (p[key] / top) * h;
+      if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+    });
+    g.stroke();
+  };
+  line("h264", "#c77dff"); line("video", "#ffb347"); line("prompt", "#5fb3ff");
+}
+
+// Frames actually presented, counted over one-second windows.
+let frameTimes = [];
+function countFrame() {
+  const now = performance.now();
+  state.framesShown += 1;
+  frameTimes.push(now);
+  while (frameTimes.length && frameTimes[0] < now - 1000) frameTimes.shift();
+  state.fps = frameTimes.length;
+  $("stat-fps").textContent = fmt(state.fps);
+}
+
+function stop() {
+  if (session) session.close();
+  session = null;
+  frameTimes = []; history.length = 0;
+  Object.assign(state, { framesShown: 0, fps: 0, stats: null, statsUpdates: 0, ended: false, error: null,
+                         fallbackReason: null, admission: null, videoKbps: null, jitterMs: 0, rtt: 0 });
+}
+
+async function play(clip, opts = {}) {
+  stop();
+  state.clip = clip.name;
+  document.querySelectorAll("#clips button").forEach((b) => b.classList.toggle("active", b.dataset.clip === clip.name));
+  notice(null);
+  setTransport("connecting…");
+  const choice = params.get("transport") || $("transport-choice").value;
+  const query = { rate: opts.rate || "", accept_lower: opts.acceptLower ? 1 : 0 };
+  if (choice !== "websocket" && window.RTCPeerConnection) {
+    try {
+      session = await playWebRTC(clip, query);
+      return;
+    } catch (e) {
+      if (e.admission) return admissionNotice(clip, e.admission);
+      state.fallbackReason = String(e.message || e);
+      console.warn("WebRTC failed, falling back to WebSocket:", state.fallbackReason);
+      if (choice === "webrtc") { state.error = state.fallbackReason; notice(`WebRTC failed: ${state.fallbackReason}`); return; }
+    }
+  } else if (choice !== "websocket") {
+    state.fallbackReason = "this browser has no WebRTC";
+  }
+  session = playWebSocket(clip, query);
+}
+
+function admissionNotice(clip, adm) {
+  state.admission = adm;
+  setTransport("refused");
+  notice(`The GPU is busy: ${adm.streams} streams use ${fmt(adm.load)} of ${fmt(adm.capacity)} frames/s. ` +
+    (adm.offer > 1 ? `You can watch at ${fmt(adm.offer, 1)} fps (slower than real time) ` +
+      `<button id="accept-lower">watch at ${fmt(adm.offer, 1)} fps</button>` : "Try again later."));
+  const b = $("accept-lower");
+  if (b) b.onclick = () => play(clip, { rate: adm.offer, acceptLower: true });
+}
+
+function waitFor(cond, ms, what) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const tick = () => {
+      if (cond()) resolve();
+      else if (performance.now() - t0 > ms) reject(new Error(what));
+      else setTimeout(tick, 50);
+    };
+    tick();
+  });
+}
+
+async function playWebRTC(clip, query) {
+  const pc = new RTCPeerConnection();
+  let closed = false, statsTimer = null;
+  const close = () => { closed = true; clearInterval(statsTimer); pc.close(); };
+  try {
+    pc.addTransceiver("video", { direction: "recvonly" });
+    const channel = pc.createDataChannel("stats");
+    channel.onmessage = (ev) => { if (!closed) updateStats(JSON.parse(ev.data)); };
+    const video = $("rtc-video");
+    pc.ontrack = (ev) => { video.srcObject = ev.streams[0] || new MediaStream([ev.track]); };
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitFor(() => pc.iceGatheringState === "complete", 3000, "ICE gathering").catch(() => {});
+    const r = await fetch(`/api/webrtc/${clipPath(clip.name)}`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, ...query }),
+    });
+    const answer = await r.json();
+    if (!r.ok) {
+      const err = new Error(answer.error || `HTTP ${r.status}`);
+      err.admission = answer.admission;
+      throw err;
+    }
+    await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+    const onFrame = () => { if (closed) return; countFrame(); video.requestVideoFrameCallback(onFrame); };
+    if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(onFrame);
+    video.play().catch(() => {});
+    await waitFor(() => state.framesShown > 0, 10000, "no video frame within 10 s (ICE could not connect?)");
+    setTransport("webrtc", answer.codec);
+    const orig = showOriginal(clip, answer.admission.rate);
+    if (orig) orig.play().catch(() => {});
+    let lastBytes = null, lastT = null, lastDelay = 0, lastEmitted = 0;
+    statsTimer = setInterval(async () => {
+      const report = await pc.getStats();
+      report.forEach((s) => {
+        if (s.type === "inbound-rtp" && s.kind === "video") {
+          if (lastBytes !== null) state.videoKbps = 8 * (s.bytesReceived - lastBytes) / (s.timestamp - lastT);
+          lastBytes = s.bytesReceived; lastT = s.timestamp;
+          const emitted = (s.jitterBufferEmittedCount || 0) - lastEmitted;  // this second's frames only
+          if (emitted > 0) state.jitterMs = 1000 * (s.jitterBufferDelay - lastDelay) / emitted;
+          lastDelay = s.jitterBufferDelay || 0; lastEmitted = s.jitterBufferEmittedCount || 0;
+          const codec = s.codecId && report.get(s.codecId);
+          if (codec) setTransport("webrtc", codec.mimeType.replace("video/", ""));
+        }
+        if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) state.rtt = s.currentRoundTripTime;
+      });
+    }, 1000);
+    video.onended = () => { state.ended = true; };
+    return { close };
+  } catch (e) {
+    close();
+    throw e;
+  }
+}
+
+function playWebSocket(clip, query) {
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const qs = new URLSearchParams(query).toString();
+  const ws = new WebSocket(`${proto}://${location.host}/ws/view/${clipPath(clip.name)}?${qs}`);
+  ws.binaryType = "arraybuffer";
+  const canvas = $("ws-canvas"), g = canvas.getContext("2d");
+  let pinger = null, orig = null, drawing = Promise.resolve();
+  ws.onopen = () => {
+    pinger = setInterval(() => ws.readyState === 1 && ws.send(JSON.stringify({ type: "ping", t: performance.now() })), 1000);
+  };
+  ws.onmessage = (ev) => {
+    if (typeof ev.data === "string") {
+      const m = JSON.parse(ev.data);
+      if (m.type === "hello") {
+        setTransport("websocket", "jpeg");
+        orig = showOriginal(clip, m.admission.rate);
+        if (!m.admission.realtime) notice(`Playing at ${fmt(m.admission.rate, 1)} fps: ${m.admission.reason}`);
+      } else if (m.type === "stats") updateStats(m);
+      else if (m.type === "pong") state.rtt = (performance.now() - m.t) / 1000;
+      else if (m.type === "admission") admissionNotice(clip, m);
+      else if (m.type === "error") { if (!state.admission) notice(m.message); state.error = m.message; }
+      else if (m.type === "end") state.ended = true;
+      return;
+    }
+    const blob = new Blob([new Uint8Array(ev.data, 8)], { type: "image/jpeg" });
+    drawing = drawing.then(async () => {
+      const img = await createImageBitmap(blob);
+      if (canvas.width !== img.width) { canvas.width = img.width; canvas.height = img.height; }
+      g.drawImage(img, 0, 0);
+      countFrame();
+      if (orig && orig.paused && state.framesShown === 1) orig.play().catch(() => {});
+    });
+  };
+  ws.onclose = () => { clearInterval(pinger); };
+  return { close: () => { clearInterval(pinger); ws.close(); } };
+}
+
+$("transport-choice").value = params.get("transport") || "auto";
+loadClips();
+pollStatus();
+setInterval(pollStatus, 2000);
