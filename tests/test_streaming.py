@@ -540,3 +540,43 @@ def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_pa
         print(f"\n{t}: codec {codec}, {fps:.0f} fps, prompts {kbps:.0f} kbit/s, H.264 original {h264:.0f} kbit/s, "
               f"latency {latency:.0f} ms, {n} frames shown")
     print(f"screenshots: {ARTIFACTS}")
+
+
+# ------------------------------------------------------------------ the commands
+
+
+def test_serve_and_play_commands(clips, tmp_path, capsys):
+    root, bss = clips
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "promptus", "-q", "serve", str(root), "--port", str(port),
+                               "--model", "tiny", "--device", "cpu", "--backend", "torch"],
+                              cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://{HOST}:{port}/api/status", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+        from promptus.commands.main import main
+
+        out = tmp_path / "played"
+        rc = main(["-q", "play", f"ws://{HOST}:{port}/ws/prompts/clip.promptus", "--model", "tiny",
+                   "--device", "cpu", "--backend", "torch", "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert rc == 0 and "41 frames" in printed and "0 damaged or lost records" in printed
+        assert len(list(out.glob("*.png"))) == 41
+        with capsys.disabled():
+            print("\n" + printed.strip())
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()

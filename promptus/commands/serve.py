@@ -1,0 +1,66 @@
+"""``promptus serve``: stream the .promptus files of a folder, with a live browser viewer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..backends import BACKENDS
+from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..errors import PromptusError
+from .common import add_model_args, load_models
+
+log = logging.getLogger("promptus")
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "serve", help="stream .promptus files over the network, with a live viewer at /",
+        description="Serve the .promptus files under ROOT: prompt streams over WebSocket paced at the clip's real "
+                    "time (with seeking), plain downloads with range requests, and a browser viewer at / that "
+                    "regenerates a clip on this machine's GPU (CPU with --model tiny) and shows it over WebRTC, or "
+                    "WebSocket where WebRTC cannot connect. Only files under ROOT are served.")
+    s.add_argument("root", help="the folder of .promptus files to serve")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    add_model_args(s)
+    s.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend for the viewer (default: auto)")
+    s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
+    s.add_argument("--no-viewer", action="store_true",
+                   help="load no model: serve prompt streams and files only (receivers decode themselves)")
+    s.add_argument("--fast", action="store_true",
+                   help="send prompt streams as fast as possible instead of at the clip's real time")
+    s.add_argument("--max-clients", type=int, default=64, help="open streams and viewers at most (default: 64)")
+    s.add_argument("--headroom", type=float, default=0.9,
+                   help="share of the measured decoding capacity that admission control promises (default: 0.9)")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise PromptusError("promptus serve needs the serve extra: pip install 'promptus[serve]'") from None
+    from ..backends import resolve_device
+    from ..streaming import backend_decoders
+    from ..streaming.scheduler import StreamScheduler
+    from ..streaming.server import ServerLimits, create_app
+    from ..streaming.wire import MAX_CONTROL_BYTES
+
+    limits = ServerLimits(max_clients=args.max_clients)
+    scheduler = None
+    if not args.no_viewer:
+        device = resolve_device(args.device)
+        models = load_models(args, device)
+        decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
+        scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients)
+    app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: every machine that can reach it can read the files under %s", args.host,
+                    args.root)
+    print(f"serving {app.state.promptus.library.root} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    # Client messages are small control messages: the WebSocket layer refuses anything larger.
+    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=MAX_CONTROL_BYTES,
+                log_level="warning" if args.quiet else "info")
+    return 0
