@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,10 +27,8 @@ pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installe
 websockets = pytest.importorskip("websockets", reason="the serve extra (websockets) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed")
 
-from promptus.backends import make_backend  # noqa: E402
 from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, split_records, to_bytes  # noqa: E402
 from promptus.config import CodecConfig  # noqa: E402
-from promptus.decoder import Decoder  # noqa: E402
 from promptus.errors import BitstreamError, PromptusError  # noqa: E402
 from promptus.prompts import quantize_tensor  # noqa: E402
 from promptus.streaming import (  # noqa: E402

@@ -58,6 +58,7 @@ class ServerLimits:
     max_file_bytes: int = 256 << 20
     jpeg_quality: int = 85
     webrtc_connect_timeout_s: float = 20.0
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC across NATs (none: host candidates only)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class StreamingState:
 
 def _webrtc_available() -> tuple[bool, str]:
     try:
-        import aiortc  # noqa: F401
+        import aiortc  # noqa: F401 - only whether it imports
     except ImportError:
         return False, "unavailable (aiortc is not installed)"
     return True, "available"
@@ -376,7 +377,7 @@ def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = No
             return JSONResponse({"error": str(e)}, 404 if isinstance(e, ClipNotFound) else 403)
         except PromptusError as e:
             return JSONResponse({"error": str(e)}, 422)
-        rtc = WebRTCSession(session)
+        rtc = WebRTCSession(session, limits.ice_servers)
         state.webrtc.add(rtc)
         state.clients += 1
         state.served += 1

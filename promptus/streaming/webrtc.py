@@ -26,11 +26,13 @@ VIDEO_CLOCK = 90_000  # RTP video clock rate
 class WebRTCSession:
     """One RTCPeerConnection sending one ViewSession's frames."""
 
-    def __init__(self, session: ViewSession):
-        from aiortc import RTCPeerConnection
+    def __init__(self, session: ViewSession, ice_servers: tuple[str, ...] = ()):
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
         self.session = session
-        self.pc = RTCPeerConnection()
+        # No STUN server unless given (aiortc would otherwise ask a public one): host candidates
+        # reach browsers on this machine and its network; elsewhere the WebSocket fallback takes over.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
         self.done = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
