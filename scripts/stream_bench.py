@@ -7,7 +7,6 @@ the weights) unless --model names real ones; see promptus.streaming.bench.
 """
 
 import argparse
-import json
 import sys
 
 from promptus.errors import PromptusError
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
     import torch
 
     from promptus.backends import resolve_device
-    from promptus.files import atomic_write
+    from promptus.files import write_json_atomic
     from promptus.models import full_size_random_models, load_models
     from promptus.streaming.bench import bench_streams, format_table
 
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
     result["command"] = "python scripts/stream_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(result))
     if args.json:
-        atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return 0
 
