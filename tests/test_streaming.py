@@ -60,6 +60,7 @@ class ServerThread:
             self.port = s.getsockname()[1]
         config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", ws_max_size=65536,
                                 lifespan="on")
+        self.app = app
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -453,6 +454,35 @@ def test_scheduler_serves_streams_exactly_and_a_stalled_consumer_holds_up_no_one
         assert len(stalled.out) == 2  # decoded up to its queue bound, then skipped
         assert sched.capacity > 0
         stalled.close()
+
+
+def test_a_viewer_the_gpu_cannot_serve_is_told_so(server):
+    sched = server.app.state.promptus.scheduler
+    saved = sched.capacity
+    sched.capacity = 20.0  # as if the device made only 20 frames/s: 18 usable, the clip needs 60
+
+    async def view(query):
+        async with websockets.connect(server.ws(f"/ws/view/clip.promptus{query}")) as c:
+            msgs = []
+            try:
+                while not msgs or not isinstance(msgs[-1], bytes):  # up to the first frame
+                    m = await asyncio.wait_for(c.recv(), 10)
+                    msgs.append(json.loads(m) if isinstance(m, str) else m)
+            except websockets.ConnectionClosed:
+                pass
+            return msgs, c.close_code
+
+    try:
+        msgs, code = asyncio.run(view(""))
+        assert code == 1013 and msgs[0]["type"] == "admission" and not msgs[0]["admitted"]
+        assert msgs[0]["offer"] == pytest.approx(18.0) and "GPU is busy" in msgs[1]["message"]
+        # Accepting the lower rate: frames come, at 18 frames/s instead of 60.
+        msgs, _ = asyncio.run(view("?accept_lower=1"))
+        hello = msgs[0]
+        assert hello["type"] == "hello" and hello["admission"]["rate"] == pytest.approx(18.0)
+        assert isinstance(msgs[-1], bytes) and msgs[-1][8:10] == b"\xff\xd8"  # a JPEG frame
+    finally:
+        sched.capacity = saved
 
 
 # ------------------------------------------------------------------ the browser
