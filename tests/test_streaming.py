@@ -538,7 +538,7 @@ def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_pa
                         "() => { const s = window.promptusViewer; return s && s.framesShown >= 24 "
                         "&& s.statsUpdates >= 3 && (s.transport === 'websocket' || s.transport === 'webrtc') "
                         "&& (s.transport !== 'webrtc' || s.videoKbps !== null) }",
-                        timeout=30_000)
+                        timeout=60_000)
                 except Exception:
                     print(transport, page.evaluate("() => ({...window.promptusViewer})"), "\n".join(logs))
                     raise

@@ -205,7 +205,7 @@ async function playWebRTC(clip, query) {
     const onFrame = () => { if (closed) return; countFrame(); video.requestVideoFrameCallback(onFrame); };
     if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(onFrame);
     video.play().catch(() => {});
-    await waitFor(() => state.framesShown > 0, 10000, "no video frame within 10 s (ICE could not connect?)");
+    await waitFor(() => state.framesShown > 0, 15000, "no video frame within 15 s (ICE could not connect?)");
     setTransport("webrtc", answer.codec);
     const orig = showOriginal(clip, answer.admission.rate);
     if (orig) orig.play().catch(() => {});
