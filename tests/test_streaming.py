@@ -507,8 +507,34 @@ def browser_server(tiny, tmp_path_factory, decoder_for):
     frames = sky_clip(frame_count=97, size=64)
     with FrameWriter(root / "sky.mp4", 24.0, crf=23) as w:
         w.write_batch(frames)
-    with ServerThread(create_app(root, decoder_for=decoder_for)) as s:
+    from promptus.streaming.server import ServerLimits
+
+    limits = ServerLimits(webrtc_loopback=True)  # tests send nothing beyond 127.0.0.1
+    with ServerThread(create_app(root, decoder_for=decoder_for, limits=limits)) as s:
         yield s
+
+
+def test_webrtc_loopback_mode_keeps_only_loopback_candidates():
+    pytest.importorskip("aiortc", reason="aiortc (serve extra) is not installed")
+    import aioice.ice
+
+    from promptus.streaming.webrtc import gather_loopback_candidates_only, keep_loopback_candidates
+
+    offer = ("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+             "a=candidate:1 1 udp 2122260223 192.0.2.2 50000 typ host generation 0\r\n"
+             "a=candidate:2 1 udp 2122194687 127.0.0.1 50001 typ host generation 0\r\n"
+             "a=candidate:3 1 udp 2122129151 abcd.local 50002 typ host generation 0\r\n"
+             "a=candidate:4 1 udp 2122063615 ::1 50003 typ host generation 0\r\n"
+             "a=mid:0\r\n")
+    kept = keep_loopback_candidates(offer)
+    assert "192.0.2.2" not in kept and ".local" not in kept
+    assert "127.0.0.1 50001" in kept and "::1 50003" in kept and "a=mid:0" in kept
+    original = aioice.ice.get_host_addresses
+    try:
+        gather_loopback_candidates_only()
+        assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
+    finally:
+        aioice.ice.get_host_addresses = original
 
 
 def _artifact(path: Path) -> None:
@@ -522,8 +548,9 @@ def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_pa
     if chromium is None:
         pytest.skip("no chromium on this machine (CI installs Debian's chromium)")
     args = ["--no-sandbox", "--autoplay-policy=no-user-gesture-required",
-            # host candidates as plain addresses: aiortc cannot resolve the browser's mDNS names here
-            "--disable-features=WebRtcHideLocalIpsWithMdns"]
+            # host candidates as plain addresses (aiortc cannot resolve the browser's mDNS names), and
+            # loopback ones: the server keeps WebRTC media on 127.0.0.1 (ServerLimits.webrtc_loopback)
+            "--disable-features=WebRtcHideLocalIpsWithMdns", "--allow-loopback-in-peer-connection"]
     results = {}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     s.add_argument("--fast", action="store_true",
                    help="send prompt streams as fast as possible instead of at the clip's real time")
     s.add_argument("--max-clients", type=int, default=64, help="open streams and viewers at most (default: 64)")
+    s.add_argument("--webrtc-loopback", action="store_true",
+                   help="keep WebRTC media on 127.0.0.1 (the browser must offer loopback candidates: Chromium "
+                        "--allow-loopback-in-peer-connection; other browsers fall back to WebSocket)")
     s.add_argument("--headroom", type=float, default=0.9,
                    help="share of the measured decoding capacity that admission control promises (default: 0.9)")
     s.set_defaults(func=run)
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming.server import ServerLimits, create_app
     from ..streaming.wire import MAX_CONTROL_BYTES
 
-    limits = ServerLimits(max_clients=args.max_clients)
+    limits = ServerLimits(max_clients=args.max_clients, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
     if not args.no_viewer:
         device = resolve_device(args.device)

@@ -59,6 +59,9 @@ class ServerLimits:
     jpeg_quality: int = 85
     webrtc_connect_timeout_s: float = 20.0
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC across NATs (none: host candidates only)
+    # WebRTC media on 127.0.0.1 only (both sides' candidates); the browser must offer loopback
+    # candidates (Chromium: --allow-loopback-in-peer-connection), else the page uses WebSocket.
+    webrtc_loopback: bool = False
 
 
 @dataclass
@@ -377,7 +380,7 @@ def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = No
             return JSONResponse({"error": str(e)}, 404 if isinstance(e, ClipNotFound) else 403)
         except PromptusError as e:
             return JSONResponse({"error": str(e)}, 422)
-        rtc = WebRTCSession(session, limits.ice_servers)
+        rtc = WebRTCSession(session, limits.ice_servers, loopback_only=limits.webrtc_loopback)
         state.webrtc.add(rtc)
         state.clients += 1
         state.served += 1

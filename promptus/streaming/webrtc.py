@@ -26,10 +26,13 @@ VIDEO_CLOCK = 90_000  # RTP video clock rate
 class WebRTCSession:
     """One RTCPeerConnection sending one ViewSession's frames."""
 
-    def __init__(self, session: ViewSession, ice_servers: tuple[str, ...] = ()):
+    def __init__(self, session: ViewSession, ice_servers: tuple[str, ...] = (), *, loopback_only: bool = False):
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
         self.session = session
+        self.loopback_only = loopback_only
+        if loopback_only:
+            gather_loopback_candidates_only()
         # No STUN server unless given (aiortc would otherwise ask a public one): host candidates
         # reach browsers on this machine and its network; elsewhere the WebSocket fallback takes over.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
@@ -59,6 +62,8 @@ class WebRTCSession:
         caps = RTCRtpSender.getCapabilities("video").codecs
         transceiver.setCodecPreferences([c for c in caps if c.mimeType == "video/H264"]
                                         + [c for c in caps if c.mimeType in ("video/VP8", "video/rtx")])
+        if self.loopback_only:
+            sdp = keep_loopback_candidates(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if transceiver.mid is None:
             raise PromptusError("the offer has no video transceiver; add one with direction 'recvonly'")
@@ -85,6 +90,42 @@ class WebRTCSession:
         for t in self._tasks:
             t.cancel()
         await self.pc.close()
+
+
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
+
+
+def gather_loopback_candidates_only() -> None:
+    """Make aiortc's ICE agent (aioice) offer only 127.0.0.1 as a host candidate.
+
+    aioice leaves loopback out of its host candidates, so by default media would flow over
+    this machine's other interfaces even when the page is on localhost. Process-wide: it is
+    meant for servers that bind to loopback only (``ServerLimits.webrtc_loopback``).
+    """
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = _loopback_host_addresses
+
+
+def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return ["127.0.0.1"] if use_ipv4 else (["::1"] if use_ipv6 else [])
+
+
+def keep_loopback_candidates(sdp: str) -> str:
+    """The offer with every ICE candidate that is not on loopback removed (mDNS names too).
+
+    A browser offers loopback candidates only when told to (Chromium:
+    ``--allow-loopback-in-peer-connection``); without them the session cannot connect and
+    the page falls back to WebSocket.
+    """
+    kept = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            if len(fields) < 5 or fields[4] not in LOOPBACK_ADDRESSES:
+                continue
+        kept.append(line)
+    return "\r\n".join(kept) + "\r\n"
 
 
 def _negotiated_codec(sdp: str) -> str | None:
