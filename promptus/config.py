@@ -118,6 +118,14 @@ class CodecConfig:
 INIT_LATENT_SOURCES = ("vae", "taesd")
 INIT_PRECISIONS = ("fp32", "fp16", "int8")
 
+#: Decoder numerics. "ours": fp16 networks at the segment batch, uint8 by rounding (the
+#: default: faster, and the closer approximation of the float image). "release": the public
+#: release's generation script (fp32 weights under CUDA autocast, one frame per UNet call,
+#: uint8 by truncation in fp16), to reproduce its published frames.
+PARITY_OURS = "ours"
+PARITY_RELEASE = "release"
+PARITIES = (PARITY_OURS, PARITY_RELEASE)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -4,6 +4,12 @@ Frame 0 is generated alone from the init latent and keyframe 0. Every later
 segment k → k+1 is one batch of T frames that share one ``z``, built from the
 clean latent of the last frame of the previous batch; frame s of the segment uses
 factors interpolated between keyframes k and k+1.
+
+``parity`` chooses the numerics (:data:`promptus.config.PARITIES`): "ours" (the
+default: fp16 at the segment batch, rounding to uint8) or "release" (the public
+release's generation script: fp32 weights under CUDA autocast, one frame per UNet
+call, truncating to uint8), which needs the release-parity backend
+(``make_backend(..., parity="release")``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ import torch
 
 from .backends.base import Backend
 from .bitstream import Bitstream, Header, InitLatent, Keyframe
-from .config import ModelIdentity
+from .config import PARITIES, PARITY_OURS, PARITY_RELEASE, ModelIdentity
 from .errors import BitstreamError, PromptusError
-from .prompts import embedding, segment_embeddings
+from .prompts import embedding, release_frame_embedding, segment_embeddings
 from .schedule import OneStep, make_noise, mix_latent
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ class ClipState:
     def __init__(self, backend: Backend, header: Header, init: InitLatent):
         cfg = header.config
         self.backend, self.header = backend, header
+        self.parity = backend.parity  # the backend runs the networks; this side, the prompt arithmetic
         device = backend.device
         self.noise = make_noise(cfg).to(device)
         self.onestep = OneStep.at(cfg.timestep)
@@ -89,14 +96,18 @@ class ClipState:
         the caller prepared them (the pipelined decoder does, on another thread)."""
         cfg, device = self.header.config, self.backend.device
         U1, V1 = factors or (keyframe.U.to(device), keyframe.V.to(device))
-        if self.prev is None:
-            return 0, embedding(U1, V1).unsqueeze(0)
-        U0, V0, k0 = self.prev
-        n = min(cfg.interval, self.header.frame_count - 1 - k0)
-        if n <= 0:
-            raise BitstreamError(f"keyframe {keyframe.index} lies past the clip's last frame "
-                                 f"{self.header.frame_count - 1}", record=f"keyframe {keyframe.index}")
-        return k0 + 1, segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
+        with self.backend.precision():  # the release computes U·V under CUDA autocast (float16)
+            if self.prev is None:
+                return 0, embedding(U1, V1).unsqueeze(0)
+            U0, V0, k0 = self.prev
+            n = min(cfg.interval, self.header.frame_count - 1 - k0)
+            if n <= 0:
+                raise BitstreamError(f"keyframe {keyframe.index} lies past the clip's last frame "
+                                     f"{self.header.frame_count - 1}", record=f"keyframe {keyframe.index}")
+            if self.parity == PARITY_RELEASE:
+                return k0 + 1, torch.stack([release_frame_embedding(U0, V0, U1, V1, s, cfg.interval)
+                                            for s in range(1, n + 1)])
+            return k0 + 1, segment_embeddings(U0, V0, U1, V1, cfg.interval)[:n]
 
     def push(self, keyframe: Keyframe, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Segment:
         """Generate the frames ``keyframe`` closes and advance the state."""
@@ -115,9 +126,19 @@ class Decoder:
     there; ``decode`` runs a whole :class:`Bitstream`.
     """
 
-    def __init__(self, backend: Backend, model: ModelIdentity | None = None):
+    def __init__(self, backend: Backend, model: ModelIdentity | None = None, *, parity: str | None = None):
+        parity = parity or backend.parity
+        if parity not in PARITIES:
+            raise PromptusError(f"unknown parity {parity!r}; choose one of {', '.join(PARITIES)}")
+        if parity != backend.parity:
+            raise PromptusError(
+                f"parity {parity!r} needs a backend made for it, but {backend.describe()} decodes with parity "
+                f"{backend.parity!r}; build it with make_backend(..., parity={parity!r})")
         self.backend = backend
         self.model = model
+        self.parity = parity
+        if parity == PARITY_RELEASE:
+            log.info("parity release: the public release's numerics (%s)", backend.describe())
 
     def start(self, header: Header, init: InitLatent) -> ClipState:
         """A fresh clip state (checks the model identity first)."""
@@ -178,12 +199,14 @@ class DecodeSession:
 
 
 def decode(source, model: str = "auto", *, device: str | torch.device | None = None,
-           backend: str = "auto", taesd: str | None = None) -> torch.Tensor:
+           backend: str = "auto", taesd: str | None = None, parity: str = PARITY_OURS) -> torch.Tensor:
     """Decode a .promptus file (path, bytes or :class:`Bitstream`) to a CPU uint8 tensor N×H×W×3.
 
     ``model`` is anything :func:`promptus.models.load_models` accepts ("tiny",
     a checkpoint file, a diffusers folder, a hub id). The backend is prepared for
     the clip: its batch (the interval) and frame size come from the header.
+    ``parity="release"`` reproduces the public release's generation script (fp32
+    weights; slower: one frame per UNet call).
     """
     from .backends import default_dtype, make_backend, resolve_device
     from .bitstream import from_bytes, read
@@ -196,8 +219,9 @@ def decode(source, model: str = "auto", *, device: str | torch.device | None = N
     else:
         bs = read(source)
     dev = resolve_device(device)
-    models = load_models(model, device=dev, dtype=default_dtype(dev), taesd=taesd, vae=False)
+    dtype = torch.float32 if parity == PARITY_RELEASE else default_dtype(dev)
+    models = load_models(model, device=dev, dtype=dtype, taesd=taesd, vae=False)
     h = bs.header
     identity = models.identity()  # before the backend may move the networks off the GPU
-    backend = make_backend(backend, models, dev, batch=h.interval, size=h.width, offload_models=True)
-    return Decoder(backend, identity).decode_all(bs)
+    backend = make_backend(backend, models, dev, batch=h.interval, size=h.width, offload_models=True, parity=parity)
+    return Decoder(backend, identity, parity=parity).decode_all(bs)

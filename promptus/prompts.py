@@ -159,6 +159,21 @@ def segment_embeddings(U0, V0, U1, V1, interval: int) -> torch.Tensor:
     return embedding(u, v)
 
 
+def release_frame_embedding(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor, V1: torch.Tensor,
+                            step: int, interval: int) -> torch.Tensor:
+    """Embedding (tokens×dim) of frame ``step`` (1..T) of a segment, as the public release computes it.
+
+    The weights are Python floats ``1 − step·(1/T)`` and ``step·(1/T)``, rounded to
+    float32 only when they multiply the factors; :func:`interpolate_factors` rounds s/T
+    first and subtracts in float32, so ``1 − w`` can differ in the last bit (T = 10:
+    frames 6, 8, 9). Called under CUDA autocast, ``U·V`` runs in float16 as in the release.
+    """
+    factor = 1 / interval
+    u = (1 - step * factor) * U0 + (step * factor) * U1
+    v = (1 - step * factor) * V0 + (step * factor) * V1
+    return embedding(u, v)
+
+
 # -------------------------------------------------------------------- rate
 
 #: Bytes of side information per quantized tensor: float32 scale + uint8 zero point.

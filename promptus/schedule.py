@@ -78,6 +78,31 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def to_uint8_release(image: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] (N×3×H×W) → uint8 N×H×W×3 as the public release converts it.
+
+    ``(255 · clamp((clamp(img, −1, 1) + 1)/2, 0, 1)).to(uint8)`` in float16: the release's
+    TAESD output is float16 under autocast, every step rounds to float16, and the cast
+    truncates. A float32 image (the CPU) is rounded to float16 first. Never above
+    :func:`to_uint8`'s value for the same image, and ~half the values one below it.
+    """
+    x = image.to(torch.float16).clamp(-1.0, 1.0)
+    x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (255 * x).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def release_sigmas() -> torch.Tensor:
+    """σ_t (t = 0..999, float32) exactly as the release's sampler holds them.
+
+    Same schedule as :func:`alphas_cumprod`, computed its way: β from a float64
+    ``torch.linspace`` (which can differ from numpy's in the last bit), ᾱ by numpy's
+    cumprod, then ``sqrt((1 − ᾱ)/ᾱ)`` rounded to float32 before the square root.
+    """
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+    a = np.cumprod(1.0 - betas.numpy())
+    return torch.tensor((1 - a) / a, dtype=torch.float32) ** 0.5
+
+
 def to_model_range(frames_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 N×H×W×3 frames → float32 N×3×H×W in [-1, 1]."""
     return frames_uint8.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1

@@ -8,6 +8,8 @@
 * ``eager``: PyTorch without channels-last or graphs (the benchmark's baseline).
 * ``compile``: ``torch.compile`` of both networks, CUDA-graph replayed on CUDA.
 * ``tensorrt``: TensorRT engines built for this GPU and cached under engines/.
+* with ``parity="release"`` (name auto or eager): the public release's numerics, see
+  :class:`ReleaseParityBackend`.
 * ``auto``: the first that works here — tensorrt if every stage of its setup works
   (TensorRT and the export packages installed, a driver new enough, export, build,
   load, first inference), else compile (CUDA with Triton), else torch — logging why it
@@ -20,10 +22,11 @@ import logging
 
 import torch
 
+from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
 from ..errors import PromptusError
 from .base import Backend
 from .engine_cache import DEFAULT_ENGINE_DIR
-from .torch_backend import CompileBackend, TorchBackend
+from .torch_backend import CompileBackend, ReleaseParityBackend, TorchBackend
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def compile_status(device: torch.device) -> tuple[bool, str]:
 
 def make_backend(name: str, models, device: torch.device | str, dtype: torch.dtype | None = None, *,
                  batch: int, size: int, engine_dir: str = DEFAULT_ENGINE_DIR,
-                 offload_models: bool = False) -> Backend:
+                 offload_models: bool = False, parity: str = PARITY_OURS) -> Backend:
     """Backend ``name`` over ``models`` (a :class:`promptus.models.Models`) on ``device``, prepared for one clip.
 
     ``batch`` is the segment batch — the clip's keyframe interval — that CUDA graphs,
@@ -77,6 +80,8 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
     compile, then torch, logging why it passes over each; ``tensorrt`` chosen by name
     fails loudly instead. ``offload_models`` (tensorrt only): move the PyTorch networks
     to the CPU once the engines run — for callers that only decode.
+    ``parity="release"`` gives the release-parity backend (eager, fp32 weights, one frame
+    per call; ``name`` must be auto or eager); load the models in float32 for it.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -86,6 +91,10 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
         if not isinstance(value, int) or value < 1:
             raise PromptusError(f"make_backend needs the clip's {what} (a positive integer from its header), "
                                 f"got {value!r}")
+    if parity not in PARITIES:
+        raise PromptusError(f"unknown parity {parity!r}; choose one of {', '.join(PARITIES)}")
+    if parity == PARITY_RELEASE:
+        return _release_backend(name, models, device)
     cuda = device.type == "cuda"
     if name == "auto":
         backend = _auto_backend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
@@ -136,5 +145,17 @@ def _auto_backend(models, device: torch.device, dtype: torch.dtype, *, batch, si
                         batch=batch if cuda else None)  # as make_backend("torch"): eager frames on the CPU
 
 
-__all__ = ["Backend", "TorchBackend", "CompileBackend", "BACKENDS", "make_backend", "default_dtype",
-           "resolve_device", "tensorrt_status", "compile_status"]
+def _release_backend(name: str, models, device: torch.device) -> Backend:
+    if name not in ("auto", "eager"):
+        raise PromptusError(f"parity release runs the release's own frame-by-frame loop in PyTorch; it cannot use "
+                            f"the {name} backend: leave the backend on auto (or eager)")
+    if models.dtype != torch.float32:
+        log.warning("parity release: the models were loaded as %s, not float32; their weights are rounded, so the "
+                    "frames will not match the release's (load them with dtype=torch.float32)", models.dtype)
+    backend = ReleaseParityBackend(models.unet, models.taesd.decoder, device)
+    log.info("backend: %s", backend.describe())
+    return backend
+
+
+__all__ = ["Backend", "TorchBackend", "CompileBackend", "ReleaseParityBackend", "BACKENDS", "make_backend",
+           "default_dtype", "resolve_device", "tensorrt_status", "compile_status"]

@@ -14,8 +14,11 @@ casts inside. See docs/design.md, "Backends".
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ..config import PARITY_OURS
 from ..schedule import OneStep, mix_latent, to_uint8
 
 
@@ -28,6 +31,8 @@ class Backend:
     """
 
     name = "base"
+    #: Whose numerics the frames follow (:data:`promptus.config.PARITIES`).
+    parity = PARITY_OURS
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -55,6 +60,10 @@ class Backend:
         z = mix_latent(z_prev, noise, mix).expand(context.shape[0], -1, -1, -1)
         x0, frames = self.step(z, context, onestep)
         return x0[-1:].float(), frames
+
+    def precision(self):
+        """Context the decoder computes prompt embeddings in (the release-parity backend: CUDA autocast)."""
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         return f"{self.name} ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"

@@ -5,16 +5,21 @@
   mix → UNet → x0 → decoder → uint8 — once per batch size and replays it, which
   removes the per-kernel launch cost that dominates small batches.
 * ``CompileBackend`` is the same with both networks passed through ``torch.compile``.
+* ``ReleaseParityBackend`` reproduces the public release's generation script numerics
+  (``parity="release"``): fp32 weights under CUDA autocast, one frame per UNet call, the
+  release sampler's arithmetic and its truncating uint8 conversion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
 
-from ..schedule import mix_latent, to_uint8
+from ..config import PARITY_RELEASE
+from ..schedule import mix_latent, release_sigmas, to_uint8, to_uint8_release
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -160,3 +165,76 @@ class CompileBackend(TorchBackend):
 
     def _decoder(self, x):
         return self._decoder_c(x)
+
+
+class ReleaseParityBackend(TorchBackend):
+    """The public release's generation.py numerics, frame by frame.
+
+    On CUDA: float32 weights run under ``torch.autocast("cuda")`` (float16 matmuls and
+    convolutions; GroupNorm, the UNet's output norm and SiLU, and TAESD's input clamp in
+    float32), the ResNet blocks' GroupNorm output cast back to float16 as the release's
+    UNet does, one frame per UNet call, the release sampler's float32 arithmetic
+    (``x = z·√(1+σ²)``, ε̂ from ``x·c_in``, ``d = (x − (x − σ·ε̂))/σ``, ``x0 = x − σ·d``), and the
+    truncating uint8 conversion in float16. On the CPU autocast("cuda") does nothing, so
+    the networks run in float32 as the release would there; the uint8 conversion still
+    rounds the image to float16 and truncates, as the release's CUDA run does.
+    """
+
+    name = "release"
+    parity = PARITY_RELEASE
+
+    def __init__(self, unet: torch.nn.Module, taesd_decoder: torch.nn.Module, device: torch.device | str):
+        super().__init__(unet, taesd_decoder, device, torch.float32)
+        self._sigmas = release_sigmas().to(self.device)
+
+    def precision(self):
+        """The region the release runs everything in: CUDA autocast (float16), nothing on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _groupnorm_like_release(self):
+        # The release's UNet (sgm's openaimodel) wraps its ResNet blocks' GroupNorm as
+        # ``norm(x.float()).type(x.dtype)``: under autocast the SiLU after it runs in fp16,
+        # where diffusers' block would run it on autocast's fp32 GroupNorm output.
+        from diffusers.models.resnet import ResnetBlock2D
+
+        handles = []
+        if self.device.type == "cuda":
+            for block in self.unet.modules():
+                if isinstance(block, ResnetBlock2D):
+                    for norm in (block.norm1, block.norm2):
+                        handles.append(norm.register_forward_hook(lambda m, args, out: out.to(args[0].dtype)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _frame(self, z: torch.Tensor, c: torch.Tensor, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame the way the release's sampler and denoiser compute it: (x0 1×4×h×w float32, uint8)."""
+        sigma = self._sigmas[timestep:timestep + 1]  # shape [1]: it takes part in type promotion
+        s = sigma.view(1, 1, 1, 1)
+        x = z * torch.sqrt(1.0 + sigma[0] ** 2.0)  # the sampler scales the input up by 1/c_in
+        c_in = 1 / (s**2 + 1.0) ** 0.5
+        t = torch.full((1,), timestep, device=self.device, dtype=torch.long)
+        eps = self._unet(x * c_in, t, c)
+        denoised = eps * -s + x  # c_out = −σ, c_skip = 1; fp16 ε̂ · fp32 σ promotes to fp32
+        x0 = x + -s * ((x - denoised) / s)  # the Euler step to σ = 0: not exactly ``denoised``
+        return x0, to_uint8_release(self._decoder(x0))
+
+    @torch.inference_mode()
+    def segment(self, z_prev, noise, mix, context, onestep):
+        frames = []
+        with self.precision(), self._groupnorm_like_release():
+            m = torch.tensor([mix], dtype=torch.float32, device=self.device)
+            z = mix_latent(z_prev.float(), noise.float(), m)
+            for c in context.split(1):
+                x0, f = self._frame(z, c, onestep.timestep)
+                frames.append(f)
+        return x0, torch.cat(frames)
+
+    def describe(self) -> str:
+        how = "fp32 weights under fp16 autocast" if self.device.type == "cuda" else "fp32"
+        return f"{self.name} ({self.device.type}, {how}, one frame per call, uint8 truncated in fp16)"
