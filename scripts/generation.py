@@ -1,6 +1,6 @@
 """Generation with the published script's flags: keyframe prompts → frames.
 
-    python scripts/generation.py -frame_path data/sky -rank 8 -interval 10
+    python scripts/generation.py -frame_path data/sky -rank 8 -interval 10 [--parity release]
 
 Reads <frame_path>/results/rank{r}_interval{T}/prompts.promptus (written by
 inversion.py), writes the regenerated frames 00000.png, ... next to it and prints
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from promptus.commands.common import add_model_args, add_verbosity_args, run_command
-from promptus.config import CodecConfig
+from promptus.config import PARITIES, PARITY_OURS, PARITY_RELEASE, CodecConfig
 from promptus.errors import PromptusError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,12 +24,17 @@ def main(argv=None) -> int:
     p.add_argument("-rank", type=int, default=CodecConfig.rank)
     p.add_argument("-interval", type=int, default=CodecConfig.interval)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
+                   help="'release': the public release's own numerics (fp32 under autocast, truncation), "
+                        "to reproduce its frames (default: ours)")
     add_model_args(p)
     add_verbosity_args(p)
     return run_command("generation", generate, p.parse_args(argv))
 
 
 def generate(args) -> int:
+    import torch
+
     from promptus.backends import default_dtype, make_backend, resolve_device
     from promptus.bitstream import read
     from promptus.decoder import Decoder
@@ -45,9 +50,11 @@ def generate(args) -> int:
     bs = read(src)
     h = bs.header
     device = resolve_device(args.device)
-    models = load_models(args.model, device=device, dtype=default_dtype(device), taesd=args.taesd, vae=False,
+    dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
+    models = load_models(args.model, device=device, dtype=dtype, taesd=args.taesd, vae=False,
                          checkpoints_dir=args.checkpoints)
-    decoder = Decoder(make_backend(args.backend, models, device, batch=h.interval, size=h.width), models.identity())
+    backend = make_backend(args.backend, models, device, batch=h.interval, size=h.width, parity=args.parity)
+    decoder = Decoder(backend, models.identity(), parity=args.parity)
     originals = read_frames(args.frame_path, h.width, h.height, max_frames=h.frame_count)
     out = folder / "frames"
     scores = []

@@ -9,8 +9,13 @@ uint8 truncation done on a float16 image (what the release's CUDA run converts).
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from conftest import make_legacy_folder
 
 from promptus.backends import ReleaseParityBackend, make_backend
+from promptus.bitstream import read
+from promptus.commands.main import main
 from promptus.config import PARITY_OURS, PARITY_RELEASE
 from promptus.decoder import Decoder
 from promptus.errors import PromptusError
@@ -97,7 +102,7 @@ def clip(tiny):
 
 def test_release_parity_reproduces_the_release_loop_exactly(tiny, clip):
     bs, ref = clip
-    decoder = Decoder(make_backend("auto", tiny, "cpu", parity=PARITY_RELEASE), tiny.identity())
+    decoder = Decoder(make_backend("auto", tiny, "cpu", batch=10, size=64, parity=PARITY_RELEASE), tiny.identity())
     assert decoder.parity == PARITY_RELEASE
     frames = decoder.decode_all(bs)
     assert frames.shape == ref.shape == (21, 64, 64, 3)
@@ -114,7 +119,7 @@ def test_release_parity_reproduces_the_release_loop_exactly(tiny, clip):
 def test_our_default_decoder_is_not_the_release(tiny, clip):
     """The reference can tell the modes apart: ours rounds, so it sits at or just above the release."""
     bs, ref = clip
-    ours = Decoder(make_backend("torch", tiny, "cpu"), tiny.identity()).decode_all(bs)
+    ours = Decoder(make_backend("torch", tiny, "cpu", batch=10, size=64), tiny.identity()).decode_all(bs)
     diff = ours.int() - ref.int()
     assert not torch.equal(ours, ref)
     assert 0.3 < (diff > 0).float().mean() < 0.7  # about half the values are one above
@@ -139,16 +144,30 @@ def test_release_uint8_truncates_in_float16():
 
 
 def test_release_parity_needs_its_backend(tiny):
-    eager = make_backend("eager", tiny, "cpu")
+    eager = make_backend("eager", tiny, "cpu", batch=4, size=64)
     with pytest.raises(PromptusError, match="make_backend"):
         Decoder(eager, parity=PARITY_RELEASE)
     with pytest.raises(PromptusError, match="unknown parity"):
         Decoder(eager, parity="paper")
     with pytest.raises(PromptusError, match="cannot use the torch backend"):
-        make_backend("torch", tiny, "cpu", parity=PARITY_RELEASE)
-    release = make_backend("eager", tiny, "cpu", parity=PARITY_RELEASE)
+        make_backend("torch", tiny, "cpu", batch=4, size=64, parity=PARITY_RELEASE)
+    release = make_backend("eager", tiny, "cpu", batch=4, size=64, parity=PARITY_RELEASE)
     assert isinstance(release, ReleaseParityBackend) and release.dtype == torch.float32
     assert "one frame per call" in release.describe() and "truncated" in release.describe()
     with pytest.raises(PromptusError, match="parity 'ours'"):
         Decoder(release, parity=PARITY_OURS)
     assert Decoder(eager).parity == PARITY_OURS
+
+
+def test_decode_command_with_parity_release_reproduces_release_prompts(tiny, tmp_path, capsys):
+    """Prompts in the release's own layout, imported and decoded with --parity release: the release's frames."""
+    make_legacy_folder(tmp_path / "rank2_interval4", keyframes=3, interval=4)
+    clip = tmp_path / "clip.promptus"
+    assert main(["-q", "import-legacy", str(tmp_path / "rank2_interval4"), "-o", str(clip), "--fps", "24",
+                 "--init-precision", "fp32"]) == 0
+    out = tmp_path / "frames"
+    assert main(["decode", str(clip), "-o", str(out), "--model", "tiny", "--device", "cpu", "--parity", "release"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 9 frames" in printed and "parity release" in printed and "one frame per call" in printed
+    frames = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in sorted(out.iterdir())])
+    assert torch.equal(frames, release_generation(tiny, read(clip)))

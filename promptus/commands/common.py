@@ -85,13 +85,14 @@ def train_from_args(args) -> TrainConfig:
                        init_latent=args.init_latent, init_precision=args.init_precision)
 
 
-def load_models(args, device, *, need_vae: bool = False):
-    """The models named by ``--model``/``--taesd``/``--checkpoints`` on ``device``, in the decoder's precision."""
+def load_models(args, device, *, need_vae: bool = False, dtype=None):
+    """The models named by ``--model``/``--taesd``/``--checkpoints`` on ``device``, in ``dtype``
+    (default: the decoder's precision)."""
     from ..backends import default_dtype
     from ..models import load_models as load
 
     t0 = time.perf_counter()
-    models = load(args.model, device=device, dtype=default_dtype(device), taesd=args.taesd, vae=need_vae,
+    models = load(args.model, device=device, dtype=dtype or default_dtype(device), taesd=args.taesd, vae=need_vae,
                   checkpoints_dir=args.checkpoints)
     log.info("loaded model %r on %s in %.1f s", models.name, device, time.perf_counter() - t0)
     return models

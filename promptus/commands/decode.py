@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS
 from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
 from ..errors import BitstreamError, PromptusError
 from .common import add_model_args, load_models
 
@@ -26,12 +27,17 @@ def register(subparsers) -> None:
                         "(default: auto)")
     d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
                    help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
+    d.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
+                   help="numerics: 'ours' (fp16, a segment per UNet call, uint8 by rounding) or 'release' (the "
+                        "public release's generation.py: fp32 weights under CUDA autocast, one frame per call, "
+                        f"uint8 by truncation; about 10x slower) (default: {PARITY_OURS})")
     d.add_argument("--allow-partial", action="store_true",
                    help="on a truncated or corrupted file, keep the frames decoded before the damage")
     d.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from ..backends import make_backend, resolve_device
@@ -48,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
         records = iter_records(f)
         header = next(records)  # the header first: it gives the fps, frame count and batch
         assert isinstance(header, Header)
-        models = load_models(args, device)
+        # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
+        models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
         backend = make_backend(args.backend, models, device, batch=header.interval, size=header.width,
-                               engine_dir=args.engine_dir, offload_models=True)
-        decoder = PipelinedDecoder(Decoder(backend, models.identity()), to_host=True)
-        log.info("decoding %s with %s", src, backend.describe())
+                               engine_dir=args.engine_dir, offload_models=True, parity=args.parity)
+        decoder = PipelinedDecoder(Decoder(backend, models.identity(), parity=args.parity), to_host=True)
+        log.info("decoding %s with %s, parity %s", src, backend.describe(), args.parity)
 
         def items():
             yield header
@@ -81,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     dt = time.perf_counter() - t0
     print(f"wrote {writer.count} frames to {args.output} in {dt:.1f} s ({writer.count / dt:.1f} frame/s, "
-          f"{backend.describe()})")
+          f"{backend.describe()}, parity {args.parity})")
     return 0
