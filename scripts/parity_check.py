@@ -18,7 +18,6 @@ differ and the decode time; writes parity_<gpu>.json into --json-dir.
 import argparse
 import contextlib
 import copy
-import json
 import math
 import re
 import sys
@@ -31,7 +30,7 @@ from promptus.backends import ReleaseParityBackend, make_backend, resolve_device
 from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe
 from promptus.config import CodecConfig
 from promptus.decoder import Decoder
-from promptus.files import atomic_write
+from promptus.files import write_json_atomic
 from promptus.models import full_size_random_models, tiny_models
 from promptus.prompts import embedding, quantize_tensor
 from promptus.schedule import OneStep, make_noise, mix_latent, to_uint8
@@ -144,7 +143,7 @@ def main() -> int:
               f"{v['max_abs_diff']:4d}")
     print("decode time: " + ", ".join(f"{k} {v:.2f} s ({a.frames / v:.0f} frame/s)" for k, v in times.items()))
     out = Path(a.json_dir) / f"parity_{gpu_tag(name)}.json"
-    atomic_write(out, json.dumps(result, indent=1))
+    write_json_atomic(out, result)
     print(f"wrote {out}")
     return 0
 
