@@ -9,7 +9,7 @@ Byte layout::
 
     offset  size  field
     0       8     MAGIC = 89 50 52 4D 0D 0A 1A 0A  ("\\x89PRM\\r\\n\\x1a\\n")
-    8       2     u16 format version (VERSION = 1)
+    8       2     u16 format version (VERSION = 2; version 1 files are still read)
     10      ...   records, each:
                     4   type, ASCII: b"HEAD", b"INIT", b"KEYF" or b"END "
                     4   u32 payload length n
@@ -17,8 +17,11 @@ Byte layout::
                     4   u32 CRC-32 (zlib.crc32) over type + payload
 
 Records come in this order: one HEAD, one INIT, ``keyframe_count(frame_count)``
-KEYF (indices 0, T, 2T, ...), one END (empty payload; marks a complete file).
-Nothing may follow END.
+KEYF (indices 0, T, 2T, ...), one END (marks a complete file). Nothing may follow END.
+
+END payload: version 2 — the 32-byte SHA-256 of every byte before the END record
+(signature, version and all records), so that a record spliced in from another file
+of the same geometry is caught even though its own CRC is right; version 1 — empty.
 
 HEAD payload (61 bytes + the two strings)::
 
@@ -40,6 +43,12 @@ KEYF payload::
     codes: U (tokens×rank uint8, row-major) then V (rank×embed_dim uint8),
            raw or losslessly compressed as one block
 
+Limits (a reader refuses more; see :mod:`promptus.config`): frame sides ≤ 4096,
+rank ≤ 512, interval ≤ 256, tokens ≤ 1024, embedding width ≤ 4096, frame count
+≤ 2^24, code bytes per keyframe ≤ 1 MiB, and all keyframes of a file together
+decompress to at most 16 MiB + 32 × the bytes read so far (a decompression bomb is
+refused before it is inflated).
+
 Codecs: 1 is a raw DEFLATE stream (zlib level 9, no zlib header/Adler-32 — the
 record CRC already guards it); 2 is a raw LZMA2 stream (preset 9|EXTREME, dictionary
 sized to the codes: max(4096, code bytes)); 3 is a bzip2 stream (level 9). A
@@ -49,6 +58,7 @@ compressed block is stored only when it is smaller than the raw codes.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import lzma
 import math
 import operator
@@ -63,10 +73,10 @@ from typing import BinaryIO, NoReturn, Union
 import numpy as np
 import torch
 
-from .config import MODEL_DIGEST_SIZE, CodecConfig, ModelIdentity
+from .config import MAX_FRAME_COUNT, MODEL_DIGEST_SIZE, CodecConfig, ModelIdentity
 from .errors import BitstreamError, PromptusError
-from .files import atomic_write
-from .prompts import QuantizedTensor, quant_params, quantize
+from .files import atomic_write, read_regular
+from .prompts import QuantizedTensor, check_quant_params, quant_params, quantize
 
 __all__ = [
     "MAGIC", "VERSION", "PRECISIONS", "CODECS", "ENTROPY_CHOICES", "ModelIdentity", "Header", "InitLatent", "Keyframe",
@@ -78,7 +88,8 @@ __all__ = [
 #: CR LF (catches newline conversion), ^Z (stops DOS ``type``), LF.
 MAGIC = b"\x89PRM\r\n\x1a\n"
 #: Format version this module writes; it reads every version up to this one.
-VERSION = 1
+#: Version 2 added the whole-file digest in the END record.
+VERSION = 2
 
 #: Init-latent precisions, by their id in the INIT record.
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -89,8 +100,14 @@ ENTROPY_CHOICES = ("auto", "none", "zlib", "lzma", "bz2")
 
 #: Format limit on the quantized codes of one keyframe (rank 8 needs 8808 bytes).
 #: It bounds what a decompressor may produce, whatever a damaged header claims.
-MAX_KEYFRAME_CODE_BYTES = 1 << 24
-DIGEST_SIZE = MODEL_DIGEST_SIZE
+MAX_KEYFRAME_CODE_BYTES = 1 << 20
+#: Whole-file decompression budget: the keyframes read so far may hold at most
+#: ``DECOMPRESSION_BASE + DECOMPRESSION_RATIO × bytes read`` code bytes. Real factor
+#: codes compress by a few percent; a file over this ratio is a decompression bomb.
+DECOMPRESSION_BASE = 16 << 20
+DECOMPRESSION_RATIO = 32
+DIGEST_SIZE = MODEL_DIGEST_SIZE  # of the model identity
+FILE_DIGEST_SIZE = 32  # SHA-256 of the file, in the END record (version ≥ 2)
 
 _HEAD, _INIT, _KEYF, _END = b"HEAD", b"INIT", b"KEYF", b"END "
 _RECORD_TYPES = (_HEAD, _INIT, _KEYF, _END)
@@ -110,7 +127,6 @@ _KEYF_FIXED = struct.Struct("<IBfBfB")  # index, codec, U scale, U zero point, V
 _CHANNEL_QUANT = np.dtype([("scale", "<f4"), ("zero_point", "u1")])  # int8 init latent side info
 
 _U8, _U16, _U32 = 0xFF, 0xFFFF, 0xFFFFFFFF
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class _FormatError(Exception):
@@ -137,7 +153,7 @@ def _check_format_limits(config: CodecConfig, frame_count) -> None:
                           ("quant_bits", _U8), ("tokens", _U16), ("embed_dim", _U16), ("timestep", _U16),
                           ("latent_channels", _U8), ("latent_factor", _U8)):
         _as_int(getattr(config, name), name, maximum)
-    _as_int(frame_count, "frame_count", _U32, minimum=1)
+    _as_int(frame_count, "frame_count", MAX_FRAME_COUNT, minimum=1)
     for name in ("fps", "mix"):
         if not math.isfinite(getattr(config, name)):
             raise PromptusError(f"{name}={getattr(config, name)!r} must be a finite number")
@@ -572,9 +588,11 @@ def _unpack_keyframe(payload: bytes, header: Header, position: int) -> tuple[Key
     if codec_id >= len(CODECS):
         raise _FormatError(f"unknown entropy codec id {codec_id} (this promptus knows 0 raw, 1 zlib, 2 lzma, 3 bz2)")
     codec = CODECS[codec_id]
-    for name, scale in (("U", u_scale), ("V", v_scale)):
-        if not 0 < scale * 255 <= _F32_MAX:  # scale·(q − zero point) must stay a finite float32
-            raise _FormatError(f"the {name} quantizer scale {scale!r} is not a usable positive number")
+    for name, scale, zp in (("U", u_scale, u_zp), ("V", v_scale, v_zp)):
+        try:
+            check_quant_params(scale, zp)
+        except PromptusError as e:
+            raise _FormatError(f"the {name} quantizer: {e}") from None
     n_u, n_v = cfg.tokens * cfg.rank, cfg.rank * cfg.embed_dim
     codes = _decompress_codes(r.rest(), codec, n_u + n_v)
     q = np.frombuffer(codes, np.uint8)
@@ -611,7 +629,10 @@ def to_bytes(bs: Bitstream, *, entropy: str = "auto") -> bytes:
                             "only complete bitstreams can be written")
     parts = [MAGIC, _VERSION.pack(VERSION), _record(_HEAD, _pack_header(bs.header)), _record(_INIT, _pack_init(bs.init))]
     parts += [_record(_KEYF, _pack_keyframe(kf, entropy)) for kf in bs.keyframes]
-    parts.append(_record(_END, b""))
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    parts.append(_record(_END, digest.digest()))
     return b"".join(parts)
 
 
@@ -659,6 +680,8 @@ class StreamParser:
         self._base = 0  # file offset of _buf[0]
         self._started = False  # magic and version read
         self._error: BitstreamError | None = None
+        self.version: int | None = None  # format version of the stream, once read
+        self._digest = hashlib.sha256()  # of every byte before the END record
 
     @property
     def offset(self) -> int:
@@ -773,6 +796,10 @@ class StreamParser:
             (crc,) = _CRC.unpack_from(self._buf, start + length)
             if crc != zlib.crc32(payload, zlib.crc32(rtype)):
                 self._corrupt(name, offset, "checksum mismatch")
+            if rtype != _END:
+                self._digest.update(bytes(self._buf[self._pos:start]))
+                self._digest.update(payload)
+                self._digest.update(self._buf[start + length:start + length + _CRC.size])
             try:
                 item = self._accept(rtype, payload, offset, length)
             except _FormatError as e:
@@ -806,6 +833,8 @@ class StreamParser:
             self._fail("version", len(MAGIC), f"format version {version} does not exist",
                        "the file is corrupted; fetch or copy it again")
         self.records.append(RecordInfo("magic+version", 0, _PREFIX, _PREFIX))
+        self.version = version
+        self._digest.update(self._buf[self._pos:self._pos + _PREFIX])
         self._pos += _PREFIX
         self._started = True
         return True
@@ -837,9 +866,19 @@ class StreamParser:
             most = _KEYF_FIXED.size + _code_bytes(self.header.config)
             ok, want = _KEYF_FIXED.size < length <= most, f"{_KEYF_FIXED.size + 1}..{most}"
         else:
-            ok, want = length == 0, "0"
+            n = FILE_DIGEST_SIZE if self.version >= 2 else 0
+            ok, want = length == n, str(n)
         if not ok:
             self._corrupt(name, offset, f"payload length {length} is impossible (expected {want} bytes)")
+        if rtype == _KEYF:  # the whole-file budget, checked before anything is inflated
+            codes = (len(self.keyframes) + 1) * _code_bytes(self.header.config)
+            budget = DECOMPRESSION_BASE + DECOMPRESSION_RATIO * (offset + length + _FRAMING)
+            if codes > budget:
+                self._fail(name, offset, f"the keyframes up to here decompress to {codes} code bytes, more than "
+                                         f"the {budget} bytes promptus allows for {offset + length + _FRAMING} "
+                                         f"bytes of file ({DECOMPRESSION_RATIO}× plus {DECOMPRESSION_BASE >> 20} MiB)",
+                           "real prompt files compress far less; this one looks like a decompression bomb and is "
+                           "refused")
 
     def _accept(self, rtype: bytes, payload: bytes, offset: int, length: int) -> Item | None:
         size = length + _FRAMING
@@ -858,6 +897,9 @@ class StreamParser:
             self.records.append(RecordInfo(f"keyframe {i} (index {kf.index})", offset, size, length, codec,
                                            _code_bytes(self.header.config)))
             return kf
+        if self.version >= 2 and payload != self._digest.digest():
+            raise _FormatError("the file's SHA-256 digest does not match its records: a record was changed or "
+                               "spliced in from another file")
         self.done = True
         self.records.append(RecordInfo("end", offset, size, length))
         return None
@@ -993,9 +1035,15 @@ def write(path: str | os.PathLike, bs: Bitstream, *, entropy: str = "auto") -> i
     """Write ``bs`` to ``path`` atomically; return the number of bytes written.
 
     :func:`promptus.files.atomic_write`: readers see the old file or the new one,
-    never a partial one, and a failure leaves no file behind (PromptusError).
+    never a partial one, and a failure leaves no file behind (PromptusError). The
+    bytes are parsed back before they are written: this never writes a file that
+    :func:`read` refuses.
     """
     data = to_bytes(bs, entropy=entropy)
+    try:
+        from_bytes(data)
+    except BitstreamError as e:
+        raise PromptusError(f"refusing to write {path}: the bitstream would not read back ({e})") from None
     path = Path(path)
     if path.is_dir():
         raise PromptusError(f"cannot write {path}: it is a folder; give a file name such as {path / 'clip.promptus'}")
@@ -1015,12 +1063,7 @@ def read(path: str | os.PathLike) -> Bitstream:
     if path.is_dir():
         raise PromptusError(f"{path} is a folder, not a .promptus file (legacy release folders: "
                             "`promptus import-legacy`)")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise PromptusError(f"{path}: no such file") from None
-    except OSError as e:
-        raise PromptusError(f"could not read {path}: {e.strerror or e}") from e
+    data = read_regular(path, what=".promptus file")
     try:
         return from_bytes(data)
     except BitstreamError as e:
@@ -1036,6 +1079,12 @@ def layout(data: bytes) -> list[RecordInfo]:
     parser.feed(_as_bytes(data))
     parser.close()
     return list(parser.records)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (\\x1b, \\u202e...):
+    a header's strings must not reach a terminal as escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _kbps(nbytes: int, seconds: float) -> float:
@@ -1066,7 +1115,7 @@ def describe(data: bytes) -> str:
     duration = h.duration_s
 
     lines = [
-        f"promptus bitstream, format version {VERSION}, {len(data)} bytes",
+        f"promptus bitstream, format version {parser.version}, {len(data)} bytes",
         f"  frame size   {cfg.width}×{cfg.height}",
         f"  fps          {cfg.fps:g}",
         f"  frames       {h.frame_count} ({duration:.3f} s)",
@@ -1078,7 +1127,7 @@ def describe(data: bytes) -> str:
         f"  embedding    {cfg.tokens} tokens × {cfg.embed_dim}, timestep {cfg.timestep}",
         f"  latent       {cfg.latent_channels}×{cfg.height // cfg.latent_factor}×{cfg.width // cfg.latent_factor}, "
         f"init latent {bs.init.precision}",
-        f"  model        {h.model.name} (digest {h.model.hexdigest})",
+        f"  model        {_printable(h.model.name)} (digest {h.model.hexdigest})",
         "",
         f"  {'part':<28}{'bytes':>10}{'share':>9}",
     ]
@@ -1089,6 +1138,8 @@ def describe(data: bytes) -> str:
         (f"keyframes ({len(keyf)})", sum(r.payload for r in keyf)),
         (f"framing ({len(framed)} records)", framing),
     ]
+    if by_name["end"].payload:
+        parts.append(("file digest (SHA-256)", by_name["end"].payload))
     assert sum(n for _, n in parts) == len(data), "layout does not cover the file"
     for label, n in parts + [("total", len(data))]:
         lines.append(f"  {label:<28}{n:>10}{100 * n / len(data):>8.1f}%")

@@ -11,6 +11,7 @@ choices (init-latent sources, precisions) are the tuples the configs validate wi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,29 @@ from .errors import PromptusError
 
 #: Name of the only noise generator the codec knows (docs/design.md, "The method").
 NOISE_NUMPY_RANDN = "numpy.random.RandomState.randn"
+
+# Hard limits. A .promptus file is input from anywhere: these bound what a header may
+# ask a decoder to allocate, and the encoder cannot write what a decoder would refuse.
+# Each is far above what the codec uses (512×512, rank 8, interval 10, 77×1024).
+#: Frame width and height in pixels.
+MAX_FRAME_SIDE = 4096
+#: Prompt rank r.
+MAX_RANK = 512
+#: Keyframe interval T (the frames of one segment).
+MAX_INTERVAL = 256
+#: Tokens per prompt (the text encoder's context: 77 for SD-Turbo).
+MAX_TOKENS = 1024
+#: Width of one token embedding (1024 for SD-Turbo).
+MAX_EMBED_DIM = 4096
+#: Latent channels (4 for SD-Turbo).
+MAX_LATENT_CHANNELS = 64
+#: Frames of one clip (about 6.5 days at 30 fps).
+MAX_FRAME_COUNT = 1 << 24
+#: Frames per second, both ways: a video container must be able to state the rate.
+MIN_FPS, MAX_FPS = 1e-3, 1e4
+#: Pixels a decoder processes in one batch (64 frames at 512×512): longer segments are
+#: split into batches of at most this many pixels, so memory stays bounded whatever the interval.
+MAX_BATCH_PIXELS = 64 * 512 * 512
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,8 @@ class CodecConfig:
     def validate(self) -> None:
         """Raise :class:`PromptusError` if any setting is out of range."""
         f = self.latent_factor
+        if not isinstance(f, int) or not 1 <= f <= 64:
+            raise PromptusError(f"latent_factor={f!r} must be an integer in 1..64 (8 for SD-Turbo)")
         for name in ("width", "height"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % f:
@@ -66,12 +92,20 @@ class CodecConfig:
                     f"{name}={v!r}: frame {name} must be a positive multiple of {f} "
                     f"(the latent is {f}× smaller); try {max(f, (int(v) // f) * f) if isinstance(v, (int, float)) and v > 0 else 512}"
                 )
-        if not (self.fps > 0):
-            raise PromptusError(f"fps={self.fps!r}: frames per second must be positive")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise PromptusError(f"rank={self.rank!r}: the prompt rank must be an integer ≥ 1 (8 is the published default)")
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise PromptusError(f"interval={self.interval!r}: the keyframe interval must be an integer ≥ 1 (10 is the published default)")
+            if v > MAX_FRAME_SIDE:
+                raise PromptusError(f"{name}={v}: frames may be at most {MAX_FRAME_SIDE} pixels wide and high")
+        try:
+            fps = float(self.fps)
+        except (TypeError, ValueError):
+            fps = math.nan
+        if not MIN_FPS <= fps <= MAX_FPS:
+            raise PromptusError(f"fps={self.fps!r}: frames per second must lie in [{MIN_FPS:g}, {MAX_FPS:g}]")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise PromptusError(f"rank={self.rank!r}: the prompt rank must be an integer in 1..{MAX_RANK} "
+                                "(8 is the published default)")
+        if not isinstance(self.interval, int) or not 1 <= self.interval <= MAX_INTERVAL:
+            raise PromptusError(f"interval={self.interval!r}: the keyframe interval must be an integer in "
+                                f"1..{MAX_INTERVAL} (10 is the published default)")
         if not 0.0 <= self.mix <= 1.0:
             raise PromptusError(f"mix={self.mix!r}: the temporal mix must lie in [0, 1] (0.05 is the published value)")
         if self.quant_bits != 8:
@@ -84,9 +118,11 @@ class CodecConfig:
             raise PromptusError(f"seed={self.seed!r}: the noise seed must lie in [0, 2**32)")
         if not 0 <= self.timestep < 1000:
             raise PromptusError(f"timestep={self.timestep!r} must lie in [0, 1000)")
-        for name in ("tokens", "embed_dim", "latent_channels"):
-            if getattr(self, name) < 1:
-                raise PromptusError(f"{name}={getattr(self, name)!r} must be ≥ 1")
+        for name, most in (("tokens", MAX_TOKENS), ("embed_dim", MAX_EMBED_DIM),
+                           ("latent_channels", MAX_LATENT_CHANNELS)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 1 <= v <= most:
+                raise PromptusError(f"{name}={v!r} must be an integer in 1..{most}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -99,6 +135,16 @@ class CodecConfig:
         if frame_count < 1:
             raise PromptusError(f"a clip needs at least one frame, got {frame_count}")
         return -(-(frame_count - 1) // self.interval) + 1
+
+    def segment_batch(self, frame_count: int) -> int:
+        """Frames a decoder generates in one batch for a clip of ``frame_count`` frames.
+
+        The interval T, but no more than the clip's longest segment (a 3-frame clip
+        never needs a batch of T) and no more than :data:`MAX_BATCH_PIXELS` allow at
+        this frame size (longer segments are generated in several batches).
+        """
+        by_memory = max(1, MAX_BATCH_PIXELS // (self.width * self.height))
+        return max(1, min(self.interval, frame_count - 1, by_memory))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,18 +32,21 @@ import torch
 from tqdm import tqdm
 
 from .backends.base import Backend
-from .bitstream import Bitstream, Header, InitLatent, Keyframe, read, write
+from .bitstream import Bitstream, Header, InitLatent, Keyframe, from_bytes, to_bytes, write
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
 from .errors import PromptusError, VideoError
-from .files import atomic_write
+from .files import atomic_write, read_regular
 from .metrics.frames import clip_psnr, psnr_from_mse
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, quantize
 from .schedule import OneStep, to_model_range
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+#: Version 2 records the SHA-256 of the checkpoint bitstream in the checkpoint JSON.
+CHECKPOINT_VERSION = 2
+#: A checkpoint JSON holds a few hundred bytes per keyframe; anything far larger is not ours.
+MAX_CHECKPOINT_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -96,7 +99,13 @@ def _mean_psnr(results: list[KeyframeResult]) -> float:
 
 
 def frames_digest(frames: torch.Tensor) -> str:
-    return hashlib.sha256(frames.contiguous().numpy().tobytes()).hexdigest()[:32]
+    """SHA-256 (32 hex digits) of the frames' bytes, hashed in place (no copy of the clip)."""
+    arr = frames.contiguous().numpy()
+    h = hashlib.sha256()
+    flat = arr.reshape(-1)
+    for i in range(0, flat.size, 1 << 24):  # 16 MiB at a time: views, never a copy
+        h.update(flat[i:i + (1 << 24)])
+    return h.hexdigest()[:32]
 
 
 def _check_writable(out: Path) -> None:
@@ -148,6 +157,7 @@ class Encoder:
         if models.vae is not None:
             torch.nn.Module.to(models.vae, self.device, self.dtype)
         torch.nn.Module.to(models.taesd, self.device, self.dtype)
+        models.geometry().check(codec)
         self.loss_fn = self._make_loss(vgg)
         self.identity = models.identity()
         # fp16 gradients through a UNet underflow without loss scaling.
@@ -331,7 +341,7 @@ class Encoder:
         results: list[KeyframeResult] = []
         init: InitLatent | None = None
         if resume and ckpt_json.exists():
-            init, keyframes, results = self._load_checkpoint(ckpt_bs, ckpt_json, state_meta)
+            init, keyframes, results = self._load_checkpoint(ckpt_bs, ckpt_json, state_meta, header)
             log.info("resuming %s after keyframe %d of %d", out, len(keyframes) - 1, K - 1)
         elif resume:
             log.info("no checkpoint for %s: starting from the beginning", out)
@@ -344,9 +354,10 @@ class Encoder:
 
         targets_all = frames  # uint8 on the CPU; moved per segment
         state = ClipState(self.backend, header, init)
-        recon: list[torch.Tensor] = []
+        recon = torch.empty_like(frames)  # filled segment by segment: never a list plus a concatenation
         for kf in keyframes:  # replay the closed loop up to where the checkpoint stopped
-            recon.append(state.push(kf).frames.cpu())
+            seg = state.push(kf)
+            recon[seg.start:seg.stop] = seg.frames.cpu()
 
         kbar = tqdm(total=K, initial=len(keyframes), desc="keyframes", unit="kf", disable=not self.progress,
                     position=0)
@@ -364,8 +375,8 @@ class Encoder:
                                                     state.onestep, ibar)
                 seg = state.push(kf)  # closed loop: regenerate from what is transmitted
                 assert (seg.start, seg.stop - 1) == (start, stop)
-                recon.append(seg.frames.cpu())
-                psnr = clip_psnr(targets_all[start:stop + 1], seg.frames.cpu())
+                recon[start:stop + 1] = seg.frames.cpu()
+                psnr = clip_psnr(targets_all[start:stop + 1], recon[start:stop + 1])
                 keyframes.append(kf)
                 res = KeyframeResult(keyframe=k, index=kf.index, frames=(start, stop), psnr=psnr,
                                      seconds=time.perf_counter() - t0, **stats)
@@ -384,7 +395,7 @@ class Encoder:
         nbytes = write(out, Bitstream(header, init, keyframes))
         for p in (ckpt_bs, ckpt_json):
             p.unlink(missing_ok=True)
-        result = EncodeResult(out, nbytes, N, results, torch.cat(recon), c.fps)
+        result = EncodeResult(out, nbytes, N, results, recon, c.fps)
         log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
         return result
 
@@ -394,26 +405,61 @@ class Encoder:
                          keyframes: list[Keyframe], results: list[KeyframeResult]) -> None:
         # The finished keyframes form a complete bitstream of a shorter clip: our own format, no pickle.
         partial = Header(header.config, (len(keyframes) - 1) * header.interval + 1, header.model)
-        write(ckpt_bs, Bitstream(partial, init, list(keyframes)), entropy="none")
-        state = dict(meta, keyframes_done=len(keyframes), results=[r.to_dict() for r in results])
+        data = to_bytes(Bitstream(partial, init, list(keyframes)), entropy="none")
+        atomic_write(ckpt_bs, data)
+        state = dict(meta, keyframes_done=len(keyframes), bitstream_sha256=hashlib.sha256(data).hexdigest(),
+                     results=[r.to_dict() for r in results])
         atomic_write(ckpt_json, json.dumps(state, indent=1))
 
-    def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict):
+    def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header):
+        """(init latent, keyframes, results) of a checkpoint that belongs to this very run.
+
+        Everything is checked before it is used: the JSON's shape and types, its options
+        against this run's, the bitstream's SHA-256 against the one the JSON recorded,
+        and the bitstream's header against this run's header.
+        """
+        def refuse(problem: str) -> PromptusError:
+            return PromptusError(f"cannot resume from checkpoint {ckpt_json}: {problem}; delete {ckpt_json.name} "
+                                 f"and {ckpt_bs.name} to start over")
+
         try:
-            state = json.loads(ckpt_json.read_text())
-        except (OSError, ValueError) as e:
-            raise PromptusError(f"cannot read checkpoint {ckpt_json}: {e}; delete it to start over") from e
+            state = json.loads(read_regular(ckpt_json, what="checkpoint", limit=MAX_CHECKPOINT_JSON_BYTES))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+            raise refuse(f"it is not valid JSON ({e})") from None
+        if not isinstance(state, dict):
+            raise refuse(f"it holds a JSON {type(state).__name__}, not an object")
         for key in ("version", "codec", "train", "frame_count", "frames", "model", "precision"):
             if state.get(key) != meta[key]:
                 raise PromptusError(
-                    f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r} vs {meta[key]!r}); "
+                    f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r:.200} vs {meta[key]!r}); "
                     "resume with the same input and options, or delete the checkpoint to start over"
                 )
-        bs = read(ckpt_bs)
-        if len(bs.keyframes) != state.get("keyframes_done"):
-            raise PromptusError(f"checkpoint {ckpt_bs} holds {len(bs.keyframes)} keyframes but {ckpt_json} "
-                                f"says {state.get('keyframes_done')}; delete both to start over")
-        results = [KeyframeResult(**dict(r, frames=tuple(r["frames"]))) for r in state.get("results", [])]
+        done, digest, entries = state.get("keyframes_done"), state.get("bitstream_sha256"), state.get("results")
+        if type(done) is not int or not 1 <= done < header.keyframe_count:
+            raise refuse(f"keyframes_done={done!r:.100} is not a count in 1..{header.keyframe_count - 1}")
+        if not isinstance(digest, str) or not isinstance(entries, list) or len(entries) != done:
+            raise refuse("its bitstream digest or its per-keyframe results are missing or malformed")
+        data = read_regular(ckpt_bs, what="checkpoint bitstream")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise refuse(f"{ckpt_bs.name} is not the bitstream this checkpoint recorded (another run's, or changed)")
+        bs = from_bytes(data)
+        want = Header(header.config, (done - 1) * header.interval + 1, header.model)
+        if bs.header != want or len(bs.keyframes) != done or bs.init.precision != self.train.init_precision:
+            raise refuse(f"{ckpt_bs.name} holds {len(bs.keyframes)} keyframes of another clip or other settings")
+        results = []
+        fields = set(KeyframeResult.__dataclass_fields__)
+        for k, r in enumerate(entries):
+            try:
+                if not isinstance(r, dict) or set(r) != fields:
+                    raise TypeError("wrong fields")
+                res = KeyframeResult(**dict(r, frames=tuple(int(i) for i in r["frames"])))
+                if res.keyframe != k or len(res.frames) != 2:
+                    raise ValueError("out of order")
+                for name in ("psnr", "best_loss", "final_lr", "seconds"):
+                    float(getattr(res, name))
+            except (TypeError, ValueError, OverflowError) as e:
+                raise refuse(f"its result for keyframe {k} is malformed ({e})") from None
+            results.append(res)
         return bs.init, list(bs.keyframes), results
 
 

@@ -6,6 +6,9 @@ sibling, which is fsynced and renamed over the target; then the folder is fsynce
 so that the rename itself survives a crash (where the platform allows it). A
 reader sees the old file or the new one, never a partial one, and a failure leaves
 no temporary file behind.
+
+Reads of user-named files open regular files only: a FIFO, a device (/dev/zero) or a
+folder given where a file belongs is refused at once instead of hanging or filling memory.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import contextlib
 import json
 import math
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
+
+from .errors import PromptusError
 
 #: Temporary files start with this, so that clean-ups can find leftovers.
 TMP_PREFIX = ".tmp-"
@@ -97,3 +103,43 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON written by :func:`write_json_atomic` (non-finite floats restored)."""
     return json_restore(json.loads(Path(path).read_text()))
+
+
+def read_regular(path: str | os.PathLike, *, what: str = "file", limit: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (symlinks to one are fine).
+
+    Opened non-blocking and checked with fstat before reading, so that a FIFO or a
+    device never blocks or streams forever. ``limit``: refuse a larger file. Every
+    failure is a :class:`PromptusError` naming the path.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise PromptusError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise PromptusError(f"{path} is a folder, not a {what}") from None
+    except OSError as e:
+        raise PromptusError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise PromptusError(f"{path} is a folder, not a {what}")
+        if not stat.S_ISREG(st.st_mode):
+            raise PromptusError(f"{path} is not a regular file (a pipe, socket or device?); give a {what}")
+        if limit is not None and st.st_size > limit:
+            raise PromptusError(f"{path} is {st.st_size} bytes; a {what} is at most {limit} bytes")
+        chunks, total = [], 0
+        while True:  # read to EOF, but never past the limit even if the file grows meanwhile
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if limit is not None and total > limit:
+                raise PromptusError(f"{path} grew past {limit} bytes while being read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise PromptusError(f"cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)

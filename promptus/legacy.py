@@ -6,6 +6,13 @@ float tensors) plus ``init.pth`` (the float32 init latent 1×4×64×64), all sav
 from CUDA tensors. They are read with ``torch.load(weights_only=True,
 map_location="cpu")`` only, validated, and turned into a :class:`Bitstream`
 whose dequantized factors are bit-exact to the originals.
+
+The files are untrusted input: only regular files are opened (a FIFO never blocks),
+each is at most :data:`MAX_LEGACY_FILE_BYTES`, a zip archive must store its entries
+uncompressed (as ``torch.save`` does: no zip bomb), every failure of the unpickler is
+a :class:`PromptusError`, and each tensor's shape is checked against the format's
+limits and its storage before anything is copied (a tensor saved from ``expand()`` is
+a few bytes on disk and gigabytes once materialised).
 """
 
 from __future__ import annotations
@@ -14,18 +21,18 @@ import io
 import logging
 import math
 import os
-import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
-from .config import CodecConfig
+from .config import MAX_EMBED_DIM, MAX_FRAME_SIDE, MAX_RANK, MAX_TOKENS, CodecConfig
 from .errors import PromptusError
-from .files import atomic_write
-from .prompts import QuantizedTensor
+from .files import atomic_write, read_regular
+from .prompts import QuantizedTensor, check_quant_params
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +41,52 @@ PROMPT_RE = re.compile(r"^frame_(\d+)\.prompt$")
 #: What a legacy folder was made with: the public release used SD-Turbo + TAESD.
 LEGACY_MODEL = ModelIdentity(name="sd-turbo+taesd (legacy import)", digest=bytes(16))
 
+#: Largest legacy file read (a rank-512 keyframe holds 563 KiB of codes, a 4096² init latent 4 MiB).
+MAX_LEGACY_FILE_BYTES = 64 << 20
+#: The release's init latent: SD-Turbo's 4 channels, 8× smaller than the frame.
+LEGACY_LATENT_CHANNELS = 4
+
+
+def _check_archive(data: bytes, path: Path) -> None:
+    """Refuse a zip archive whose entries are compressed or claim more than the size limit:
+    torch.save stores entries uncompressed, so the file's size bounds what loading allocates."""
+    if not data.startswith(b"PK"):
+        return  # torch's older non-zip format: storages are read from the file itself
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
+        raise PromptusError(f"cannot read {path}: a damaged zip archive ({e})") from None
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise PromptusError(f"cannot read {path}: its archive holds compressed entries, which torch.save never "
+                            "writes; it is not a Promptus prompt file")
+    if sum(i.file_size for i in infos) > len(data):
+        raise PromptusError(f"cannot read {path}: its archive entries claim more bytes than the file holds")
+
 
 def _load(path: Path) -> object:
+    data = read_regular(path, what="legacy prompt file", limit=MAX_LEGACY_FILE_BYTES)
+    _check_archive(data, path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the unpickler parses untrusted bytes: any failure means a bad file
         raise PromptusError(
-            f"cannot read {path}: {e}. Legacy files are loaded with weights_only=True "
+            f"cannot read {path}: {type(e).__name__}: {str(e)[:300]}. Legacy files are loaded with weights_only=True "
             "(no arbitrary code runs); a file that needs more is not a Promptus prompt."
-        ) from e
+        ) from None
+
+
+def _check_tensor(t: torch.Tensor, path: Path, name: str, limits: tuple[int, ...]) -> None:
+    """Refuse a tensor whose shape exceeds ``limits`` or whose elements are not all backed by
+    its own storage (``expand()``: stride 0), before anything copies it."""
+    shape = tuple(t.shape)
+    if len(shape) != len(limits) or any(not 1 <= n <= most for n, most in zip(shape, limits)):
+        raise PromptusError(f"{path}: {name} has shape {shape}; a Promptus file holds at most "
+                            f"{'×'.join(map(str, limits))}")
+    held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if t.numel() * t.element_size() > held:
+        raise PromptusError(f"{path}: {name} ({'×'.join(map(str, shape))}) repeats the {held} bytes it stores "
+                            "(a tensor saved from expand()); save it with .contiguous() first")
 
 
 def _scalar(d: dict, key: str, path: Path) -> float:
@@ -56,20 +100,21 @@ def _scalar(d: dict, key: str, path: Path) -> float:
     return float(v)
 
 
-def _quantized(d: dict, name: str, shape_check, path: Path) -> QuantizedTensor:
+def _quantized(d: dict, name: str, shape_check, path: Path, limits: tuple[int, int]) -> QuantizedTensor:
     q = d[name]
     if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8 or q.dim() != 2:
         desc = f"{q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
         raise PromptusError(f"{path}: {name} must be a 2-D uint8 tensor of codes, got a {desc}")
+    _check_tensor(q, path, name, limits)
     shape_check(tuple(q.shape))
     scale = _scalar(d, f"{name}_scale", path)
     zp = _scalar(d, f"{name}_zero_point", path)
-    if not (math.isfinite(scale) and scale > 0):
-        raise PromptusError(f"{path}: {name}_scale={scale!r} must be finite and positive")
+    try:  # the same rule as the bitstream reader: what imports here also reads back
+        check_quant_params(scale, zp)
+    except PromptusError as e:
+        raise PromptusError(f"{path}: {name}_scale={scale!r}, {name}_zero_point={zp!r}: {e}") from None
     if np.float32(scale) != scale and not isinstance(d[f"{name}_scale"], torch.Tensor):
         log.debug("%s: %s_scale is not a float32 value; it is rounded to float32 as the release's arithmetic does", path, name)
-    if zp != round(zp) or not 0 <= zp <= 255:
-        raise PromptusError(f"{path}: {name}_zero_point={zp!r} must be an integer in 0..255")
     return QuantizedTensor(q.contiguous().numpy().copy(), float(np.float32(scale)), int(zp))
 
 
@@ -85,7 +130,10 @@ def load_legacy(folder: str | os.PathLike, *, fps: float = 30.0, init_precision:
     folder = Path(folder)
     if not folder.is_dir():
         raise PromptusError(f"{folder} is not a folder; give the folder holding frame_XXXXX.prompt and init.pth")
-    prompts = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := PROMPT_RE.match(p.name)))
+    try:
+        prompts = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := PROMPT_RE.match(p.name)))
+    except OSError as e:
+        raise PromptusError(f"cannot list {folder}: {e.strerror or e}") from None
     if not prompts:
         raise PromptusError(f"{folder} holds no frame_XXXXX.prompt files; is this a Promptus results folder "
                             "(e.g. data/sky/results/rank8_interval10)?")
@@ -114,9 +162,13 @@ def load_legacy(folder: str | os.PathLike, *, fps: float = 30.0, init_precision:
     if isinstance(init, dict):  # some scripts save {"z": tensor}
         tensors = [v for v in init.values() if isinstance(v, torch.Tensor)]
         init = tensors[0] if len(tensors) == 1 else init
-    if not isinstance(init, torch.Tensor) or not init.is_floating_point() or init.dim() != 4 or init.shape[0] != 1:
+    if (not isinstance(init, torch.Tensor) or not init.is_floating_point() or init.dim() != 4 or init.shape[0] != 1
+            or init.shape[1] != LEGACY_LATENT_CHANNELS):
         desc = f"{init.dtype} tensor {tuple(init.shape)}" if isinstance(init, torch.Tensor) else type(init).__name__
-        raise PromptusError(f"{init_path}: expected a float init latent of shape 1×4×h×w, got {desc}")
+        raise PromptusError(f"{init_path}: expected a float init latent of shape 1×{LEGACY_LATENT_CHANNELS}×h×w "
+                            f"(SD-Turbo's latent), got {desc}")
+    side = MAX_FRAME_SIDE // 8
+    _check_tensor(init, init_path, "the init latent", (1, LEGACY_LATENT_CHANNELS, side, side))
     if not torch.isfinite(init).all():
         raise PromptusError(f"{init_path}: the init latent holds NaN or inf")
     _, channels, h, w = init.shape
@@ -147,8 +199,8 @@ def load_legacy(folder: str | os.PathLike, *, fps: float = 30.0, init_precision:
             elif shape[1] != dim:
                 raise PromptusError(f"{path}: V has {shape[1]} columns but earlier keyframes have {dim}")
 
-        U_q = _quantized(d, "U", check_u, path)
-        V_q = _quantized(d, "V", check_v, path)
+        U_q = _quantized(d, "U", check_u, path, (MAX_TOKENS, MAX_RANK))
+        V_q = _quantized(d, "V", check_v, path, (MAX_RANK, MAX_EMBED_DIM))
         keyframes.append(Keyframe(index=index, U_q=U_q, V_q=V_q))
 
     config = CodecConfig(width=8 * w, height=8 * h, fps=float(fps), rank=rank, interval=interval,

@@ -184,8 +184,55 @@ class Models:
             return self.taesd.encoder(frame.to(device=p.device, dtype=p.dtype))
         raise PromptusError(f"init latent: which={which!r} is unknown; use 'vae' or 'taesd'")
 
+    def geometry(self) -> ModelGeometry:
+        """The prompt and latent shapes these networks accept (read from their configs)."""
+        unet, taesd = self.unet.config, self.taesd.config
+        factor = int(taesd.get("upsampling_scaling_factor", 2)) ** (len(taesd["num_decoder_blocks"]) - 1)
+        if unet.in_channels != taesd.latent_channels:
+            raise PromptusError(f"the UNet takes {unet.in_channels}-channel latents but TAESD makes "
+                                f"{taesd.latent_channels}; these weights do not belong together")
+        return ModelGeometry(embed_dim=int(unet.cross_attention_dim), latent_channels=int(unet.in_channels),
+                             latent_factor=factor)
+
     def _components(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.taesd, self.vae) if m is not None]
+
+
+#: Prompts of the SD family are at most 77 tokens long (CLIP's context).
+SD_MAX_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The shapes a model accepts: what a bitstream header must agree with before decoding.
+
+    Attributes:
+        embed_dim: width of one prompt token (the UNet's cross-attention width).
+        latent_channels: channels of the latent (UNet input and TAESD decoder input).
+        latent_factor: frame side / latent side (TAESD's upsampling).
+        max_tokens: most prompt tokens the model was trained with.
+    """
+
+    embed_dim: int
+    latent_channels: int
+    latent_factor: int
+    max_tokens: int = SD_MAX_TOKENS
+
+    def check(self, config) -> None:
+        """Raise PromptusError unless ``config`` (a CodecConfig) fits this model."""
+        problems = []
+        if config.embed_dim != self.embed_dim:
+            problems.append(f"prompts of width {config.embed_dim} (the model takes {self.embed_dim})")
+        if config.tokens > self.max_tokens:
+            problems.append(f"{config.tokens} prompt tokens (the model takes at most {self.max_tokens})")
+        if config.latent_channels != self.latent_channels:
+            problems.append(f"{config.latent_channels} latent channels (the model has {self.latent_channels})")
+        if config.latent_factor != self.latent_factor:
+            problems.append(f"a latent {config.latent_factor}× smaller than the frame (the model's is "
+                            f"{self.latent_factor}× smaller)")
+        if problems:
+            raise PromptusError("the clip does not fit this model: it asks for " + "; ".join(problems)
+                                + ". Decode it with the model it was encoded for (--model).")
 
 
 def _freeze(*modules: torch.nn.Module | None) -> None:

@@ -118,15 +118,13 @@ class PipelinedDecoder:
                 item, factors = job
                 if factors is not None:
                     factors = tuple(f.to(self.device, non_blocking=True) for f in factors)
-                seg = session.accept(item, factors)
-                if seg is None:
-                    continue
-                count += seg.frames.shape[0]
-                if not self.to_host:
-                    if sink is not None:
-                        sink(seg.start, seg.frames)
-                    continue
-                put(outgoing, self._to_host(seg, copy_stream, buffers))
+                for seg in session.accept(item, factors):
+                    count += seg.frames.shape[0]
+                    if not self.to_host:
+                        if sink is not None:
+                            sink(seg.start, seg.frames)
+                        continue
+                    put(outgoing, self._to_host(seg, copy_stream, buffers))
                 if writer is not None and writer.error is not None:
                     break
         finally:

@@ -17,6 +17,8 @@ from .config import CodecConfig
 from .errors import PromptusError
 
 QMAX = 255  # 8-bit codes 0..255
+#: Largest usable scale: scale·(q − zero point) must stay a finite float32 for every code.
+MAX_SCALE = float(np.finfo(np.float32).max) / QMAX
 
 
 # ---------------------------------------------------------------- quantizer
@@ -35,13 +37,9 @@ class QuantizedTensor:
     zero_point: int  # 0..255
 
     def __post_init__(self) -> None:
-        if self.q.dtype != np.uint8:
-            raise PromptusError(f"quantized codes must be uint8, got {self.q.dtype}")
-        if not 0 <= int(self.zero_point) <= QMAX:
-            raise PromptusError(f"zero point {self.zero_point} is outside 0..{QMAX}")
-        s = float(np.float32(self.scale))
-        if not (math.isfinite(s) and s > 0):
-            raise PromptusError(f"quantizer scale {self.scale!r} must be finite and positive")
+        if not isinstance(self.q, np.ndarray) or self.q.dtype != np.uint8:
+            raise PromptusError(f"quantized codes must be a uint8 array, got {getattr(self.q, 'dtype', type(self.q))}")
+        check_quant_params(self.scale, self.zero_point)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -53,6 +51,25 @@ class QuantizedTensor:
 
     def to_torch(self) -> torch.Tensor:
         return torch.from_numpy(self.dequantize())
+
+
+def check_quant_params(scale, zero_point) -> None:
+    """Raise PromptusError unless ``scale`` (as float32) lies in (0, MAX_SCALE] and
+    ``zero_point`` is an integer in 0..255: then every code dequantizes to a finite float32."""
+    try:
+        zp_ok = float(zero_point).is_integer() and 0 <= float(zero_point) <= QMAX
+    except (TypeError, ValueError, OverflowError):
+        zp_ok = False
+    if not zp_ok:
+        raise PromptusError(f"zero point {zero_point!r} must be an integer in 0..{QMAX}")
+    try:
+        with np.errstate(over="ignore"):
+            s = float(np.float32(scale))
+    except (TypeError, ValueError, OverflowError):
+        s = math.nan
+    if not 0 < s <= MAX_SCALE:
+        raise PromptusError(f"quantizer scale {scale!r} must be positive and at most {MAX_SCALE:.4g}, so that "
+                            "scale·(q − zero point) stays a finite float32")
 
 
 def quant_params(lo: float, hi: float) -> tuple[float, int]:
@@ -135,19 +152,25 @@ def embedding(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (U @ V) / math.sqrt(r)
 
 
-def interpolation_weights(interval: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Weights s/T of keyframe k+1 for the frames s = 1..T of a segment."""
-    return torch.arange(1, interval + 1, device=device, dtype=torch.float64).div(interval).to(dtype)
+def interpolation_weights(interval: int, device=None, dtype=torch.float32, first: int = 1,
+                          count: int | None = None) -> torch.Tensor:
+    """Weights s/T of keyframe k+1 for the frames s = first .. first+count−1 of a segment
+    (default: s = 1..T)."""
+    count = interval - first + 1 if count is None else count
+    if not (1 <= first and count >= 0 and first + count - 1 <= interval):
+        raise PromptusError(f"frames {first}..{first + count - 1} are not within a segment of {interval} frames")
+    return torch.arange(first, first + count, device=device, dtype=torch.float64).div(interval).to(dtype)
 
 
 def interpolate_factors(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor, V1: torch.Tensor,
-                        interval: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of the T frames of segment k → k+1, stacked: (T×tokens×r, T×r×dim).
+                        interval: int, first: int = 1, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of frames s = first .. first+count−1 (default: all T) of segment k → k+1,
+    stacked: (count×tokens×r, count×r×dim).
 
     Frame s uses ``u = (1 − s/T)·U_k + (s/T)·U_{k+1}`` and likewise v; s = T gives
-    keyframe k+1 exactly.
+    keyframe k+1 exactly. Only the asked frames are computed.
     """
-    w = interpolation_weights(interval, U0.device, U0.dtype).view(-1, 1, 1)
+    w = interpolation_weights(interval, U0.device, U0.dtype, first, count).view(-1, 1, 1)
     u = (1 - w) * U0 + w * U1
     v = (1 - w) * V0 + w * V1
     return u, v

@@ -3,10 +3,16 @@
 Input frames are RGB, centre-cropped to a square (the longer side is cropped
 symmetrically) and resized to the codec's frame size (docs/design.md, "The method"). Output goes to a
 folder of PNGs or a video file at the clip's fps; both are written atomically.
+
+Inputs are bounded: an image or video frame over :data:`MAX_INPUT_PIXELS` is refused
+before it is decoded (a small PNG can declare 20000×20000 pixels). Outputs never
+destroy data: an existing non-empty output folder is refused unless ``force=True``, and
+even then only the frame files this writer makes are replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -20,13 +26,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import CodecConfig
+from .config import MAX_FPS, MIN_FPS, CodecConfig
 from .errors import VideoError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+#: Largest input frame in pixels (8K UHD is 33 M); larger ones are refused before decoding.
+MAX_INPUT_PIXELS = 40_000_000
 
 
 def _natural_key(path: Path) -> list:
@@ -64,6 +72,10 @@ def center_crop_resize(image: np.ndarray, width: int, height: int) -> np.ndarray
 def _load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the file's header, before any pixel is decoded
+            if w * h > MAX_INPUT_PIXELS:
+                raise VideoError(f"{path} is {w}×{h} pixels; promptus reads frames of at most "
+                                 f"{MAX_INPUT_PIXELS // 1_000_000} megapixels — scale it down first")
             im.load()
             mode = im.mode
             if mode == "RGB":
@@ -81,7 +93,9 @@ def _load_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except VideoError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise VideoError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's parsers raise these
         raise VideoError(f"cannot read image {path}: {e}") from e
 
 
@@ -123,11 +137,18 @@ def _iter_video(path: Path, width: int, height: int, max_frames: int | None) -> 
     with container:
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
+        ctx = container.streams.video[0].codec_context
+        if (ctx.width or 0) * (ctx.height or 0) > MAX_INPUT_PIXELS:
+            raise VideoError(f"{path} is {ctx.width}×{ctx.height} pixels; promptus reads frames of at most "
+                             f"{MAX_INPUT_PIXELS // 1_000_000} megapixels — scale it down first")
         n = 0
         try:
             for frame in container.decode(video=0):
                 if max_frames is not None and n >= max_frames:
                     break
+                if frame.width * frame.height > MAX_INPUT_PIXELS:
+                    raise VideoError(f"{path}: frame {n} is {frame.width}×{frame.height} pixels, more than "
+                                     f"{MAX_INPUT_PIXELS // 1_000_000} megapixels")
                 yield center_crop_resize(frame.to_ndarray(format="rgb24"), width, height)
                 n += 1
         except av.FFmpegError as e:
@@ -136,13 +157,48 @@ def _iter_video(path: Path, width: int, height: int, max_frames: int | None) -> 
             raise VideoError(f"{path} holds no decodable video frames")
 
 
+def _frame_count_hint(source: Path, max_frames: int | None) -> int:
+    """How many frames ``source`` holds, as far as is known before decoding (0: unknown)."""
+    if source.is_dir():
+        n = len(list_images(source))
+    elif source.suffix.lower() in IMAGE_SUFFIXES:
+        n = 1
+    else:
+        import av
+
+        try:
+            with av.open(str(source)) as c:
+                n = c.streams.video[0].frames if c.streams.video else 0
+        except (av.FFmpegError, OSError):
+            n = 0  # iter_frames reports the problem in words
+    return min(n, max_frames) if max_frames is not None else n
+
+
 def read_frames(source: str | os.PathLike, width: int = CodecConfig.width, height: int = CodecConfig.height,
                 max_frames: int | None = None) -> torch.Tensor:
-    """All frames of ``source`` as a uint8 tensor N×H×W×3."""
-    frames = list(iter_frames(source, width, height, max_frames))
-    if not frames:
+    """All frames of ``source`` as a uint8 tensor N×H×W×3.
+
+    The result is allocated once, from the frame count the folder or the container
+    states, and filled in place: reading holds the clip once, not as a list plus a copy.
+    """
+    source = Path(source)
+    hint = _frame_count_hint(source, max_frames) if source.exists() else 0
+    out = np.empty((hint, height, width, 3), np.uint8)
+    extra: list[np.ndarray] = []  # frames beyond a count the container understated
+    n = 0
+    for f in iter_frames(source, width, height, max_frames):
+        if n < hint:
+            out[n] = f
+        else:
+            extra.append(f)
+        n += 1
+    if n == 0:
         raise VideoError(f"{source} holds no frames")
-    return torch.from_numpy(np.stack(frames))
+    if extra:
+        out = np.concatenate([out, np.stack(extra)])
+    elif n < hint:
+        out = out[:n].copy()
+    return torch.from_numpy(out)
 
 
 def video_fps(source: str | os.PathLike) -> float | None:
@@ -175,24 +231,54 @@ class FrameWriter:
     Frames go to a temporary sibling first; :meth:`close` moves the result into
     place, :meth:`abort` removes it. Use it as a context manager: an exception
     inside the block aborts, so a failed decode never leaves a half-written output.
+
+    A folder that exists and is not empty is refused unless ``force``; then only the
+    frame files written here (00000.png, ...) replace their namesakes, one by one, and
+    every other file in it is kept. ``size=(width, height)``: refuse frames of another
+    size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
     """
 
-    def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12):
+    def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
+                 size: tuple[int, int] | None = None):
         self.out = Path(out)
         self.fps = fps
         self.count = 0
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.size = size
         self._video = is_video_path(self.out)
-        if self._video:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=self.out.suffix, dir=self.out.parent)
-            os.close(fd)
-            self._tmp = Path(tmp)
-            self._crf = crf
-            self._container = None
-        else:
-            if self.out.exists() and not self.out.is_dir():
-                raise VideoError(f"{self.out} exists and is not a folder; give a folder or a .mp4 path")
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        try:
+            rate_ok = MIN_FPS <= float(fps) <= MAX_FPS
+        except (TypeError, ValueError):
+            rate_ok = False
+        if not rate_ok:
+            raise VideoError(f"fps={fps!r}: frames per second must lie in [{MIN_FPS:g}, {MAX_FPS:g}]")
+        self._into_existing = False
+        try:
+            if self._video:
+                if self.out.is_dir():
+                    raise VideoError(f"{self.out} is a folder; give a video file name such as {self.out / 'clip.mp4'}")
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=self.out.suffix, dir=self.out.parent)
+                os.close(fd)
+                self._tmp = Path(tmp)
+                self._crf = crf
+                self._container = None
+            else:
+                if self.out.exists() and not self.out.is_dir():
+                    raise VideoError(f"{self.out} exists and is not a folder; give a folder or a .mp4 path")
+                if self.out.is_dir():
+                    held = sum(1 for _ in self.out.iterdir())
+                    if held and not force:
+                        raise VideoError(f"the output folder {self.out} already holds {held} "
+                                         f"{'entry' if held == 1 else 'entries'}; choose a new or empty folder, or "
+                                         "pass --force to replace its frame files (nothing else in it is touched)")
+                    # Written inside the folder itself: the same file system, and it works for "-o .".
+                    self._into_existing = True
+                    self._tmp = Path(tempfile.mkdtemp(prefix=".promptus-frames-", dir=self.out))
+                else:
+                    self.out.parent.mkdir(parents=True, exist_ok=True)
+                    self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        except OSError as e:
+            raise VideoError(f"cannot write {self.out}: {e.strerror or e}") from None
 
     def _open_video(self, h: int, w: int) -> None:
         import av
@@ -207,6 +293,9 @@ class FrameWriter:
 
     def write(self, frame: np.ndarray) -> None:
         frame = np.ascontiguousarray(frame)
+        if self.size is not None and (frame.shape[1], frame.shape[0]) != tuple(self.size):
+            raise VideoError(f"frame {self.count} is {frame.shape[1]}×{frame.shape[0]} but the clip is "
+                             f"{self.size[0]}×{self.size[1]}; the model does not fit this clip")
         if self._video:
             import av
 
@@ -233,15 +322,25 @@ class FrameWriter:
                 self._container.mux(packet)
             self._container.close()
             os.replace(self._tmp, self.out)
+        elif self._into_existing:
+            # Only our own frame files replace their namesakes; nothing else in the folder is touched.
+            for i in range(self.count):
+                name = f"{i:05d}.png"
+                try:
+                    os.replace(self._tmp / name, self.out / name)
+                except OSError as e:
+                    self.abort()
+                    raise VideoError(f"cannot write {self.out / name}: {e.strerror or e} "
+                                     f"({i} of {self.count} frames are in place)") from None
+            with contextlib.suppress(OSError):
+                os.rmdir(self._tmp)
+            stale = [p.name for p in self.out.glob("[0-9][0-9][0-9][0-9][0-9].png")
+                     if int(p.stem) >= self.count]
+            if stale:
+                log.warning("%s still holds %d older frame files after the %d written now (%s...); they were "
+                            "kept", self.out, len(stale), self.count, min(stale))
         else:
-            if self.out.exists():
-                # Replace the old folder only once the new one is complete.
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=self.out.parent))
-                os.replace(self.out, old / "x")
-                os.replace(self._tmp, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self._tmp, self.out)
+            os.replace(self._tmp, self.out)
         return self.out
 
     def abort(self) -> None:
@@ -265,9 +364,9 @@ class FrameWriter:
             self.abort()
 
 
-def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float) -> int:
-    """Write frames to ``out`` (PNG folder or video file); returns the count."""
-    with FrameWriter(out, fps) as w:
+def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float, *, force: bool = False) -> int:
+    """Write frames to ``out`` (PNG folder or video file); returns the count. ``force``: see FrameWriter."""
+    with FrameWriter(out, fps, force=force) as w:
         for f in frames:
             w.write(f)
     return w.count
@@ -328,7 +427,7 @@ def ensure_sample_clip(folder: str | os.PathLike, frame_count: int = 141, size: 
     if folder.is_dir() and len(list(folder.glob("*.png"))) >= frame_count:
         return folder
     log.info("making the sample clip (%d frames, %d×%d) in %s", frame_count, size, size, folder)
-    write_frames(sky_clip(frame_count, size), folder, fps=30)
+    write_frames(sky_clip(frame_count, size), folder, fps=30, force=True)  # its own folder
     return folder
 
 

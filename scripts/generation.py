@@ -58,7 +58,7 @@ def generate(args) -> int:
     originals = read_frames(args.frame_path, h.width, h.height, max_frames=h.frame_count)
     out = folder / "frames"
     scores = []
-    with FrameWriter(out, h.fps) as w:
+    with FrameWriter(out, h.fps, force=True) as w:  # the script's own results folder, as the release
         for seg in decoder.decode(bs):
             frames = seg.frames.cpu()
             w.write_batch(frames)

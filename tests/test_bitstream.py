@@ -6,6 +6,7 @@ zlib.crc32) so that the tests check the bytes on disk, not the module against it
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -82,8 +83,18 @@ def split(data: bytes) -> list[tuple[bytes, bytes, int]]:
     return out
 
 
-def join(records: list[tuple[bytes, bytes]], prefix: bytes = MAGIC + b"\x01\x00") -> bytes:
-    return prefix + b"".join(frame(t, p) for t, p in records)
+V1, V2 = MAGIC + b"\x01\x00", MAGIC + b"\x02\x00"
+
+
+def join(records: list[tuple[bytes, bytes]], prefix: bytes = V2) -> bytes:
+    """A file of ``records``. In version 2 an END payload of 0 or 32 bytes is replaced by
+    the SHA-256 of every byte before the END record (any other length is left, to test it)."""
+    out = bytearray(prefix)
+    for t, p in records:
+        if t == b"END " and prefix == V2 and len(p) in (0, 32):
+            p = hashlib.sha256(out).digest()
+        out += frame(t, p)
+    return bytes(out)
 
 
 def records_of(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -132,12 +143,12 @@ TINY_BYTES = to_bytes(TINY)
 
 
 def test_file_starts_with_magic_and_version_then_records_in_order():
-    assert MAGIC == b"\x89PRM\r\n\x1a\n" and VERSION == 1
+    assert MAGIC == b"\x89PRM\r\n\x1a\n" and VERSION == 2
     data = SMALL_BYTES
-    assert data[:8] == MAGIC and data[8:10] == b"\x01\x00"
+    assert data[:8] == MAGIC and data[8:10] == b"\x02\x00"
     recs = split(data)
     assert [t for t, _, _ in recs] == [b"HEAD", b"INIT", b"KEYF", b"KEYF", b"KEYF", b"END "]
-    assert recs[-1][1] == b""
+    assert recs[-1][1] == hashlib.sha256(data[:recs[-1][2]]).digest()  # the whole-file digest
     for rtype, payload, offset in recs:
         crc, = struct.unpack_from("<I", data, offset + 8 + len(payload))
         assert crc == zlib.crc32(rtype + payload)
@@ -577,7 +588,7 @@ def test_wrong_magic():
         StreamParser().feed(b"\x00")
 
 
-@pytest.mark.parametrize("version", [2, 7, 65535])
+@pytest.mark.parametrize("version", [3, 7, 65535])
 def test_future_version_asks_for_an_upgrade(version):
     data = MAGIC + struct.pack("<H", version) + SMALL_BYTES[10:]
     with pytest.raises(BitstreamError, match="newer promptus.*upgrade") as e:
@@ -737,7 +748,14 @@ def test_impossible_lengths_fail_before_the_payload_arrives():
     ({"timestep": 1000}, "timestep"),
     ({"tokens": 0}, "tokens"),
     ({"model": b"\xff\xfe"}, "UTF-8"),
-    ({"rank": 60000}, "lower the rank"),
+    ({"rank": 60000}, r"rank=60000.*1\.\.512"),
+    ({"rank": 512, "tokens": 1024, "embed_dim": 4096}, "lower the rank"),
+    ({"interval": 65535}, r"interval.*1\.\.256"),
+    ({"tokens": 32768, "embed_dim": 32768}, r"tokens.*1\.\.1024"),
+    ({"width": 65528}, "at most 4096"),
+    ({"frame_count": 1 << 30}, "frame_count"),
+    ({"fps": 1e308}, "fps"),
+    ({"fps": 1e-300}, "fps"),
 ])
 def test_bad_header_values_are_named(fields, why):
     data = with_record(SMALL_BYTES, 0, pack_head(**fields))
@@ -828,7 +846,7 @@ def test_fuzz_rechecksummed_payloads_raise_only_bitstream_error(data):
 @FUZZ
 @given(st.binary(max_size=300), st.booleans())
 def test_fuzz_arbitrary_bytes_raise_only_bitstream_error(blob, with_magic):
-    data = (MAGIC + b"\x01\x00" + blob) if with_magic else blob
+    data = (V2 + blob) if with_magic else blob
     with pytest.raises(BitstreamError):
         from_bytes(data)
     with pytest.raises(BitstreamError):

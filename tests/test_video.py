@@ -108,11 +108,15 @@ def test_writer_aborts_cleanly_on_error(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_writer_replaces_an_existing_folder_atomically(tmp_path):
+def test_writer_replaces_only_its_own_frames_in_an_existing_folder(tmp_path):
     out = tmp_path / "frames"
     write_frames(np.zeros((3, 8, 8, 3), np.uint8), out, 30)
-    write_frames(np.full((2, 8, 8, 3), 7, np.uint8), out, 30)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(VideoError, match="--force"):
+        write_frames(np.full((2, 8, 8, 3), 7, np.uint8), out, 30)
+    write_frames(np.full((2, 8, 8, 3), 7, np.uint8), out, 30, force=True)
     files = sorted(out.iterdir())
-    assert [f.name for f in files] == ["00000.png", "00001.png"]
-    assert (np.asarray(Image.open(files[0])) == 7).all()
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png", "notes.txt"]
+    assert (np.asarray(Image.open(files[0])) == 7).all() and (np.asarray(Image.open(files[2])) == 0).all()
+    assert (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["frames"]

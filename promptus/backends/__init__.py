@@ -118,6 +118,7 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
     else:  # eager
         backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
         backend.name = "eager"
+    backend.geometry = models.geometry()
     log.info("backend: %s", backend.describe())
     return backend
 

@@ -33,6 +33,9 @@ class Backend:
     name = "base"
     #: Whose numerics the frames follow (:data:`promptus.config.PARITIES`).
     parity = PARITY_OURS
+    #: The prompt and latent shapes the networks accept (a models.ModelGeometry), set by
+    #: make_backend; decoders check a clip's header against it before sizing anything.
+    geometry = None
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)

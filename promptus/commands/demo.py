@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                            offload_models=True)
     t0 = time.perf_counter()
     decoded = []
-    with FrameWriter(out / "decoded", res.fps) as pngs, FrameWriter(out / "decoded.mp4", res.fps) as mp4:
+    # The demo's own output folder: each run replaces the frames of the last one.
+    with FrameWriter(out / "decoded", res.fps, force=True) as pngs, FrameWriter(out / "decoded.mp4", res.fps) as mp4:
         for seg in Decoder(backend, models.identity()).decode(bs):
             frames = seg.frames.cpu()
             decoded.append(frames)

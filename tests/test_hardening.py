@@ -1,0 +1,434 @@
+"""Hostile inputs (issue 9): each test replays one attack of the audit and asserts a clean
+PromptusError, bounded memory and no lost data.
+
+Files are built here from the documented byte layout, so the attacks do not depend on
+the writer (which refuses to make most of them).
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import io
+import json
+import os
+import struct
+import threading
+import tracemalloc
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import promptus
+from promptus.backends import make_backend
+from promptus.bitstream import (
+    MAGIC, Bitstream, Header, InitLatent, Keyframe, ModelIdentity, describe, from_bytes, to_bytes,
+)
+from promptus.config import CodecConfig, TrainConfig
+from promptus.decoder import Decoder
+from promptus.encoder import Encoder, checkpoint_paths, frames_digest
+from promptus.errors import BitstreamError, PromptusError, VideoError
+from promptus.legacy import load_legacy
+from promptus.prompts import quantize_tensor
+from promptus.video import FrameWriter, read_frames, synthetic_clip
+
+from bounded import LIMIT_MB, bounded_memory
+from conftest import make_legacy_folder
+
+# ------------------------------------------------------------------ builders
+
+
+def record(rtype: bytes, payload: bytes) -> bytes:
+    return struct.pack("<4sI", rtype, len(payload)) + payload + struct.pack("<I", zlib.crc32(rtype + payload))
+
+
+def head(width=64, height=64, fps=30.0, rank=2, interval=3, seed=88, tokens=77, embed_dim=1024, channels=4,
+         factor=8, frame_count=7, model=b"m") -> bytes:
+    gen = b"numpy.random.RandomState.randn"
+    return (struct.pack("<HHdHHI", width, height, fps, rank, interval, seed) + struct.pack("<H", len(gen)) + gen
+            + struct.pack("<dBHHHBBI", 0.05, 8, tokens, embed_dim, 999, channels, factor, frame_count)
+            + struct.pack("<H", len(model)) + model + bytes(16))
+
+
+def init_fp16(channels=4, side=8) -> bytes:
+    return b"\x01" + np.zeros((1, channels, side, side), "<f2").tobytes()
+
+
+def keyf(index: int, codec: int, block: bytes) -> bytes:
+    return struct.pack("<IBfBfB", index, codec, 0.01, 0, 0.01, 0) + block
+
+
+def v1_file(header: bytes, init: bytes, keyframes: list[bytes]) -> bytes:
+    """A version-1 file (empty END record): still read, so still a way in for an attacker."""
+    return (MAGIC + b"\x01\x00" + record(b"HEAD", header) + record(b"INIT", init)
+            + b"".join(record(b"KEYF", k) for k in keyframes) + record(b"END ", b""))
+
+
+def bitstream(cfg: CodecConfig, frame_count: int, seed: int = 0, model: ModelIdentity | None = None) -> Bitstream:
+    g = torch.Generator().manual_seed(seed)
+    header = Header(cfg, frame_count, model or ModelIdentity.unknown())
+    init = InitLatent.from_array(torch.randn(cfg.latent_shape, generator=g).numpy(), "fp16")
+    kfs = [Keyframe(i * cfg.interval, quantize_tensor(torch.randn(cfg.tokens, cfg.rank, generator=g)),
+                    quantize_tensor(torch.randn(cfg.rank, cfg.embed_dim, generator=g)))
+           for i in range(header.keyframe_count)]
+    return Bitstream(header, init, kfs)
+
+
+def eager(tiny) -> Decoder:
+    return Decoder(make_backend("eager", tiny, "cpu"), tiny.identity())
+
+
+# ------------------------------------------------ bitstream: memory and time
+
+
+def test_huge_factor_header_is_refused_before_inflating(tiny):
+    """Finding 2: rank 256 with 32768×32768 factors, each 72-byte bz2 record inflating to 16 MiB."""
+    block = bz2.compress(bytes(256 * 65536), 9)
+    data = v1_file(head(rank=256, tokens=32768, embed_dim=32768, interval=1, frame_count=60), init_fp16(),
+                   [keyf(i, 3, block) for i in range(60)])
+    assert len(data) < 10_000
+    with bounded_memory() as m:
+        with pytest.raises(BitstreamError, match="tokens"):
+            describe(data)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+def test_decompression_bomb_is_refused_in_words_not_called_corruption():
+    """Finding 2: a small file whose keyframes (each within the per-record cap) inflate without end."""
+    block = bz2.compress(bytes(512 * 2048), 9)  # rank 512 × (1024 + 1024): 1 MiB of codes per keyframe
+    data = v1_file(head(rank=512, tokens=1024, embed_dim=1024, interval=1, frame_count=600), init_fp16(),
+                   [keyf(i, 3, block) for i in range(600)])
+    assert len(data) < 60_000
+    with bounded_memory() as m:
+        with pytest.raises(BitstreamError, match="decompression bomb") as e:
+            from_bytes(data)
+    assert "corrupted" not in str(e.value)
+    assert m.peak_mb < 100, m.peak_mb
+
+
+@pytest.mark.parametrize("fields", [
+    {"interval": 65535, "frame_count": 3},  # all interpolations built, batch padded to 65535 (4.7 GB)
+    {"rank": 1, "tokens": 32768, "embed_dim": 32768},  # a 798-byte file asking for a 4 GB embedding
+])
+def test_header_fields_beyond_the_limits_never_reach_the_decoder(tiny, fields):
+    cfg = dict(rank=2, interval=3, tokens=77, embed_dim=1024, frame_count=7) | fields
+    n = cfg["rank"] * (cfg["tokens"] + cfg["embed_dim"])
+    count = -(-(cfg["frame_count"] - 1) // cfg["interval"]) + 1
+    data = v1_file(head(**cfg), init_fp16(), [keyf(i * cfg["interval"], 3, bz2.compress(bytes(n))) for i in range(count)])
+    assert len(data) < 2000
+    with bounded_memory() as m:
+        with pytest.raises(PromptusError):
+            eager(tiny).decode_all(from_bytes(data))
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+def test_long_interval_short_clip_interpolates_only_its_frames(tiny):
+    """Finding 2: interval 256 with 3 frames: only the 2 frames of the segment are interpolated."""
+    bs = bitstream(CodecConfig(width=64, height=64, rank=256, interval=256), 3)
+    with bounded_memory() as m:
+        frames = eager(tiny).decode_all(bs)
+    assert frames.shape == (3, 64, 64, 3)
+    assert m.peak_mb < 100, m.peak_mb  # the whole interval at rank 256 would be ≈ 370 MB
+
+
+def test_segments_longer_than_the_batch_give_the_same_frames(tiny):
+    bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=5), 11)
+    whole = eager(tiny).decode_all(bs)
+    split = Decoder(make_backend("eager", tiny, "cpu"), tiny.identity(), max_batch=2).decode_all(bs)
+    # Same z, same prompts: only the float rounding of batch-size-dependent kernels differs.
+    diff = (whole.int() - split.int()).abs()
+    assert whole.shape == split.shape and diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"embed_dim": 1023}, "width 1023"),
+    ({"latent_channels": 3}, "3 latent channels"),
+    ({"latent_factor": 4}, "4× smaller"),  # 64 px frames from a 16×16 latent: the model would make 128 px
+    ({"tokens": 78}, "78 prompt tokens"),
+])
+def test_header_that_does_not_fit_the_model_is_refused(tiny, fields, word):
+    """Findings 3 and 4: torch RuntimeErrors, or frames of another size, before the fix."""
+    bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=3, **fields), 4)
+    with pytest.raises(PromptusError, match=word):
+        eager(tiny).decode_all(bs)
+
+
+def test_info_escapes_control_characters_in_the_model_name():
+    name = "evil\x1b]0;pwned\x07\x1b[2J\u202e"
+    text = describe(to_bytes(bitstream(CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4), 3,
+                                       model=ModelIdentity(name, bytes(16)))))
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in text
+
+
+# ------------------------------------------------------- bitstream: integrity
+
+
+def test_keyframe_spliced_from_another_file_is_caught_by_the_file_digest():
+    cfg = CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4)
+    a, b = to_bytes(bitstream(cfg, 5, seed=1)), to_bytes(bitstream(cfg, 5, seed=2))
+
+    def records(data):
+        out, pos = [], 10
+        while pos < len(data):
+            n = struct.unpack_from("<I", data, pos + 4)[0]
+            out.append(data[pos:pos + 12 + n])
+            pos += 12 + n
+        return out
+
+    ra, rb = records(a), records(b)
+    spliced = a[:10] + b"".join(ra[:3] + [rb[3]] + ra[4:])  # keyframe 1 of b, its own CRC intact
+    with pytest.raises(BitstreamError, match="digest"):
+        from_bytes(spliced)
+
+
+def test_version_1_files_still_read():
+    bs = bitstream(CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4), 5)
+    v2 = to_bytes(bs)
+    assert v2[8:10] == b"\x02\x00"
+    end = len(v2) - 12 - 32
+    v1 = MAGIC + b"\x01\x00" + v2[10:end] + record(b"END ", b"")
+    assert from_bytes(v1) == bs
+    assert "format version 1" in describe(v1)
+
+
+# ------------------------------------------------------------------- legacy
+
+
+def test_fifo_named_like_a_prompt_does_not_hang(tmp_path):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    fifo = folder / "frame_00000.prompt"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    outcome = []
+
+    def run():
+        try:
+            load_legacy(folder)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    hung = t.is_alive()
+    if hung:  # release the blocked open() so that the thread ends
+        fd = os.open(fifo, os.O_WRONLY)
+        os.close(fd)
+        t.join(10)
+    assert not hung, "import-legacy blocked on a FIFO"
+    assert isinstance(outcome[0], PromptusError) and "not a regular file" in str(outcome[0])
+
+
+def replace_prompt(folder, index=0, **changes):
+    path = folder / f"frame_{index:05d}.prompt"
+    d = torch.load(path, weights_only=True)
+    d.update(changes)
+    torch.save(d, path)
+
+
+@pytest.mark.parametrize("tensor", [
+    lambda: torch.zeros(2, 1, dtype=torch.uint8).expand(2, 1 << 31),  # 5 bytes on disk, 4 GiB materialised
+    lambda: torch.zeros(1, 1, dtype=torch.uint8).expand(2, 1024),  # within the shape limits, still a repeat
+])
+def test_expanded_tensors_are_refused_before_materialising(tmp_path, tensor):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    replace_prompt(folder, 0, V=tensor())
+    assert (folder / "frame_00000.prompt").stat().st_size < 10_000
+    with bounded_memory() as m:
+        with pytest.raises(PromptusError, match="frame_00000.prompt: V"):
+            load_legacy(folder)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+def test_any_file_named_as_a_prompt_gives_a_clean_error(tmp_path):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    (folder / "frame_00000.prompt").write_bytes(b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/bin/sh\n")
+    with pytest.raises(PromptusError, match="weights_only"):
+        load_legacy(folder)
+
+
+def test_compressed_archive_entries_are_refused(tmp_path):
+    """torch.save stores entries; a deflated entry could inflate 1000× (a zip bomb)."""
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    path = folder / "frame_00000.prompt"
+    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(PromptusError, match="compressed"):
+        load_legacy(folder)
+
+
+def test_nan_zero_point_is_a_clean_error(tmp_path):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    replace_prompt(folder, U_zero_point=torch.tensor(float("nan")))
+    with pytest.raises(PromptusError, match="zero point"):
+        load_legacy(folder)
+
+
+def test_three_channel_init_latent_is_refused_at_import(tmp_path):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    torch.save(torch.zeros(1, 3, 8, 8), folder / "init.pth")
+    with pytest.raises(PromptusError, match="1×4×h×w"):
+        load_legacy(folder)
+
+
+def test_import_never_writes_a_file_that_read_refuses(tmp_path):
+    folder = tmp_path / "f"
+    make_legacy_folder(folder, keyframes=1)
+    replace_prompt(folder, U_scale=torch.tensor(3e38))
+    try:
+        bs = load_legacy(folder)
+        promptus.write(tmp_path / "x.promptus", bs)
+    except PromptusError as e:
+        assert "scale" in str(e)
+    else:
+        promptus.read(tmp_path / "x.promptus")  # what was written must read back
+
+
+# -------------------------------------------------------------------- video
+
+
+def test_decompression_bomb_png_is_a_video_error(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.new("1", (20000, 20000)).save(folder / "00000.png")  # 400 megapixels in a few hundred KB
+    assert (folder / "00000.png").stat().st_size < 1_000_000
+    with bounded_memory() as m:
+        with pytest.raises(VideoError, match="megapixels|pixels"):
+            read_frames(folder, 64, 64)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+@pytest.mark.parametrize("fps", [1e308, 1e-300, float("nan")])
+def test_unstorable_fps_is_refused_not_overflowed_or_replaced(tmp_path, fps):
+    with pytest.raises(VideoError, match="fps"):
+        with FrameWriter(tmp_path / "v.mp4", fps) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_frames_of_another_size(tmp_path):
+    with pytest.raises(VideoError, match="32×32 but the clip is 16×16"):
+        with FrameWriter(tmp_path / "f", 30, size=(16, 16)) as w:
+            w.write(np.zeros((32, 32, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_frames_holds_the_clip_about_once(tmp_path):
+    """Finding 4: the encoder held the clip ~3×; reading now peaks near one clip."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    for i in range(200):
+        Image.fromarray(np.roll(frame, i, axis=1)).save(folder / f"{i:05d}.png", compress_level=0)
+    clip_mb = 200 * 256 * 256 * 3 / 2**20
+    with bounded_memory() as m:
+        frames = read_frames(folder, 256, 256)
+        digest = frames_digest(frames)
+    assert frames.shape == (200, 256, 256, 3) and len(digest) == 32
+    print(f"read_frames peak {m.peak_mb:.1f} MB for a {clip_mb:.1f} MB clip")
+    assert m.peak_mb < 1.5 * clip_mb, (m.peak_mb, clip_mb)
+
+
+def test_frames_digest_does_not_copy_the_clip():
+    frames = torch.zeros(100, 256, 256, 3, dtype=torch.uint8)  # 19 MiB
+    tracemalloc.start()
+    try:
+        frames_digest(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+
+# ------------------------------------------------------------------- resume
+
+FAST = TrainConfig(iters_first=4, iters=2, patience_first=2, patience=2, perceptual=False, init_latent="taesd")
+
+
+class Stop(Exception):
+    pass
+
+
+def stopped_run(tiny, out, codec=None, seed=0):
+    """An encode of 7 frames (keyframes 0, 3, 6) stopped after two keyframes are checkpointed."""
+    codec = codec or CodecConfig(width=32, height=32, rank=2, interval=3, fps=24.0)
+    enc = Encoder(codec, FAST.replace(seed=seed), tiny, device="cpu", progress=False)
+
+    def stop(m):
+        if m["keyframe"] == 2:
+            raise Stop
+
+    enc.callback = stop
+    with pytest.raises(Stop):
+        enc.encode(synthetic_clip(7, 32, 32), out)
+    enc.callback = None
+    return enc
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\"a string\"", "null", "[" * 100_000],
+                         ids=["list", "broken", "string", "null", "deep"])
+def test_malformed_checkpoint_json_is_a_clean_error(tiny, tmp_path, text):
+    out = tmp_path / "o.promptus"
+    enc = stopped_run(tiny, out)
+    checkpoint_paths(out)[1].write_text(text)
+    with pytest.raises(PromptusError, match="cannot resume"):
+        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+
+
+@pytest.mark.parametrize("change", [
+    {"results": [{"keyframe": 0}]},
+    {"results": "x"},
+    {"keyframes_done": "2"},
+    {"keyframes_done": 99},
+    {"results": [{"keyframe": 0, "index": 0, "frames": [0, 0], "iterations": 1, "best_iteration": 0,
+                  "best_loss": 1.0, "final_lr": 0.1, "psnr": 1.0, "seconds": 1.0}, {"nested": {"a": [1]}}]},
+])
+def test_checkpoint_json_with_wrong_types_is_a_clean_error(tiny, tmp_path, change):
+    out = tmp_path / "o.promptus"
+    enc = stopped_run(tiny, out)
+    js = checkpoint_paths(out)[1]
+    js.write_text(json.dumps(json.loads(js.read_text()) | change))
+    with pytest.raises(PromptusError, match="cannot resume"):
+        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+
+
+@pytest.mark.parametrize("other", [
+    {"rank": 4},  # a RuntimeError (shapes) before the fix
+    {"interval": 2},  # a bare AssertionError before the fix
+    {},  # same settings, another run's keyframes: silently accepted before the fix
+])
+def test_checkpoint_bitstream_of_another_run_is_refused(tiny, tmp_path, other):
+    out = tmp_path / "o.promptus"
+    enc = stopped_run(tiny, out)
+    ckpt_bs = checkpoint_paths(out)[0]
+    theirs = tmp_path / "theirs.promptus"
+    codec = CodecConfig(width=32, height=32, rank=2, interval=3, fps=24.0).replace(**other)
+    stopped_run(tiny, theirs, codec, seed=5)
+    ckpt_bs.write_bytes(checkpoint_paths(theirs)[0].read_bytes())
+    with pytest.raises(PromptusError, match="cannot resume"):
+        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+    assert not out.exists()
+
+
+def test_resume_of_an_intact_checkpoint_still_works(tiny, tmp_path):
+    out = tmp_path / "o.promptus"
+    enc = stopped_run(tiny, out)
+    res = enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+    assert [r.keyframe for r in res.keyframes] == [0, 1, 2]
+    assert promptus.read(out).complete
