@@ -36,7 +36,7 @@ from .bitstream import Bitstream, Header, InitLatent, Keyframe, from_bytes, to_b
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
 from .errors import PromptusError, VideoError
-from .files import atomic_write, read_regular
+from .files import OutputLock, atomic_write, check_writable, open_append, read_regular
 from .metrics.frames import clip_psnr, psnr_from_mse
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, quantize
 from .schedule import OneStep, to_model_range
@@ -106,17 +106,6 @@ def frames_digest(frames: torch.Tensor) -> str:
     for i in range(0, flat.size, 1 << 24):  # 16 MiB at a time: views, never a copy
         h.update(flat[i:i + (1 << 24)])
     return h.hexdigest()[:32]
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before hours of training, not after, when the output folder cannot be written."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.with_name(f".{out.name}.probe")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PromptusError(f"cannot write next to {out}: {e}; choose another -o path") from e
 
 
 class Encoder:
@@ -322,9 +311,17 @@ class Encoder:
         A checkpoint (``OUT.ckpt.promptus`` + ``OUT.ckpt.json``) is written
         atomically after each keyframe and removed at the end; ``resume=True``
         continues from it. A per-keyframe JSON log goes to ``OUT.log.jsonl``.
+
+        The output is locked (``OUT.lock``) for the whole run: a second encode to the
+        same path is refused with the first one's pid. Writability is probed before
+        any training, without touching existing files.
         """
         out = Path(out_path)
-        _check_writable(out)
+        check_writable(out)  # fail before hours of training, not after
+        with OutputLock(out):
+            return self._encode(source, out, max_frames, resume)
+
+    def _encode(self, source, out: Path, max_frames: int | None, resume: bool) -> EncodeResult:
         frames = self.load_frames(source, max_frames)
         N = frames.shape[0]
         c = self.codec
@@ -381,7 +378,7 @@ class Encoder:
                 res = KeyframeResult(keyframe=k, index=kf.index, frames=(start, stop), psnr=psnr,
                                      seconds=time.perf_counter() - t0, **stats)
                 results.append(res)
-                with open(log_path, "a") as f:
+                with open_append(log_path) as f:
                     f.write(json.dumps(res.to_dict()) + "\n")
                 kbar.update(1)
                 kbar.set_postfix(psnr=f"{psnr:.2f}", refresh=False)

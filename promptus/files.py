@@ -143,3 +143,98 @@ def read_regular(path: str | os.PathLike, *, what: str = "file", limit: int | No
         raise PromptusError(f"cannot read {path}: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------- outputs
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after hours of work, when no file can be written next to ``path``.
+
+    The probe is a new file with a unique name, created exclusively (O_EXCL: it never
+    opens an existing file, nor follows a symbolic link planted under its name), then
+    removed: nothing that exists is ever truncated, and two processes probing the same
+    folder never collide. Missing parent folders are created.
+    """
+    path = Path(path)
+    probe = path.with_name(f"{TMP_PREFIX}probe-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PromptusError(f"cannot write next to {path}: {e.strerror or e}; choose another -o path") from None
+
+
+def open_append(path: str | os.PathLike):
+    """A text file opened for appending that is never a symbolic link (O_NOFOLLOW): a link
+    planted under the name of a log cannot redirect writes into another file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise PromptusError(f"cannot append to {path}: {e.strerror or e} (a symbolic link is refused)") from None
+    return os.fdopen(fd, "a")
+
+
+class OutputLock:
+    """An exclusive lock on an output path, held while one process writes it.
+
+    The lock is ``flock`` on a sibling ``NAME.lock`` holding the owner's pid; a second
+    process that asks for the same output gets a :class:`PromptusError` naming that pid
+    instead of silently replacing the first one's work. The lock file is opened without
+    following symbolic links, and removed (while still locked) on release. The kernel
+    drops the lock when its process dies, so a killed run never leaves a stale lock.
+    Where ``fcntl`` does not exist (Windows) it is a no-op.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+            except OSError as e:
+                raise PromptusError(f"cannot lock {self.path} ({self.lock_path}: {e.strerror or e}); "
+                                    "choose another -o path") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise PromptusError(f"{self.path} is being written by another process (pid {owner[:20]}); wait "
+                                    f"for it to finish or choose another -o path") from None
+            try:  # the file may have been removed by its last owner between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.lock_path)  # while still holding it: a waiter then retries on a fresh file
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -78,8 +78,10 @@ def bitstream(cfg: CodecConfig, frame_count: int, seed: int = 0, model: ModelIde
     return Bitstream(header, init, kfs)
 
 
-def eager(tiny) -> Decoder:
-    return Decoder(make_backend("eager", tiny, "cpu"), tiny.identity())
+def eager(tiny, bs: Bitstream, max_batch: int | None = None) -> Decoder:
+    h = bs.header
+    backend = make_backend("eager", tiny, "cpu", batch=h.config.segment_batch(h.frame_count), size=h.width)
+    return Decoder(backend, tiny.identity(), max_batch=max_batch)
 
 
 # ------------------------------------------------ bitstream: memory and time
@@ -122,7 +124,8 @@ def test_header_fields_beyond_the_limits_never_reach_the_decoder(tiny, fields):
     assert len(data) < 2000
     with bounded_memory() as m:
         with pytest.raises(PromptusError):
-            eager(tiny).decode_all(from_bytes(data))
+            bs = from_bytes(data)
+            eager(tiny, bs).decode_all(bs)
     assert m.peak_mb < LIMIT_MB, m.peak_mb
 
 
@@ -130,15 +133,15 @@ def test_long_interval_short_clip_interpolates_only_its_frames(tiny):
     """Finding 2: interval 256 with 3 frames: only the 2 frames of the segment are interpolated."""
     bs = bitstream(CodecConfig(width=64, height=64, rank=256, interval=256), 3)
     with bounded_memory() as m:
-        frames = eager(tiny).decode_all(bs)
+        frames = eager(tiny, bs).decode_all(bs)
     assert frames.shape == (3, 64, 64, 3)
     assert m.peak_mb < 100, m.peak_mb  # the whole interval at rank 256 would be ≈ 370 MB
 
 
 def test_segments_longer_than_the_batch_give_the_same_frames(tiny):
     bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=5), 11)
-    whole = eager(tiny).decode_all(bs)
-    split = Decoder(make_backend("eager", tiny, "cpu"), tiny.identity(), max_batch=2).decode_all(bs)
+    whole = eager(tiny, bs).decode_all(bs)
+    split = eager(tiny, bs, max_batch=2).decode_all(bs)
     # Same z, same prompts: only the float rounding of batch-size-dependent kernels differs.
     diff = (whole.int() - split.int()).abs()
     assert whole.shape == split.shape and diff.max() <= 1 and diff.float().mean() < 1e-3
@@ -154,7 +157,7 @@ def test_header_that_does_not_fit_the_model_is_refused(tiny, fields, word):
     """Findings 3 and 4: torch RuntimeErrors, or frames of another size, before the fix."""
     bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=3, **fields), 4)
     with pytest.raises(PromptusError, match=word):
-        eager(tiny).decode_all(bs)
+        eager(tiny, bs).decode_all(bs)
 
 
 def test_info_escapes_control_characters_in_the_model_name():
@@ -358,37 +361,45 @@ def test_frames_digest_does_not_copy_the_clip():
 
 # ------------------------------------------------------------------- resume
 
-FAST = TrainConfig(iters_first=4, iters=2, patience_first=2, patience=2, perceptual=False, init_latent="taesd")
+FAST = TrainConfig(iters_first=2, iters=1, patience_first=1, patience=1, perceptual=False, init_latent="taesd")
+CODEC = CodecConfig(width=32, height=32, rank=2, interval=3, fps=24.0)
+CLIP = synthetic_clip(7, 32, 32)  # keyframes 0, 3, 6
 
 
 class Stop(Exception):
     pass
 
 
-def stopped_run(tiny, out, codec=None, seed=0):
-    """An encode of 7 frames (keyframes 0, 3, 6) stopped after two keyframes are checkpointed."""
-    codec = codec or CodecConfig(width=32, height=32, rank=2, interval=3, fps=24.0)
-    enc = Encoder(codec, FAST.replace(seed=seed), tiny, device="cpu", progress=False)
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    """(bitstream bytes, JSON text) of an encode stopped after two of its three keyframes (made once)."""
+    out = tmp_path_factory.mktemp("ckpt") / "o.promptus"
 
     def stop(m):
         if m["keyframe"] == 2:
             raise Stop
 
-    enc.callback = stop
     with pytest.raises(Stop):
-        enc.encode(synthetic_clip(7, 32, 32), out)
-    enc.callback = None
-    return enc
+        Encoder(CODEC, FAST, tiny, device="cpu", progress=False, callback=stop).encode(CLIP, out)
+    bs_path, js_path = checkpoint_paths(out)
+    return bs_path.read_bytes(), js_path.read_text()
+
+
+def resumable(tiny, tmp_path, checkpoint, *, bitstream_bytes=None, json_text=None):
+    """An encoder and an output path whose checkpoint files are ``checkpoint``'s, with changes."""
+    out = tmp_path / "o.promptus"
+    bs_path, js_path = checkpoint_paths(out)
+    bs_path.write_bytes(checkpoint[0] if bitstream_bytes is None else bitstream_bytes)
+    js_path.write_text(checkpoint[1] if json_text is None else json_text)
+    return Encoder(CODEC, FAST, tiny, device="cpu", progress=False), out
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\"a string\"", "null", "[" * 100_000],
                          ids=["list", "broken", "string", "null", "deep"])
-def test_malformed_checkpoint_json_is_a_clean_error(tiny, tmp_path, text):
-    out = tmp_path / "o.promptus"
-    enc = stopped_run(tiny, out)
-    checkpoint_paths(out)[1].write_text(text)
+def test_malformed_checkpoint_json_is_a_clean_error(tiny, tmp_path, checkpoint, text):
+    enc, out = resumable(tiny, tmp_path, checkpoint, json_text=text)
     with pytest.raises(PromptusError, match="cannot resume"):
-        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+        enc.encode(CLIP, out, resume=True)
 
 
 @pytest.mark.parametrize("change", [
@@ -398,37 +409,34 @@ def test_malformed_checkpoint_json_is_a_clean_error(tiny, tmp_path, text):
     {"keyframes_done": 99},
     {"results": [{"keyframe": 0, "index": 0, "frames": [0, 0], "iterations": 1, "best_iteration": 0,
                   "best_loss": 1.0, "final_lr": 0.1, "psnr": 1.0, "seconds": 1.0}, {"nested": {"a": [1]}}]},
-])
-def test_checkpoint_json_with_wrong_types_is_a_clean_error(tiny, tmp_path, change):
-    out = tmp_path / "o.promptus"
-    enc = stopped_run(tiny, out)
-    js = checkpoint_paths(out)[1]
-    js.write_text(json.dumps(json.loads(js.read_text()) | change))
+], ids=["fields", "type", "count-type", "count", "entry"])
+def test_checkpoint_json_with_wrong_types_is_a_clean_error(tiny, tmp_path, checkpoint, change):
+    enc, out = resumable(tiny, tmp_path, checkpoint, json_text=json.dumps(json.loads(checkpoint[1]) | change))
     with pytest.raises(PromptusError, match="cannot resume"):
-        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+        enc.encode(CLIP, out, resume=True)
 
 
-@pytest.mark.parametrize("other", [
-    {"rank": 4},  # a RuntimeError (shapes) before the fix
-    {"interval": 2},  # a bare AssertionError before the fix
-    {},  # same settings, another run's keyframes: silently accepted before the fix
-])
-def test_checkpoint_bitstream_of_another_run_is_refused(tiny, tmp_path, other):
-    out = tmp_path / "o.promptus"
-    enc = stopped_run(tiny, out)
-    ckpt_bs = checkpoint_paths(out)[0]
-    theirs = tmp_path / "theirs.promptus"
-    codec = CodecConfig(width=32, height=32, rank=2, interval=3, fps=24.0).replace(**other)
-    stopped_run(tiny, theirs, codec, seed=5)
-    ckpt_bs.write_bytes(checkpoint_paths(theirs)[0].read_bytes())
+@pytest.mark.parametrize("other, digest_too", [
+    ({"rank": 4}, False), ({"rank": 4}, True),  # a RuntimeError (shapes) before the fix
+    ({"interval": 2}, False), ({"interval": 2}, True),  # a bare AssertionError before the fix
+    ({}, False),  # same settings, another run's keyframes: silently accepted before the fix
+], ids=["rank", "rank-digest-updated", "interval", "interval-digest-updated", "same-settings"])
+def test_checkpoint_bitstream_of_another_run_is_refused(tiny, tmp_path, checkpoint, other, digest_too):
+    """Another run's checkpoint bitstream (two keyframes, fp16 init latent) put in place of ours;
+    with ``digest_too`` the JSON's digest is updated as well, so the header check must catch it."""
+    cfg = CODEC.replace(**other)
+    theirs = to_bytes(bitstream(cfg, cfg.interval + 1, seed=5, model=tiny.identity()), entropy="none")
+    state = json.loads(checkpoint[1])
+    if digest_too:
+        state["bitstream_sha256"] = hashlib.sha256(theirs).hexdigest()
+    enc, out = resumable(tiny, tmp_path, checkpoint, bitstream_bytes=theirs, json_text=json.dumps(state))
     with pytest.raises(PromptusError, match="cannot resume"):
-        enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+        enc.encode(CLIP, out, resume=True)
     assert not out.exists()
 
 
-def test_resume_of_an_intact_checkpoint_still_works(tiny, tmp_path):
-    out = tmp_path / "o.promptus"
-    enc = stopped_run(tiny, out)
-    res = enc.encode(synthetic_clip(7, 32, 32), out, resume=True)
+def test_resume_of_an_intact_checkpoint_still_works(tiny, tmp_path, checkpoint):
+    enc, out = resumable(tiny, tmp_path, checkpoint)
+    res = enc.encode(CLIP, out, resume=True)
     assert [r.keyframe for r in res.keyframes] == [0, 1, 2]
     assert promptus.read(out).complete

@@ -104,12 +104,21 @@ def setup_logging(args) -> None:
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``func(args)`` as a command: user errors and Ctrl-C become messages and exit codes."""
+    """Run ``func(args)`` as a command: user errors and Ctrl-C become messages and exit codes.
+
+    What input or the machine can cause — a :class:`PromptusError`, or an ``OSError``
+    (a full disk, a permission, a vanished file) — becomes ``PROG: error: …`` and exit
+    status 1. Anything else is a bug in promptus and keeps its traceback.
+    """
     setup_logging(args)
     try:
         return func(args)
     except PromptusError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (long jobs resume: run the same command again, with --resume for encode)",

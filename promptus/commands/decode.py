@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         f"uint8 by truncation; about 10x slower) (default: {PARITY_OURS})")
     d.add_argument("--allow-partial", action="store_true",
                    help="on a truncated or corrupted file, keep the frames decoded before the damage")
+    d.add_argument("--force", action="store_true",
+                   help="write into an output folder that already holds files: only the frame files written "
+                        "(00000.png, ...) replace their namesakes; nothing else in it is touched or deleted")
     d.set_defaults(func=run)
 
 
@@ -47,18 +50,27 @@ def run(args: argparse.Namespace) -> int:
     from ..video import FrameWriter
 
     src = Path(args.file)
-    if not src.is_file():
+    if not src.is_file():  # also refuses FIFOs and devices, which would block or never end
         raise PromptusError(f"{src} does not exist or is not a file")
     device = resolve_device(args.device)
     with open(src, "rb") as f:
         records = iter_records(f)
         header = next(records)  # the header first: it gives the fps, frame count and batch
         assert isinstance(header, Header)
-        # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
-        models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
-        backend = make_backend(args.backend, models, device, batch=header.interval, size=header.width,
-                               engine_dir=args.engine_dir, offload_models=True, parity=args.parity)
-        decoder = PipelinedDecoder(Decoder(backend, models.identity(), parity=args.parity), to_host=True)
+        # The output is checked before models load: a refusal costs nothing.
+        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height))
+        try:
+            # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
+            models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
+            models.geometry().check(header.config)  # before anything is sized from the header
+            batch = header.config.segment_batch(header.frame_count)
+            identity = models.identity()  # before the backend may move the networks off the GPU
+            backend = make_backend(args.backend, models, device, batch=batch, size=header.width,
+                                   engine_dir=args.engine_dir, offload_models=True, parity=args.parity)
+        except BaseException:
+            writer.abort()
+            raise
+        decoder = PipelinedDecoder(Decoder(backend, identity, parity=args.parity, max_batch=batch), to_host=True)
         log.info("decoding %s with %s, parity %s", src, backend.describe(), args.parity)
 
         def items():
@@ -67,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         bar = tqdm(total=header.frame_count, unit="frame", desc="decode", disable=args.quiet)
-        writer = FrameWriter(args.output, header.fps)
 
         def sink(start, frames):
             writer.write_batch(frames)

@@ -18,9 +18,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bitstream import describe
+    from ..files import read_regular
 
     path = Path(args.file)
     if not path.is_file():
         raise PromptusError(f"{path} does not exist or is not a file")
-    print(describe(path.read_bytes()))
+    print(describe(read_regular(path, what=".promptus file")))
     return 0
