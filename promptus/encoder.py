@@ -409,55 +409,62 @@ class Encoder:
         atomic_write(ckpt_json, json.dumps(state, indent=1))
 
     def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header):
-        """(init latent, keyframes, results) of a checkpoint that belongs to this very run.
+        return read_checkpoint(ckpt_bs, ckpt_json, meta, header, self.train.init_precision)
 
-        Everything is checked before it is used: the JSON's shape and types, its options
-        against this run's, the bitstream's SHA-256 against the one the JSON recorded,
-        and the bitstream's header against this run's header.
-        """
-        def refuse(problem: str) -> PromptusError:
-            return PromptusError(f"cannot resume from checkpoint {ckpt_json}: {problem}; delete {ckpt_json.name} "
-                                 f"and {ckpt_bs.name} to start over")
 
+def read_checkpoint(ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header, init_precision: str
+                    ) -> tuple[InitLatent, list[Keyframe], list[KeyframeResult]]:
+    """(init latent, keyframes, results) of a checkpoint that belongs to this very run.
+
+    ``meta``: this run's options, which the JSON must repeat; ``header``: this run's header.
+
+    Everything is checked before it is used: the JSON's shape and types, its options
+    against this run's, the bitstream's SHA-256 against the one the JSON recorded,
+    and the bitstream's header against this run's header.
+    """
+    def refuse(problem: str) -> PromptusError:
+        return PromptusError(f"cannot resume from checkpoint {ckpt_json}: {problem}; delete {ckpt_json.name} "
+                             f"and {ckpt_bs.name} to start over")
+
+    try:
+        state = json.loads(read_regular(ckpt_json, what="checkpoint", limit=MAX_CHECKPOINT_JSON_BYTES))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise refuse(f"it is not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise refuse(f"it holds a JSON {type(state).__name__}, not an object")
+    for key in ("version", "codec", "train", "frame_count", "frames", "model", "precision"):
+        if state.get(key) != meta[key]:
+            raise PromptusError(
+                f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r:.200} vs {meta[key]!r}); "
+                "resume with the same input and options, or delete the checkpoint to start over"
+            )
+    done, digest, entries = state.get("keyframes_done"), state.get("bitstream_sha256"), state.get("results")
+    if type(done) is not int or not 1 <= done < header.keyframe_count:
+        raise refuse(f"keyframes_done={done!r:.100} is not a count in 1..{header.keyframe_count - 1}")
+    if not isinstance(digest, str) or not isinstance(entries, list) or len(entries) != done:
+        raise refuse("its bitstream digest or its per-keyframe results are missing or malformed")
+    data = read_regular(ckpt_bs, what="checkpoint bitstream")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise refuse(f"{ckpt_bs.name} is not the bitstream this checkpoint recorded (another run's, or changed)")
+    bs = from_bytes(data)
+    want = Header(header.config, (done - 1) * header.interval + 1, header.model)
+    if bs.header != want or len(bs.keyframes) != done or bs.init.precision != init_precision:
+        raise refuse(f"{ckpt_bs.name} holds {len(bs.keyframes)} keyframes of another clip or other settings")
+    results = []
+    fields = set(KeyframeResult.__dataclass_fields__)
+    for k, r in enumerate(entries):
         try:
-            state = json.loads(read_regular(ckpt_json, what="checkpoint", limit=MAX_CHECKPOINT_JSON_BYTES))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
-            raise refuse(f"it is not valid JSON ({e})") from None
-        if not isinstance(state, dict):
-            raise refuse(f"it holds a JSON {type(state).__name__}, not an object")
-        for key in ("version", "codec", "train", "frame_count", "frames", "model", "precision"):
-            if state.get(key) != meta[key]:
-                raise PromptusError(
-                    f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r:.200} vs {meta[key]!r}); "
-                    "resume with the same input and options, or delete the checkpoint to start over"
-                )
-        done, digest, entries = state.get("keyframes_done"), state.get("bitstream_sha256"), state.get("results")
-        if type(done) is not int or not 1 <= done < header.keyframe_count:
-            raise refuse(f"keyframes_done={done!r:.100} is not a count in 1..{header.keyframe_count - 1}")
-        if not isinstance(digest, str) or not isinstance(entries, list) or len(entries) != done:
-            raise refuse("its bitstream digest or its per-keyframe results are missing or malformed")
-        data = read_regular(ckpt_bs, what="checkpoint bitstream")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise refuse(f"{ckpt_bs.name} is not the bitstream this checkpoint recorded (another run's, or changed)")
-        bs = from_bytes(data)
-        want = Header(header.config, (done - 1) * header.interval + 1, header.model)
-        if bs.header != want or len(bs.keyframes) != done or bs.init.precision != self.train.init_precision:
-            raise refuse(f"{ckpt_bs.name} holds {len(bs.keyframes)} keyframes of another clip or other settings")
-        results = []
-        fields = set(KeyframeResult.__dataclass_fields__)
-        for k, r in enumerate(entries):
-            try:
-                if not isinstance(r, dict) or set(r) != fields:
-                    raise TypeError("wrong fields")
-                res = KeyframeResult(**dict(r, frames=tuple(int(i) for i in r["frames"])))
-                if res.keyframe != k or len(res.frames) != 2:
-                    raise ValueError("out of order")
-                for name in ("psnr", "best_loss", "final_lr", "seconds"):
-                    float(getattr(res, name))
-            except (TypeError, ValueError, OverflowError) as e:
-                raise refuse(f"its result for keyframe {k} is malformed ({e})") from None
-            results.append(res)
-        return bs.init, list(bs.keyframes), results
+            if not isinstance(r, dict) or set(r) != fields:
+                raise TypeError("wrong fields")
+            res = KeyframeResult(**dict(r, frames=tuple(int(i) for i in r["frames"])))
+            if res.keyframe != k or len(res.frames) != 2:
+                raise ValueError("out of order")
+            for name in ("psnr", "best_loss", "final_lr", "seconds"):
+                float(getattr(res, name))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise refuse(f"its result for keyframe {k} is malformed ({e})") from None
+        results.append(res)
+    return bs.init, list(bs.keyframes), results
 
 
 def checkpoint_paths(out: Path) -> tuple[Path, Path]:
