@@ -109,7 +109,7 @@ def mutated_files(draw) -> bytes:
     return reframe(data[:10], recs)
 
 
-@fuzz(200)
+@fuzz(300)
 @given(mutated_files())
 def test_fuzz_bitstream_raises_only_bitstream_errors_in_bounded_memory(data):
     tracemalloc.start()
@@ -154,7 +154,7 @@ def rezip(data: bytes, mutate) -> bytes:
     return out.getvalue()
 
 
-@fuzz(100)
+@fuzz(200)
 @given(st.data())
 def test_fuzz_legacy_loader_raises_only_promptus_errors_in_bounded_memory(legacy_seed, tmp_path_factory, data):
     prompt, init = legacy_seed
@@ -169,18 +169,19 @@ def test_fuzz_legacy_loader_raises_only_promptus_errors_in_bounded_memory(legacy
     elif kind == "truncate":
         blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
     elif kind == "pickle":  # the unpickler itself sees damage (the audit's IndexError, struct.error, ...)
-        edits = data.draw(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6))
+        edits = data.draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                   min_size=1, max_size=6))
 
         def damage(p):
             p = bytearray(p)
-            for i, v in edits:
-                p[i % len(p)] = v
+            for where, v in edits:
+                p[int(where * len(p))] = v
             return bytes(p)
 
         blob = rezip(blob, damage)
-    else:
-        cut = data.draw(st.integers(0, 10_000))
-        blob = rezip(blob, lambda p: p[:cut % len(p)])
+    else:  # the pickle cut short anywhere
+        where = data.draw(st.floats(0, 1, exclude_max=True))
+        blob = rezip(blob, lambda p: p[:int(where * len(p))])
     folder = tmp_path_factory.mktemp("fuzz")
     (folder / "frame_00000.prompt").write_bytes(blob if target == "prompt" else prompt)
     (folder / "init.pth").write_bytes(blob if target == "init" else init)
@@ -238,7 +239,7 @@ PATHS = [[], ["keyframes_done"], ["bitstream_sha256"], ["results"], ["results", 
          ["results", 0, "psnr"], ["results", 1, "keyframe"], ["codec"], ["codec", "rank"], ["version"]]
 
 
-@fuzz(60)
+@fuzz(150)
 @given(st.sampled_from(PATHS), JSON_VALUES, st.booleans())
 def test_fuzz_checkpoint_json_raises_only_promptus_errors(valid_checkpoint, path, value, as_text):
     folder, data, state, meta, header = valid_checkpoint

@@ -39,10 +39,10 @@ from bounded import LIMIT_MB, bounded_memory
 from hostile import bitstream, head, init_fp16, keyf, record, v1_file
 from conftest import make_legacy_folder
 
-def eager(tiny, bs: Bitstream, max_batch: int | None = None) -> Decoder:
-    h = bs.header
-    backend = make_backend("eager", tiny, "cpu", batch=h.config.segment_batch(h.frame_count), size=h.width)
-    return Decoder(backend, tiny.identity(), max_batch=max_batch)
+def eager(tiny, bs: Bitstream, **kw) -> Decoder:
+    """The reference decoder (the eager backend has no fixed batch: it never pads)."""
+    backend = make_backend("eager", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)
+    return Decoder(backend, tiny.identity(), **kw)
 
 
 # ------------------------------------------------ bitstream: memory and time
