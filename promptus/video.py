@@ -7,11 +7,12 @@ folder of PNGs or a video file at the clip's fps; both are written atomically.
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -22,11 +23,21 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import CodecConfig
 from .errors import VideoError
+from .files import check_output_path, temp_sibling
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+#: Video files the frame writer makes: suffix → (PyAV container format, encoder, encoder options).
+VIDEO_OUTPUTS = {
+    ".mp4": ("mp4", "libx264", {"preset": "medium"}),
+    ".m4v": ("mp4", "libx264", {"preset": "medium"}),
+    ".mov": ("mov", "libx264", {"preset": "medium"}),
+    ".mkv": ("matroska", "libx264", {"preset": "medium"}),
+    ".avi": ("avi", "libx264", {"preset": "medium"}),
+    ".webm": ("webm", "libvpx-vp9", {"b": "0", "row-mt": "1"}),  # b=0: constant quality from the crf alone
+}
 
 
 def _natural_key(path: Path) -> list:
@@ -166,43 +177,105 @@ def video_fps(source: str | os.PathLike) -> float | None:
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+    return Path(path).suffix.lower() in VIDEO_OUTPUTS
+
+
+def _video_outputs_text() -> str:
+    return ", ".join(VIDEO_OUTPUTS)
+
+
+def output_kind(path: str | os.PathLike, kind: str | None = None) -> str:
+    """Whether the frames for ``path`` go to a video file or a folder of PNGs: ``"video"`` or ``"folder"``.
+
+    A folder when asked for one: ``kind="folder"``, a path string ending in a separator, an
+    existing folder, or a path without a suffix. A video when the suffix is one of
+    :data:`VIDEO_OUTPUTS`. Any other suffix (``out.gif``, ``out.png``) is a VideoError
+    rather than a folder of that name.
+    """
+    text = os.fspath(path)
+    if kind not in (None, "video", "folder"):
+        raise ValueError(f"kind must be 'video', 'folder' or None, not {kind!r}")
+    if kind == "folder" or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return "folder"
+    suffix = Path(text).suffix.lower()
+    if suffix in VIDEO_OUTPUTS:
+        return "video"
+    if kind == "video" or suffix:
+        what = "a single image" if suffix in IMAGE_SUFFIXES else f"a {suffix} file"
+        raise VideoError(f"cannot write {what} ({text}): give a video file ({_video_outputs_text()}) "
+                         f"or a folder for PNG frames (a path ending in /)")
+    return "folder"
+
+
+@functools.lru_cache(maxsize=None)
+def _check_encoder(suffix: str) -> None:
+    """Encode one small frame in memory: the container and encoder work in this PyAV build."""
+    import av
+
+    fmt, codec, options = VIDEO_OUTPUTS[suffix]
+    try:
+        with av.open(io.BytesIO(), "w", format=fmt) as c:
+            stream = c.add_stream(codec, rate=30)
+            stream.width = stream.height = 16
+            stream.pix_fmt = "yuv420p"
+            stream.options = dict(options)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+                c.mux(packet)
+            for packet in stream.encode():
+                c.mux(packet)
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise VideoError(f"this PyAV build cannot write {suffix} files ({codec} in {fmt}: {e}); "
+                         f"choose another of {_video_outputs_text()} or a folder") from None
+
+
+def check_frames_output(path: str | os.PathLike, kind: str | None = None) -> str:
+    """Check before any work that frames can be written to ``path``; returns its :func:`output_kind`.
+
+    The format must be one this PyAV build writes, and the place writable
+    (:func:`promptus.files.check_output_path`); errors are VideoError/PromptusError.
+    """
+    kind = output_kind(path, kind)
+    if kind == "video":
+        _check_encoder(Path(path).suffix.lower())
+        check_output_path(path, "file")
+    else:
+        check_output_path(path, "folder")
+    return kind
 
 
 class FrameWriter:
     """Writes uint8 H×W×3 frames to a PNG folder or a video file, atomically.
 
+    ``kind`` (``"video"``, ``"folder"`` or None) and the path decide which, as
+    :func:`output_kind` says; the format and the place are checked on construction,
+    before any frame is made (:func:`check_frames_output`).
     Frames go to a temporary sibling first; :meth:`close` moves the result into
     place, :meth:`abort` removes it. Use it as a context manager: an exception
     inside the block aborts, so a failed decode never leaves a half-written output.
     """
 
-    def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12):
+    def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, kind: str | None = None):
         self.out = Path(out)
         self.fps = fps
         self.count = 0
+        self._video = check_frames_output(out, kind) == "video"
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._video = is_video_path(self.out)
+        # Temporary siblings with the umask's permissions: the renamed output keeps them.
+        self._tmp = temp_sibling(self.out, folder=not self._video)
         if self._video:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=self.out.suffix, dir=self.out.parent)
-            os.close(fd)
-            self._tmp = Path(tmp)
             self._crf = crf
             self._container = None
-        else:
-            if self.out.exists() and not self.out.is_dir():
-                raise VideoError(f"{self.out} exists and is not a folder; give a folder or a .mp4 path")
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
 
     def _open_video(self, h: int, w: int) -> None:
         import av
 
-        self._container = av.open(str(self._tmp), mode="w")
+        fmt, codec, options = VIDEO_OUTPUTS[self.out.suffix.lower()]
+        self._container = av.open(str(self._tmp), mode="w", format=fmt)
         rate = Fraction(self.fps).limit_denominator(1001)
-        stream = self._container.add_stream("libx264", rate=rate)
+        stream = self._container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self._crf), "preset": "medium"}
+        stream.options = {"crf": str(self._crf), **options}
         self._stream = stream
 
     def write(self, frame: np.ndarray) -> None:
@@ -236,7 +309,7 @@ class FrameWriter:
         else:
             if self.out.exists():
                 # Replace the old folder only once the new one is complete.
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=self.out.parent))
+                old = temp_sibling(self.out.with_name(self.out.name + ".old"), folder=True)
                 os.replace(self.out, old / "x")
                 os.replace(self._tmp, self.out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -265,9 +338,9 @@ class FrameWriter:
             self.abort()
 
 
-def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float) -> int:
-    """Write frames to ``out`` (PNG folder or video file); returns the count."""
-    with FrameWriter(out, fps) as w:
+def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float, *, kind: str | None = None) -> int:
+    """Write frames to ``out`` (PNG folder or video file, see :class:`FrameWriter`); returns the count."""
+    with FrameWriter(out, fps, kind=kind) as w:
         for f in frames:
             w.write(f)
     return w.count
@@ -328,7 +401,7 @@ def ensure_sample_clip(folder: str | os.PathLike, frame_count: int = 141, size: 
     if folder.is_dir() and len(list(folder.glob("*.png"))) >= frame_count:
         return folder
     log.info("making the sample clip (%d frames, %d×%d) in %s", frame_count, size, size, folder)
-    write_frames(sky_clip(frame_count, size), folder, fps=30)
+    write_frames(sky_clip(frame_count, size), folder, fps=30, kind="folder")
     return folder
 
 

@@ -58,6 +58,6 @@ def prepare_clip(source: str | os.PathLike, name: str, out: str | os.PathLike, *
     except (OSError, ValueError):
         same = False
     if not (same and len(list(folder.glob("*.png"))) == info.frame_count):
-        write_frames(frames.numpy(), folder, rate)
+        write_frames(frames.numpy(), folder, rate, kind="folder")
         write_json_atomic(meta_path, dataclasses.asdict(info))
     return info
