@@ -43,11 +43,12 @@ def clip_names(sources: list[str]) -> list[str]:
 
 def prepare_clip(source: str | os.PathLike, name: str, out: str | os.PathLike, *, size: int,
                  fps: float | None = None, max_frames: int | None = None) -> ClipInfo:
-    """Crop and resize ``source`` to ``size`` and keep it as PNGs under ``out/clips/name/`` (reused when unchanged)."""
+    """Crop and resize ``source`` to ``size`` and keep it as PNGs under ``out/clips/name-SIZEpx/`` (reused when
+    unchanged; one folder per size, so that sweeps at several sizes in one ``out`` share their clips)."""
     from ..encoder import frames_digest
     from ..video import read_frames, video_fps, write_frames
 
-    folder = Path(out) / "clips" / name
+    folder = Path(out) / "clips" / f"{name}-{size}px"
     meta_path = folder.with_suffix(".json")
     frames = read_frames(source, size, size, max_frames)
     rate = float(fps or video_fps(source) or CodecConfig.fps)
