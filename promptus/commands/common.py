@@ -127,7 +127,12 @@ def cpu_threads(models, device) -> None:
 
     if models.name == "tiny" and torch.device(device).type == "cpu" and torch.get_num_threads() != 1:
         log.debug("tiny model on the CPU: 1 torch thread")
+        _restore_threads.append(torch.get_num_threads())
         torch.set_num_threads(1)
+
+
+# Thread counts that cpu_threads changed, put back when the command ends (commands also run inside other programs).
+_restore_threads: list[int] = []
 
 
 def setup_logging(args) -> None:
@@ -147,3 +152,9 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argp
         print(f"{prog}: interrupted (long jobs resume: run the same command again, with --resume for encode)",
               file=sys.stderr)
         return 130
+    finally:
+        if _restore_threads:
+            import torch
+
+            torch.set_num_threads(_restore_threads[0])
+            _restore_threads.clear()
