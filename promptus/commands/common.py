@@ -21,7 +21,8 @@ MODEL_HELP = (
     "or a hub id such as stabilityai/sd-turbo (needs internet)"
 )
 #: Models built into promptus, by the name a bitstream header records: the --model value that loads each.
-BUILT_IN_MODELS = {"tiny": "tiny"}
+#: (The random full-size model's weights differ between CPU and CUDA: the decoder's digest check says so.)
+BUILT_IN_MODELS = {"tiny": "tiny", "sd-turbo-random": "random"}
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "auto", *, auto_help: str = AUTO_MODEL_HELP
