@@ -107,7 +107,6 @@ def load_models(args, device, *, need_vae: bool = False, dtype=None):
     models = load(args.model, device=device, dtype=dtype or default_dtype(device), taesd=args.taesd, vae=need_vae,
                   checkpoints_dir=args.checkpoints)
     log.info("loaded model %r on %s in %.1f s", models.name, device, time.perf_counter() - t0)
-    cpu_threads(models, device)
     return models
 
 
@@ -122,8 +121,10 @@ def model_for_header(args, header, command: str) -> str:
 
 
 def cpu_threads(models, device) -> None:
-    """One torch thread for the tiny model on the CPU: its layers are so small that a second thread's
-    synchronisation costs more than it saves (measured: 20× the CPU time on a loaded 2-core machine)."""
+    """One torch thread for the tiny model on the CPU, until the command ends: its layers are so small that a
+    second thread's synchronisation costs more than it saves (measured: 20× the CPU time on a loaded 2-core
+    machine). Only the demo, which encodes and decodes in one process, uses it: CPU results depend on the
+    thread count, and decode/encode must give the bytes the library gives in the same process."""
     import torch
 
     if models.name == "tiny" and torch.device(device).type == "cpu" and torch.get_num_threads() != 1:
