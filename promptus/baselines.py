@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import PromptusError
+from .prompts import kbps
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def _run(cmd: list[str]) -> float:
 
 
 def _kbps(nbytes: int, frame_count: int, fps: float) -> float:
-    return 8 * nbytes / (frame_count / fps) / 1000
+    return kbps(nbytes, frame_count / fps)
 
 
 def encode_at_bitrate(codec: BaselineCodec, frames_dir: str | os.PathLike, fps: float, frame_count: int,

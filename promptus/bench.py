@@ -188,12 +188,15 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
     rows: list[EncodeTiming] = []
     passes = interval + 2
     for frozen in (False, True):
+        log.info("encode bench: published loop%s (%d timed iterations per keyframe kind)",
+                 ", frozen weights" if frozen else "", iters_published)
         _peak_reset(dev)
         m = models_in(torch.float32)  # the release keeps fp32 weights under fp16 autocast
         seg, first = _time_published(m, vgg, size, interval, rank, iters_published, warmup, dev, frozen)
         rows.append(EncodeTiming("published, frozen weights" if frozen else "published (as released)",
                                  passes, seg, first, _peak_gib(dev)))
         del m
+    log.info("encode bench: promptus' batched trainer (%d timed iterations per keyframe kind)", iters)
     _peak_reset(dev)
     m = models_in(torch.float16 if dev.type == "cuda" else torch.float32)
     seg, first = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev)
@@ -317,6 +320,8 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
               else load_models(model, device=dev, dtype=torch.float32, vae=False))
     long_clip = random_bitstream(cfg, keyframes)
     short_clip = random_bitstream(cfg, 3, seed=1)
+    log.info("decode bench: fp32 reference of a %d-frame clip (%s, %d px, batch %d)", short_clip.header.frame_count,
+             models.name, size, batch)
     reference = Decoder(make_backend("eager", models, dev, torch.float32, batch=batch, size=size)).decode_all(short_clip)
     models.to(dev, dtype)
     unet_flops, dec_flops = model_flops(models, batch, size, dev)
@@ -344,6 +349,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
                 row.status = f"unavailable: {why}"
                 continue
         try:
+            log.info("%s: preparing (backend %d of %d)", name, len(rows), len(backends))
             _peak_reset(dev)
             t0 = time.perf_counter()
             backend = make_backend(name, models, dev, dtype, batch=batch, size=size)
@@ -351,10 +357,13 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
             frames = dec.decode_all(short_clip)  # also warms up: graphs captured, kernels compiled
             log.info("%s: ready in %.1f s", name, time.perf_counter() - t0)
             row.psnr_vs_fp32 = clip_psnr(reference, frames)
+            log.info("%s: timing UNet, TAESD and the segment step (%d runs each)", name, reps)
             row.unet_ms = _time(lambda: backend.denoise(z, cfg.timestep, ctx), dev, reps)
             row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
             row.segment_ms = _time(lambda: backend.segment(zp, zp, 0.05, ctx, onestep), dev, reps)
             for to_host in (False, True):
+                log.info("%s: end to end, %d frames %s", name, long_clip.header.frame_count,
+                         "copied to the host" if to_host else "left on the device")
                 PipelinedDecoder(dec, to_host=to_host).run(items[:4])  # warm the copy path
                 _sync(dev)
                 t0 = time.perf_counter()

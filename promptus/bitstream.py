@@ -76,12 +76,12 @@ import torch
 from .config import MAX_FRAME_COUNT, MODEL_DIGEST_SIZE, CodecConfig, ModelIdentity
 from .errors import BitstreamError, PromptusError
 from .files import atomic_write, read_regular
-from .prompts import QuantizedTensor, check_quant_params, quant_params, quantize
+from .prompts import QuantizedTensor, check_quant_params, kbps, quant_params, quantize
 
 __all__ = [
     "MAGIC", "VERSION", "PRECISIONS", "CODECS", "ENTROPY_CHOICES", "ModelIdentity", "Header", "InitLatent", "Keyframe",
     "Bitstream", "RecordInfo", "StreamParser", "to_bytes", "from_bytes", "write", "read", "iter_records", "layout",
-    "describe", "compress_codes", "entropy_code", "split_records", "parse_record",
+    "describe", "file_rate", "FileRate", "compress_codes", "entropy_code", "split_records", "parse_record",
 ]
 
 #: File signature. Like PNG's: a high-bit byte (catches 7-bit transfers), a name,
@@ -1087,8 +1087,45 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _kbps(nbytes: int, seconds: float) -> float:
-    return 8 * nbytes / seconds / 1000
+@dataclass(frozen=True)
+class FileRate:
+    """The bitrates of a .promptus file over its clip's duration (frame count / fps).
+
+    ``total_kbps`` counts every byte of the file; ``factors_kbps`` the keyframe
+    factor codes as stored (after entropy coding), without their scales and zero
+    points, the header, the init latent or the framing. ``promptus info``,
+    ``promptus encode`` and the sweep print these two numbers and no others.
+    """
+
+    total_bytes: int
+    factor_bytes: int
+    duration_s: float
+
+    @property
+    def total_kbps(self) -> float:
+        return kbps(self.total_bytes, self.duration_s)
+
+    @property
+    def factors_kbps(self) -> float:
+        return kbps(self.factor_bytes, self.duration_s)
+
+    def describe(self) -> str:
+        """One line: both rates, labelled as ``info`` and ``encode`` print them."""
+        return (f"{self.total_kbps:.2f} kbit/s (all bytes), {self.factors_kbps:.2f} kbit/s (factor codes only) "
+                f"over {self.duration_s:.3f} s")
+
+
+def _factor_code_bytes(records: list[RecordInfo]) -> int:
+    return sum(r.payload - _KEYF_FIXED.size for r in records if r.raw_codes is not None)
+
+
+def file_rate(data: bytes) -> FileRate:
+    """:class:`FileRate` of a complete, valid file's bytes (BitstreamError otherwise)."""
+    data = _as_bytes(data)
+    parser = StreamParser()
+    parser.feed(data)
+    bs = parser.close()
+    return FileRate(len(data), _factor_code_bytes(parser.records), bs.header.duration_s)
 
 
 def describe(data: bytes) -> str:
@@ -1109,7 +1146,8 @@ def describe(data: bytes) -> str:
     init_rec = next(r for r in records if r.name.startswith("init latent"))
     framed = [r for r in records if r.name != "magic+version"]
     framing = sum(r.size - r.payload for r in framed)
-    stored_codes = sum(r.payload - _KEYF_FIXED.size for r in keyf)
+    stored_codes = _factor_code_bytes(records)
+    rate = FileRate(len(data), stored_codes, h.duration_s)
     raw_codes = sum(r.raw_codes for r in keyf)
     codec_counts = {c: sum(r.codec == c for r in keyf) for c in CODECS}
     duration = h.duration_s
@@ -1148,8 +1186,7 @@ def describe(data: bytes) -> str:
     lines += [
         "",
         f"  entropy coding: {raw_codes} raw code bytes → {stored_codes} stored ({gain:.2f}% saved; {used})",
-        f"  bitrate over {duration:.3f} s: total {_kbps(len(data), duration):.2f} kbit/s, "
-        f"factors only {_kbps(stored_codes, duration):.2f} kbit/s (1 kbit = 1000 bit)",
+        f"  bitrate: {rate.describe()} (1 kbit = 1000 bit)",
         "",
         f"  {'offset':>10}{'size':>9}  record",
     ]

@@ -38,7 +38,7 @@ from .decoder import ClipState
 from .errors import PromptusError, VideoError
 from .files import OutputLock, atomic_write, check_writable, open_append, read_regular
 from .metrics.frames import clip_psnr, psnr_from_mse
-from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, quantize
+from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, kbps, quantize
 from .schedule import OneStep, to_model_range
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class EncodeResult:
 
     @property
     def kbps(self) -> float:
-        return 8 * self.bytes / self.duration_s / 1000
+        """Every byte of the file over the clip's duration (:func:`promptus.prompts.kbps`)."""
+        return kbps(self.bytes, self.duration_s)
 
     @property
     def mean_psnr(self) -> float:

@@ -28,6 +28,64 @@ from .errors import PromptusError
 TMP_PREFIX = ".tmp-"
 
 
+def temp_sibling(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Create a new, uniquely named temporary file (or folder) next to ``path``; returns its path.
+
+    Its permissions come from the umask, like any file the user creates (0644 or 0755 under
+    umask 022), unlike :mod:`tempfile`'s private 0600/0700: an output renamed into place keeps
+    them, and a shared filesystem (a Ray cluster's) needs them readable.
+    """
+    tmp = _temp_name(path)
+    if folder:
+        os.mkdir(tmp, 0o777)
+    else:
+        os.close(_create_exclusive(tmp))
+    return tmp
+
+
+def _temp_name(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def _create_exclusive(path: Path) -> int:
+    # O_EXCL: never an existing file, nor one a symlink points to; 0o666 & ~umask, as for open().
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def check_output_path(path: str | os.PathLike, kind: str, *, make_folders: bool = True) -> Path:
+    """Refuse, before any work, an output that cannot be written; returns it as a Path.
+
+    ``kind`` is ``"file"`` or ``"folder"`` (the output itself). An existing output of the
+    other kind, a missing parent folder when ``make_folders`` is false, a parent path that
+    runs through a file, or a folder where no file can be created raise
+    :class:`PromptusError` with a one-line message. Nothing is left behind.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', not {kind!r}")
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise PromptusError(f"{path} is a folder; give a file name")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PromptusError(f"{path} exists and is not a folder; give a folder or another name")
+    parent = path.parent
+    if not make_folders and not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise PromptusError(f"cannot write {path}: the folder {parent} {what}; create it first or choose another path")
+    existing = parent
+    while not existing.exists():  # the folders to be made: the nearest existing one must take them
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PromptusError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:  # os.access says yes for root everywhere (/proc included): try it for real
+        probe = temp_sibling(existing / "probe")
+        probe.unlink()
+    except OSError as e:
+        raise PromptusError(f"cannot write {path}: {existing} does not accept new files "
+                            f"({e.strerror or e}); choose another path") from None
+    return path
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
     try:
@@ -53,10 +111,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | bytearray | memory
         path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode()
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tmp = _temp_name(path)
     try:
-        # 0o666: the umask decides the final permissions, as for a plain open() (mkstemp would give 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        fd = _create_exclusive(tmp)
         try:
             view = memoryview(data).cast("B")
             while view:

@@ -203,6 +203,15 @@ def release_frame_embedding(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor
 QUANT_SIDE_BYTES = 5
 
 
+def kbps(nbytes: int | float, seconds: float) -> float:
+    """The one definition of a bitrate in promptus: ``8 · nbytes / seconds / 1000`` kbit/s (1 kbit = 1000 bit).
+
+    ``seconds`` is the clip's duration, frame count / fps. Every rate that info, encode,
+    sweep and the baselines print goes through here.
+    """
+    return 8 * nbytes / seconds / 1000
+
+
 def keyframe_factor_bits(config: CodecConfig) -> int:
     """Bits of quantized factor codes in one keyframe: ``bits · r · (tokens + dim)``."""
     return config.quant_bits * config.rank * (config.tokens + config.embed_dim)
@@ -242,11 +251,11 @@ class RateEstimate:
 
     @property
     def factor_kbps(self) -> float:
-        return 8 * self.factor_bytes / self.duration_s / 1000
+        return kbps(self.factor_bytes, self.duration_s)
 
     @property
     def total_kbps(self) -> float:
-        return 8 * (self.factor_bytes + self.side_bytes + self.init_bytes) / self.duration_s / 1000
+        return kbps(self.factor_bytes + self.side_bytes + self.init_bytes, self.duration_s)
 
 
 def estimate_rate(config: CodecConfig, frame_count: int, init_precision: str = "fp16") -> RateEstimate:

@@ -13,11 +13,12 @@ even then only the frame files this writer makes are replaced.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import MAX_FPS, MIN_FPS, CodecConfig
 from .errors import VideoError
+from .files import check_output_path, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 #: Largest input frame in pixels (8K UHD is 33 M); larger ones are refused before decoding.
 MAX_INPUT_PIXELS = 40_000_000
+#: Video files the frame writer makes: suffix → (PyAV container format, encoder, encoder options).
+VIDEO_OUTPUTS = {
+    ".mp4": ("mp4", "libx264", {"preset": "medium"}),
+    ".m4v": ("mp4", "libx264", {"preset": "medium"}),
+    ".mov": ("mov", "libx264", {"preset": "medium"}),
+    ".mkv": ("matroska", "libx264", {"preset": "medium"}),
+    ".avi": ("avi", "libx264", {"preset": "medium"}),
+    ".webm": ("webm", "libvpx-vp9", {"b": "0", "row-mt": "1"}),  # b=0: constant quality from the crf alone
+}
 
 
 def _natural_key(path: Path) -> list:
@@ -222,12 +233,78 @@ def video_fps(source: str | os.PathLike) -> float | None:
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+    return Path(path).suffix.lower() in VIDEO_OUTPUTS
+
+
+def _video_outputs_text() -> str:
+    return ", ".join(VIDEO_OUTPUTS)
+
+
+def output_kind(path: str | os.PathLike, kind: str | None = None) -> str:
+    """Whether the frames for ``path`` go to a video file or a folder of PNGs: ``"video"`` or ``"folder"``.
+
+    A folder when asked for one: ``kind="folder"``, a path string ending in a separator, an
+    existing folder, or a path without a suffix. A video when the suffix is one of
+    :data:`VIDEO_OUTPUTS`. Any other suffix (``out.gif``, ``out.png``) is a VideoError
+    rather than a folder of that name.
+    """
+    text = os.fspath(path)
+    if kind not in (None, "video", "folder"):
+        raise ValueError(f"kind must be 'video', 'folder' or None, not {kind!r}")
+    if kind == "folder" or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return "folder"
+    suffix = Path(text).suffix.lower()
+    if suffix in VIDEO_OUTPUTS:
+        return "video"
+    if kind == "video" or suffix:
+        what = "a single image" if suffix in IMAGE_SUFFIXES else f"a {suffix} file"
+        raise VideoError(f"cannot write {what} ({text}): give a video file ({_video_outputs_text()}) "
+                         f"or a folder for PNG frames (a path ending in /)")
+    return "folder"
+
+
+@functools.lru_cache(maxsize=None)
+def _check_encoder(suffix: str) -> None:
+    """Encode one small frame in memory: the container and encoder work in this PyAV build."""
+    import av
+
+    fmt, codec, options = VIDEO_OUTPUTS[suffix]
+    try:
+        with av.open(io.BytesIO(), "w", format=fmt) as c:
+            stream = c.add_stream(codec, rate=30)
+            stream.width = stream.height = 16
+            stream.pix_fmt = "yuv420p"
+            stream.options = dict(options)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+                c.mux(packet)
+            for packet in stream.encode():
+                c.mux(packet)
+    except (av.FFmpegError, ValueError, OSError) as e:
+        raise VideoError(f"this PyAV build cannot write {suffix} files ({codec} in {fmt}: {e}); "
+                         f"choose another of {_video_outputs_text()} or a folder") from None
+
+
+def check_frames_output(path: str | os.PathLike, kind: str | None = None) -> str:
+    """Check before any work that frames can be written to ``path``; returns its :func:`output_kind`.
+
+    The format must be one this PyAV build writes, and the place writable
+    (:func:`promptus.files.check_output_path`); errors are VideoError/PromptusError.
+    """
+    kind = output_kind(path, kind)
+    if kind == "video":
+        _check_encoder(Path(path).suffix.lower())
+        check_output_path(path, "file")
+    else:
+        check_output_path(path, "folder")
+    return kind
 
 
 class FrameWriter:
     """Writes uint8 H×W×3 frames to a PNG folder or a video file, atomically.
 
+    ``kind`` (``"video"``, ``"folder"`` or None) and the path decide which, as
+    :func:`output_kind` says; the format and the place are checked on construction,
+    before any frame is made (:func:`check_frames_output`).
     Frames go to a temporary sibling first; :meth:`close` moves the result into
     place, :meth:`abort` removes it. Use it as a context manager: an exception
     inside the block aborts, so a failed decode never leaves a half-written output.
@@ -239,56 +316,51 @@ class FrameWriter:
     """
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, kind: str | None = None):
         self.out = Path(out)
         self.fps = fps
         self.count = 0
         self.size = size
-        self._video = is_video_path(self.out)
         try:
             rate_ok = MIN_FPS <= float(fps) <= MAX_FPS
         except (TypeError, ValueError):
             rate_ok = False
         if not rate_ok:
             raise VideoError(f"fps={fps!r}: frames per second must lie in [{MIN_FPS:g}, {MAX_FPS:g}]")
+        self._video = check_frames_output(out, kind) == "video"  # format and place, before any work
         self._into_existing = False
         try:
             if self._video:
-                if self.out.is_dir():
-                    raise VideoError(f"{self.out} is a folder; give a video file name such as {self.out / 'clip.mp4'}")
                 self.out.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=self.out.suffix, dir=self.out.parent)
-                os.close(fd)
-                self._tmp = Path(tmp)
+                # Temporary siblings with the umask's permissions: the renamed output keeps them.
+                self._tmp = temp_sibling(self.out)
                 self._crf = crf
                 self._container = None
+            elif self.out.is_dir():
+                held = sum(1 for _ in self.out.iterdir())
+                if held and not force:
+                    raise VideoError(f"the output folder {self.out} already holds {held} "
+                                     f"{'entry' if held == 1 else 'entries'}; choose a new or empty folder, or "
+                                     "pass --force to replace its frame files (nothing else in it is touched)")
+                # Written inside the folder itself: the same file system, and it works for "-o .".
+                self._into_existing = True
+                self._tmp = temp_sibling(self.out / ".promptus-frames", folder=True)
             else:
-                if self.out.exists() and not self.out.is_dir():
-                    raise VideoError(f"{self.out} exists and is not a folder; give a folder or a .mp4 path")
-                if self.out.is_dir():
-                    held = sum(1 for _ in self.out.iterdir())
-                    if held and not force:
-                        raise VideoError(f"the output folder {self.out} already holds {held} "
-                                         f"{'entry' if held == 1 else 'entries'}; choose a new or empty folder, or "
-                                         "pass --force to replace its frame files (nothing else in it is touched)")
-                    # Written inside the folder itself: the same file system, and it works for "-o .".
-                    self._into_existing = True
-                    self._tmp = Path(tempfile.mkdtemp(prefix=".promptus-frames-", dir=self.out))
-                else:
-                    self.out.parent.mkdir(parents=True, exist_ok=True)
-                    self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp = temp_sibling(self.out, folder=True)
         except OSError as e:
             raise VideoError(f"cannot write {self.out}: {e.strerror or e}") from None
 
     def _open_video(self, h: int, w: int) -> None:
         import av
 
-        self._container = av.open(str(self._tmp), mode="w")
+        fmt, codec, options = VIDEO_OUTPUTS[self.out.suffix.lower()]
+        self._container = av.open(str(self._tmp), mode="w", format=fmt)
         rate = Fraction(self.fps).limit_denominator(1001)
-        stream = self._container.add_stream("libx264", rate=rate)
+        stream = self._container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self._crf), "preset": "medium"}
+        stream.options = {"crf": str(self._crf), **options}
         self._stream = stream
 
     def write(self, frame: np.ndarray) -> None:
@@ -364,9 +436,10 @@ class FrameWriter:
             self.abort()
 
 
-def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float, *, force: bool = False) -> int:
-    """Write frames to ``out`` (PNG folder or video file); returns the count. ``force``: see FrameWriter."""
-    with FrameWriter(out, fps, force=force) as w:
+def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: float, *, force: bool = False,
+                 kind: str | None = None) -> int:
+    """Write frames to ``out`` (PNG folder or video file, see :class:`FrameWriter`); returns the count."""
+    with FrameWriter(out, fps, force=force, kind=kind) as w:
         for f in frames:
             w.write(f)
     return w.count
@@ -427,7 +500,7 @@ def ensure_sample_clip(folder: str | os.PathLike, frame_count: int = 141, size: 
     if folder.is_dir() and len(list(folder.glob("*.png"))) >= frame_count:
         return folder
     log.info("making the sample clip (%d frames, %d×%d) in %s", frame_count, size, size, folder)
-    write_frames(sky_clip(frame_count, size), folder, fps=30, force=True)  # its own folder
+    write_frames(sky_clip(frame_count, size), folder, fps=30, force=True, kind="folder")  # its own folder
     return folder
 
 

@@ -166,7 +166,7 @@ def test_decode_command_with_parity_release_reproduces_release_prompts(tiny, tmp
     assert main(["-q", "import-legacy", str(tmp_path / "rank2_interval4"), "-o", str(clip), "--fps", "24",
                  "--init-precision", "fp32"]) == 0
     out = tmp_path / "frames"
-    assert main(["decode", str(clip), "-o", str(out), "--model", "tiny", "--device", "cpu", "--parity", "release"]) == 0
+    assert main(["decode", str(clip), "-o", f"{out}/", "--model", "tiny", "--device", "cpu", "--parity", "release"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 9 frames" in printed and "parity release" in printed and "one frame per call" in printed
     frames = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in sorted(out.iterdir())])

@@ -25,7 +25,7 @@ from promptus.plots import describe_figure, rd_figure
 from promptus.commands.sweep import config_from_args
 from promptus.commands.sweep import register as add_sweep_parser
 from promptus.config import CodecConfig, TrainConfig
-from promptus.sweep import COLUMNS, TIMING_FIELDS, SweepConfig, run_sweep
+from promptus.sweep import COLUMNS, SETTINGS_COLUMNS, TIMING_FIELDS, SweepConfig, run_sweep
 from promptus.video import sky_clip, write_frames
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,9 +122,9 @@ def test_sweep_parser_has_the_encoder_options():
     p = argparse.ArgumentParser()
     add_sweep_parser(p.add_subparsers())
     a = p.parse_args(["sweep", "a.mp4", "b", "--model", "tiny", "--perceptual", "off", "--iters", "3"])
+    cfg = config_from_args(a)  # the published settings for every option not given
     assert a.clips == ["a.mp4", "b"] and a.ranks == [2, 4, 8, 16] and a.intervals == [5, 10, 20]
     assert a.baselines == ["x264", "x265"] and a.iters == 3 and a.iters_first == 10_000 and a.size == 512
-    cfg = config_from_args(a)
     assert cfg.train.perceptual is False and cfg.model == "tiny" and cfg.device == "auto"
     a = p.parse_args(["sweep", "a.mp4", "--baselines", "--ray-address", "ray://head:10001"])
     assert a.baselines == [] and config_from_args(a).ray_address == "ray://head:10001"
@@ -156,7 +156,7 @@ def test_sweep_writes_one_row_per_point(sweep):
     assert res.failures == [] and res.computed == 12
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == COLUMNS and len(rows) == 12
+    assert list(rows[0]) == COLUMNS + SETTINGS_COLUMNS and len(rows) == 12
     assert sorted((r["codec"], r["rank"], r["interval"]) for r in rows) == sorted(
         (c, str(r), str(t)) for c in ("promptus", "x264", "x265") for r in (1, 2) for t in (4, 6))
     data = json.loads((out / "results.json").read_text())
@@ -170,8 +170,10 @@ def test_sweep_writes_one_row_per_point(sweep):
         if r["codec"] == "promptus":
             assert r["closed_loop_identical"] is True and r["target_kbps"] is None
         else:  # matched to the promptus point of the same rank and interval
-            match = next(p for p in res.rows if p["codec"] == "promptus" and p["point"].endswith(r["point"][4:]))
+            match = next(p for p in res.rows if p["point"] == r["matched_point"])
+            assert (match["rank"], match["interval"]) == (r["rank"], r["interval"])
             assert r["target_kbps"] == match["kbps_all_bytes"] and r["container"] == "mp4"
+            assert (r["iters"], r["size"], r["model"]) == (match["iters"], match["size"], match["model"])
 
 
 def test_sweep_plots_show_every_curve_and_point(sweep):
@@ -214,8 +216,9 @@ def test_resumed_sweep_skips_finished_points(sweep, monkeypatch):
     assert again.rows == res.rows
 
     # As after a kill before the point's JSON was written: that point alone is redone, with resume=True.
-    (Path(cfg.out) / "points" / "grainy" / "promptus_r2_t6.json").unlink()
-    (Path(cfg.out) / "points" / "grainy" / "x265_r1_t4.json").unlink()
+    names = {(r["codec"], r["rank"], r["interval"]): r["point"] for r in res.rows}
+    (Path(cfg.out) / "points" / "grainy" / f"{names['promptus', 2, 6]}.json").unlink()
+    (Path(cfg.out) / "points" / "grainy" / f"{names['x265', 1, 4]}.json").unlink()
     again = run_sweep(cfg)
     assert len(enc.calls) == 1 and enc.calls[0]["resume"] is True and len(base.calls) == 1
     assert again.computed == 2
@@ -250,3 +253,63 @@ def test_ray_local_cluster_matches_the_sequential_run(clip_dir, tmp_path):
         remote = json.loads((tmp_path / "ray/points/grainy" / (r["point"] + ".json")).read_text())["worker"]
         assert local["pid"] == os.getpid() and "ray_gpu_ids" not in local
         assert remote["pid"] != os.getpid() and remote["ray_gpu_ids"] == [] and remote["ray_task_id"]
+
+
+# ------------------------------------------------------- settings and presets
+
+
+def test_other_settings_add_points_instead_of_replacing_them(clip_dir, tmp_path):
+    """Issue 10: a rerun into the same --out with other --iters kept nothing of the first run."""
+    out = tmp_path / "s"
+    common = dict(clips=[str(clip_dir)], ranks=[1], intervals=[4], baselines=[], out=str(out),
+                  codec=CodecConfig(width=32, height=32), model="tiny", progress=False)
+    first = run_sweep(SweepConfig(train=TrainConfig(perceptual=False, init_latent="taesd", iters_first=4, iters=2),
+                                  **common))
+    second = run_sweep(SweepConfig(train=TrainConfig(perceptual=False, init_latent="taesd", iters_first=5, iters=2),
+                                   **common))
+    assert second.computed == 1  # a new point, not a reuse and not an overwrite
+    (a,), (b,) = first.rows, second.rows
+    assert a["point"] != b["point"] and a["point"].startswith("promptus_r1_t4_")
+    assert (a["iters_first"], b["iters_first"]) == (4, 5) and a["settings"] != b["settings"]
+    files = sorted(p.name for p in (out / "points" / "grainy").glob("*.promptus"))
+    assert files == sorted([a["file"], b["file"]])
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))  # both runs, each with its settings
+    assert sorted(r["iters_first"] for r in rows) == ["4", "5"]
+    assert {r["model"] for r in rows} == {"tiny"} and {r["size"] for r in rows} == {"32"}
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"]) == 2 and data["settings_this_run"] == [b["settings"]]
+    assert [r["iters_first"] for r in second.earlier] == [4]
+    # The same settings again: both points are reused.
+    again = run_sweep(SweepConfig(train=TrainConfig(perceptual=False, init_latent="taesd", iters_first=4, iters=2),
+                                  **common))
+    assert again.computed == 0 and again.rows[0]["point"] == a["point"]
+
+
+def test_point_names_change_with_every_setting_that_changes_the_result():
+    from promptus.sweep import settings_digest
+
+    base = {"codec": "promptus", "clip": "c", "rank": 2, "interval": 4, "iters_first": 10, "iters": 5, "size": 64,
+            "model": "tiny", "model_digest": "ab", "perceptual": False, "seed": 88, "threads": 1, "digest": "x"}
+    seen = {settings_digest(base)}
+    for key, value in [("iters_first", 11), ("iters", 6), ("size", 32), ("model", "auto"), ("model_digest", "cd"),
+                       ("perceptual", True), ("seed", 1), ("threads", 2), ("digest", "y")]:
+        seen.add(settings_digest(dict(base, **{key: value})))
+    assert len(seen) == 10
+    assert settings_digest(dict(base, rank=8, interval=10)) == settings_digest(base)  # the name shows those
+
+
+def test_preset_quick_fills_what_was_not_given(tmp_path):
+    p = argparse.ArgumentParser()
+    add_sweep_parser(p.add_subparsers())
+    a = p.parse_args(["sweep", "a.mp4", "--preset", "quick", "--ranks", "1", "--checkpoints", str(tmp_path)])
+    cfg = config_from_args(a)
+    assert cfg.ranks == [1] and cfg.intervals == [5, 10] and cfg.size == 128 and cfg.max_frames == 21
+    assert (cfg.train.iters_first, cfg.train.iters, cfg.train.perceptual) == (100, 30, False)
+    assert cfg.model == "tiny"  # no SD-Turbo weights in --checkpoints: the tiny model, said in the log
+    a = p.parse_args(["sweep", "a.mp4", "--preset", "quick", "--model", "x.safetensors"])
+    assert config_from_args(a).model == "x.safetensors"
+    out = subprocess.run([sys.executable, "-m", "promptus", "sweep", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    text = " ".join(out.stdout.split())  # the help states the quick values next to the published ones
+    assert "2 4 8 16; 2 4 8 with --preset quick" in text and "one of tensorrt, compile, torch, eager" in text

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..config import CodecConfig
 
-#: Backends the decoder benchmark times by default.
+log = logging.getLogger("promptus")
+
+#: Backends the decoder benchmark times by default on a GPU.
 BENCH_BACKENDS = ("eager", "torch", "compile", "tensorrt")
+#: What the benchmarks time unless told otherwise: the real workload on a GPU, and on the CPU a
+#: small one that finishes in about a minute on two cores (the full-size UNet at 512 px takes
+#: seconds per frame there, and compile/tensorrt are GPU backends).
+GPU_DEFAULTS = {"model": "random", "size": CodecConfig.width, "keyframes": 31, "backends": list(BENCH_BACKENDS),
+                "iters": 10, "iters_published": 3, "warmup": 2}
+CPU_DEFAULTS = {"model": "tiny", "size": 64, "keyframes": 4, "backends": ["eager", "torch"],
+                "iters": 3, "iters_published": 1, "warmup": 1}
+_DECODE_ONLY, _ENCODE_ONLY = ("keyframes", "backends"), ("iters", "iters_published", "warmup")
+
+
+def _both(name: str) -> str:
+    gpu, cpu = GPU_DEFAULTS[name], CPU_DEFAULTS[name]
+    if isinstance(gpu, list):
+        gpu, cpu = " ".join(gpu), " ".join(cpu)
+    return f"default: {gpu} on a GPU, {cpu} on the CPU"
 
 
 def register(subparsers) -> None:
@@ -17,25 +35,45 @@ def register(subparsers) -> None:
         description="Decoder backends (default): per-stage ms, end-to-end FPS with frames left on the GPU and copied "
                     "to the host, peak memory, FLOPs and the fraction of the measured matmul ceiling, parity with "
                     "fp32; the eager fp16 pipeline is the baseline. --encode: the published per-frame inversion "
-                    "procedure against promptus' batched trainer. Full-size architecture with random weights unless "
-                    "--model names real ones.")
+                    "procedure against promptus' batched trainer. On a GPU the defaults time the real workload "
+                    "(full-size architecture with random weights, 512 px); on the CPU they pick a small one that "
+                    "finishes in about a minute on two cores and say so. Any option given is used as given.")
     b.add_argument("--encode", action="store_true", help="benchmark the inversion trainer instead of decoding")
-    b.add_argument("--backends", nargs="+", default=list(BENCH_BACKENDS),
-                   help=f"decoder backends to time (default: {' '.join(BENCH_BACKENDS)})")
+    b.add_argument("--backends", nargs="+", default=None, help=f"decoder backends to time ({_both('backends')})")
     b.add_argument("--batch", type=int, default=c.interval,
                    help=f"frames per segment for the decoder benchmark (default: {c.interval})")
-    b.add_argument("--keyframes", type=int, default=31, help="keyframes of the timed clip (default: 31 → 301 frames)")
-    b.add_argument("--model", default="random", help="'random' (full-size, random weights), 'tiny', or weights")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--size", type=int, default=c.width)
-    b.add_argument("--interval", type=int, default=c.interval)
-    b.add_argument("--rank", type=int, default=c.rank)
-    b.add_argument("--iters", type=int, default=10, help="timed iterations of promptus' trainer (default: 10)")
-    b.add_argument("--iters-published", type=int, default=3, help="timed iterations of the published loop")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--perceptual", choices=["on", "off"], default="on")
+    b.add_argument("--keyframes", type=int, default=None,
+                   help=f"keyframes of the timed clip; K keyframes make (K−1)·batch+1 frames ({_both('keyframes')})")
+    b.add_argument("--model", default=None,
+                   help=f"'random' (full-size architecture, random weights), 'tiny', or weights ({_both('model')})")
+    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    b.add_argument("--size", type=int, default=None, help=f"frame size in pixels ({_both('size')})")
+    b.add_argument("--interval", type=int, default=c.interval,
+                   help=f"keyframe interval T of the encoder benchmark (default: {c.interval})")
+    b.add_argument("--rank", type=int, default=c.rank, help=f"prompt rank of the encoder benchmark (default: {c.rank})")
+    b.add_argument("--iters", type=int, default=None, help=f"timed iterations of promptus' trainer ({_both('iters')})")
+    b.add_argument("--iters-published", type=int, default=None,
+                   help=f"timed iterations of the published loop ({_both('iters_published')})")
+    b.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed iterations before each timed run of the encoder benchmark ({_both('warmup')})")
+    b.add_argument("--perceptual", choices=["on", "off"], default="on",
+                   help="include the VGG-19 perceptual loss in the encoder benchmark (random VGG weights; default: on)")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=run)
+
+
+def resolve_defaults(args: argparse.Namespace, device_type: str) -> list[str]:
+    """Fill the options left unset with the defaults for ``device_type``; returns the chosen ones as flags."""
+    table = CPU_DEFAULTS if device_type == "cpu" else GPU_DEFAULTS
+    skip = _ENCODE_ONLY if not args.encode else _DECODE_ONLY
+    chosen = []
+    for name, value in table.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value) if isinstance(value, list) else value)
+            if name not in skip:
+                shown = " ".join(value) if isinstance(value, list) else value
+                chosen.append(f"--{name.replace('_', '-')} {shown}")
+    return chosen
 
 
 def format_encode_table(result: dict) -> str:
@@ -82,15 +120,26 @@ def format_decode_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..backends import resolve_device
     from ..bench import bench_decode, bench_encode
+    from ..files import check_output_path
+
+    if args.json:
+        check_output_path(args.json, "file")
+    device = resolve_device(args.device)
+    chosen = resolve_defaults(args, device.type)
+    if chosen:
+        where = "the CPU: a small workload that finishes in about a minute on two cores" if device.type == "cpu" \
+            else device.type
+        log.info("bench on %s: %s (options given are used as given)", where, " ".join(chosen))
 
     if args.encode:
-        result = bench_encode(model=args.model, device=args.device, size=args.size, interval=args.interval,
+        result = bench_encode(model=args.model, device=str(device), size=args.size, interval=args.interval,
                               rank=args.rank, iters=args.iters, iters_published=args.iters_published,
                               warmup=args.warmup, perceptual=args.perceptual == "on", json_path=args.json)
         print(format_encode_table(result))
     else:
-        result = bench_decode(model=args.model, device=args.device, size=args.size, batch=args.batch,
+        result = bench_decode(model=args.model, device=str(device), size=args.size, batch=args.batch,
                               backends=args.backends, keyframes=args.keyframes, json_path=args.json)
         print(format_decode_table(result))
     return 0

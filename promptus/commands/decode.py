@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from ..backends import BACKENDS
 from ..backends.engine_cache import DEFAULT_ENGINE_DIR
 from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
 from ..errors import BitstreamError, PromptusError
-from .common import add_model_args, load_models
+from ..video import VIDEO_OUTPUTS
+from .common import add_model_args, load_models, model_for_header
 
 log = logging.getLogger("promptus")
 
@@ -20,11 +22,15 @@ def register(subparsers) -> None:
     d = subparsers.add_parser("decode", help="regenerate the frames of a .promptus file",
                               description="Regenerate every frame of a .promptus bitstream with SD-Turbo + TAESD.")
     d.add_argument("file", help="the .promptus file")
-    d.add_argument("-o", "--output", required=True, help="output: a .mp4/.mov/.mkv file or a folder for PNG frames")
-    add_model_args(d)
+    d.add_argument("-o", "--output", required=True,
+                   help=f"output: a video file ({', '.join(VIDEO_OUTPUTS)}) or a folder for PNG frames (a path "
+                        "ending in /, or an existing folder)")
+    add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
+                                                       "(tiny), else checkpoints/sd_turbo.safetensors or "
+                                                       "checkpoints/sd-turbo")
     d.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="network backend: auto takes tensorrt where it can run, else compile on CUDA, else torch "
-                        "(default: auto)")
+                   help=f"network backend, one of {', '.join(BACKENDS)}: auto takes tensorrt where it can run, "
+                        "else compile on CUDA, else torch (default: auto)")
     d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
                    help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     d.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
@@ -37,6 +43,21 @@ def register(subparsers) -> None:
                    help="write into an output folder that already holds files: only the frame files written "
                         "(00000.png, ...) replace their namesakes; nothing else in it is touched or deleted")
     d.set_defaults(func=run)
+
+
+def output_kind_of_argument(output: str) -> str:
+    """``"video"`` or ``"folder"`` for ``-o``, checked to be writable; a folder only when asked for one.
+
+    Unlike the library's :func:`promptus.video.output_kind`, a new name without a suffix is
+    refused: ``-o clip`` is more likely a forgotten ``.mp4`` than a wish for a PNG folder.
+    """
+    from ..video import check_frames_output
+
+    text = str(output)
+    if not (Path(text).suffix or text.endswith(("/", os.sep)) or Path(text).is_dir()):
+        raise PromptusError(f"-o {text}: add a video suffix ({', '.join(VIDEO_OUTPUTS)}) for a video file, or end "
+                            "it with / for a folder of PNG frames")
+    return check_frames_output(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.file)
     if not src.is_file():  # also refuses FIFOs and devices, which would block or never end
         raise PromptusError(f"{src} does not exist or is not a file")
+    kind = output_kind_of_argument(args.output)  # before any work: a wrong -o fails in a second, not after
     device = resolve_device(args.device)
     with open(src, "rb") as f:
         records = iter_records(f)
         header = next(records)  # the header first: it gives the fps, frame count and batch
         assert isinstance(header, Header)
         # The output is checked before models load: a refusal costs nothing.
-        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height))
+        args.model = model_for_header(args, header, "decode")
+        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height), kind=kind)
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
             models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
@@ -88,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 decoder.run(items(), sink)
             except BitstreamError as e:
+                if not args.allow_partial and e.partial is not None and e.partial.keyframes:
+                    raise BitstreamError(f"{e} Run again with --allow-partial to keep the frames decoded before "
+                                         "the damage.", record=e.record, partial=e.partial) from None
                 if not args.allow_partial or writer.count == 0:
                     raise
                 log.warning("%s\nkeeping the %d frames decoded before the damage (--allow-partial)", e, writer.count)

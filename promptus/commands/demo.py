@@ -12,29 +12,59 @@ import argparse
 import time
 from pathlib import Path
 
-from ..config import CodecConfig
+from ..config import CodecConfig, TrainConfig
 from ..errors import ModelNotFoundError, PromptusError
-from .common import add_encode_args, add_model_args
+from .common import add_encode_args, add_model_args, cpu_threads
 from .encode import print_encode_summary, run_encode
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 # In a source checkout the sample clip lives in its data/; an installed package makes it under ./data.
 SAMPLE = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "sky"
+#: Frames of the sample clip (all of them go into a --full run).
+SAMPLE_FRAMES = 141
 #: Frame size of the demo with the tiny model (it cannot reconstruct real images; small is enough).
 TINY_SIZE = 128
+#: The demo's frames and iterations: a short run by default, the published iterations on the whole clip with --full.
+QUICK = {"max_frames": 21, "iters_first": 150, "iters": 40}
+FULL = {"max_frames": SAMPLE_FRAMES, "iters_first": TrainConfig.iters_first, "iters": TrainConfig.iters}
 
 
 def register(subparsers) -> None:
-    m = subparsers.add_parser("demo", help="the main job: encode and decode the sample clip",
-                              description="Encode the project's sample clip (data/sky, made on first use) with the "
-                                          "best model available (SD-Turbo when its weights are present, else the tiny "
-                                          "test model), decode it, and print the bitrate and PSNR.")
+    m = subparsers.add_parser(
+        "demo", help="the main job: encode and decode the sample clip",
+        description="Encode the project's sample clip (data/sky, made on first use) with the best model available "
+                    "(SD-Turbo when its weights are present, else the tiny test model), decode it, and print the "
+                    f"bitrate and PSNR. By default a short run: {QUICK['max_frames']} frames, "
+                    f"{QUICK['iters_first']}/{QUICK['iters']} iterations (about a minute on two CPU cores with the "
+                    f"tiny model); --full encodes all {SAMPLE_FRAMES} frames with the published "
+                    f"{FULL['iters_first']}/{FULL['iters']} iterations (hours; meant for SD-Turbo on a GPU).")
     m.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     m.add_argument("--clip", default=None, help="another clip to use instead of data/sky")
-    add_encode_args(m, iters=(300, 100))
-    m.set_defaults(size=None, max_frames=21, resume=False)
-    add_model_args(m)
-    m.set_defaults(func=run)
+    m.add_argument("--full", action="store_true",
+                   help=f"the long run: all {SAMPLE_FRAMES} frames at the published iteration counts")
+    both = "{}; {} with --full"
+    add_encode_args(m, defaults={
+        "size": (None, f"default: {TINY_SIZE} with the tiny model, {CodecConfig.width} with SD-Turbo"),
+        "iters_first": (None, "default: " + both.format(QUICK["iters_first"], FULL["iters_first"])),
+        "iters": (None, "default: " + both.format(QUICK["iters"], FULL["iters"])),
+        "max_frames": (None, "default: " + both.format(QUICK["max_frames"], FULL["max_frames"])),
+        "init_latent": (None, f"default: {TrainConfig.init_latent} with SD-Turbo, taesd with the tiny model"),
+        "perceptual": ("on", "default: on, and off with a note when no VGG-19 weights are found"),
+    })
+    add_model_args(m, auto_help="SD-Turbo from checkpoints/ when present, else the tiny model, saying so")
+    m.set_defaults(func=run, resume=False)
+
+
+def resolve_settings(args: argparse.Namespace, tiny: bool) -> None:
+    """Fill in the demo's defaults that depend on --full and on the model (what ``--help`` promises)."""
+    run = FULL if args.full else QUICK
+    for name, value in run.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.size is None:
+        args.size = TINY_SIZE if tiny else CodecConfig.width
+    if args.init_latent is None:
+        args.init_latent = "taesd" if tiny else TrainConfig.init_latent
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import default_dtype, make_backend, resolve_device
     from ..bitstream import describe, read
     from ..decoder import Decoder
+    from ..files import check_output_path
     from ..losses import load_vgg19
     from ..metrics import clip_psnr
     from ..models import find_default_weights, load_models
     from ..video import FrameWriter, ensure_sample_clip, read_frames
 
-    out = Path(args.out)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    out = check_output_path(args.out, "folder")
     device = resolve_device(args.device)
     spec = args.model
     if spec == "auto":
@@ -60,10 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: using SD-Turbo weights from {spec}")
     tiny = spec == "tiny"
     args.model = spec
-    if args.size is None:
-        args.size = TINY_SIZE if tiny else CodecConfig.width
-    if args.init_latent == "vae" and tiny:
-        args.init_latent = "taesd"
+    resolve_settings(args, tiny)
     if args.perceptual == "on" and args.vgg is None:
         try:
             load_vgg19(None)
@@ -74,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     clip = args.clip or str(ensure_sample_clip(SAMPLE))
     models = load_models(spec, device=device, dtype=default_dtype(device), taesd=args.taesd,
                          vae=args.init_latent == "vae", checkpoints_dir=args.checkpoints)
+    cpu_threads(models, device)
     print(f"demo: encoding {args.max_frames} frames of {clip} at {args.size}×{args.size}, rank {args.rank}, "
           f"interval {args.interval}, {args.iters_first}/{args.iters} iterations on {device}")
     path = out / "demo.promptus"
@@ -86,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     decoded = []
     # The demo's own output folder: each run replaces the frames of the last one.
-    with FrameWriter(out / "decoded", res.fps, force=True) as pngs, FrameWriter(out / "decoded.mp4", res.fps) as mp4:
+    with FrameWriter(out / "decoded", res.fps, force=True, kind="folder") as pngs, \
+            FrameWriter(out / "decoded.mp4", res.fps) as mp4:
         for seg in Decoder(backend, models.identity()).decode(bs):
             frames = seg.frames.cpu()
             decoded.append(frames)
@@ -103,4 +134,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo: PSNR of the clip's mean MSE: decoded frames against the originals "
           f"{clip_psnr(original, decoded):.2f} dB; decoder vs encoder closed loop "
           f"{clip_psnr(res.reconstruction, decoded):.2f} dB (inf = identical)")
+    print(f"demo: done in {time.perf_counter() - t_start:.0f} s ({time.process_time() - cpu_start:.0f} CPU-seconds "
+          f"in this process, {torch.get_num_threads()} torch thread(s))")
     return 0

@@ -47,15 +47,14 @@ def run_encode(args: argparse.Namespace, source, output, models=None):
 
 
 def encode_summary(res) -> str:
-    """The lines ``encode`` prints: bytes, both bitrates and the closed-loop PSNR."""
-    from ..bitstream import layout
+    """The lines ``encode`` prints: bytes, both bitrates (as ``info`` prints them) and the closed-loop PSNR."""
+    from ..bitstream import file_rate
 
-    recs = layout(Path(res.path).read_bytes())
-    factor_bytes = sum(r.payload for r in recs if r.name.startswith("keyframe"))
+    rate = file_rate(Path(res.path).read_bytes())
     return (f"wrote {res.path}: {res.frame_count} frames, {len(res.keyframes)} keyframes, {res.bytes} bytes\n"
-            f"bitrate: {res.kbps:.1f} kbit/s (all bytes), {8 * factor_bytes / res.duration_s / 1000:.1f} kbit/s "
-            f"(keyframe payloads only); mean closed-loop PSNR {res.mean_psnr:.2f} dB (segments' PSNR of their "
-            f"mean MSE, weighted by frame count)")
+            f"bitrate: {rate.describe()}\n"
+            f"mean closed-loop PSNR {res.mean_psnr:.2f} dB (segments' PSNR of their mean MSE, weighted by frame "
+            f"count)")
 
 
 def print_encode_summary(res) -> None:
@@ -63,5 +62,8 @@ def print_encode_summary(res) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import check_output_path
+
+    check_output_path(args.output, "file")  # before the models load and the training starts
     print_encode_summary(run_encode(args, args.input, args.output))
     return 0

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -157,7 +158,8 @@ def _list(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no engines in {args.engine_dir}")
+        print(f"the engine cache {Path(args.engine_dir)}/ holds no engines (decode --backend tensorrt or "
+              "'promptus engines build' makes them)")
         return 0
     header = ("component", "batch", "size", "prec", "flavour", "target", "model", "MB", "status")
     table = [header] + [

@@ -82,9 +82,11 @@ def format_table(comp) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import write_json_atomic
+    from ..files import check_output_path, write_json_atomic
     from ..metrics import compare_sources
 
+    if args.json:
+        check_output_path(args.json, "file")  # before the metrics run, not after
     comp = compare_sources(args.reference, args.decoded, size=args.size, max_frames=args.max_frames,
                            **meter_options(args))
     print(format_table(comp))

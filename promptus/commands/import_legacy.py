@@ -30,8 +30,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bitstream import describe, write
+    from ..files import check_output_path
     from ..legacy import load_legacy
 
+    check_output_path(args.output, "file")
     bs = load_legacy(args.folder, fps=args.fps, init_precision=args.init_precision, interval=args.interval)
     n = write(args.output, bs, entropy=args.entropy)
     log.info("wrote %s (%d bytes)", args.output, n)

@@ -18,7 +18,10 @@
 Each point is a job: a pure function of a JSON-able spec (:func:`run_point`).
 A point is done when ``DIR/points/CLIP/POINT.json`` exists (written atomically)
 with the same inputs; a rerun skips done points and an interrupted promptus encode
-continues from its checkpoint. Jobs run in order in this process, or through Ray
+continues from its checkpoint. A point's name carries a digest of every input that
+changes its result (``promptus_r8_t10_3fa2c1d0``), so a run with other iterations,
+size or model adds points next to the earlier ones instead of replacing them, and
+results.csv/json list them all with their settings as columns. Jobs run in order in this process, or through Ray
 (``--ray``, ``--ray-address``; ``pip install promptus[distributed]``), one task per
 point; results do not depend on how they were run (each job fixes its torch thread
 count, ``--threads``).
@@ -32,12 +35,13 @@ The ``promptus sweep`` command and ``scripts/bitrate_sweep.py`` parse the option
 from .clips import ClipInfo, prepare_clip
 from .config import SweepConfig
 from .executors import LocalExecutor, RayExecutor
-from .jobs import COLUMNS, TIMING_FIELDS, baseline_spec, finished_row, point_id, promptus_spec, run_point
+from .jobs import (COLUMNS, SETTINGS_COLUMNS, TIMING_FIELDS, baseline_spec, finished_row, point_id, promptus_spec,
+                   run_point, settings_digest)
 from .report import BD_METRICS, bd_rates, write_results
 from .run import SweepResult, run_sweep
 
 __all__ = [
-    "BD_METRICS", "COLUMNS", "ClipInfo", "LocalExecutor", "RayExecutor", "SweepConfig", "SweepResult",
+    "BD_METRICS", "COLUMNS", "SETTINGS_COLUMNS", "ClipInfo", "LocalExecutor", "RayExecutor", "SweepConfig", "SweepResult",
     "TIMING_FIELDS", "baseline_spec", "bd_rates", "finished_row", "point_id", "prepare_clip", "promptus_spec",
-    "run_point", "run_sweep", "write_results",
+    "run_point", "run_sweep", "settings_digest", "write_results",
 ]

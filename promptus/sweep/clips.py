@@ -43,11 +43,12 @@ def clip_names(sources: list[str]) -> list[str]:
 
 def prepare_clip(source: str | os.PathLike, name: str, out: str | os.PathLike, *, size: int,
                  fps: float | None = None, max_frames: int | None = None) -> ClipInfo:
-    """Crop and resize ``source`` to ``size`` and keep it as PNGs under ``out/clips/name/`` (reused when unchanged)."""
+    """Crop and resize ``source`` to ``size`` and keep it as PNGs under ``out/clips/name-SIZEpx/`` (reused when
+    unchanged; one folder per size, so that sweeps at several sizes in one ``out`` share their clips)."""
     from ..encoder import frames_digest
     from ..video import read_frames, video_fps, write_frames
 
-    folder = Path(out) / "clips" / name
+    folder = Path(out) / "clips" / f"{name}-{size}px"
     meta_path = folder.with_suffix(".json")
     frames = read_frames(source, size, size, max_frames)
     rate = float(fps or video_fps(source) or CodecConfig.fps)
@@ -58,6 +59,6 @@ def prepare_clip(source: str | os.PathLike, name: str, out: str | os.PathLike, *
     except (OSError, ValueError):
         same = False
     if not (same and len(list(folder.glob("*.png"))) == info.frame_count):
-        write_frames(frames.numpy(), folder, rate, force=True)  # the sweep's own copy of the clip
+        write_frames(frames.numpy(), folder, rate, kind="folder", force=True)  # the sweep's own copy of the clip
         write_json_atomic(meta_path, dataclasses.asdict(info))
     return info

@@ -42,7 +42,7 @@ class SweepConfig:
     decode_backend: str = "torch"
     threads: int = 1
     # the baselines
-    preset: str = "medium"
+    baseline_preset: str = "medium"  # x264/x265 -preset
     ffmpeg: str = "ffmpeg"
     tolerance: float = 0.10
     # the metrics

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -23,16 +25,33 @@ log = logging.getLogger(__name__)
 
 #: Columns of results.csv, in order (results.json holds the same rows).
 COLUMNS = ["clip", "codec", "point", "rank", "interval", "target_kbps", "crf", "rate_control", "kbps_all_bytes",
-           "bytes", "container", "frames", "fps", "duration_s", "within_tolerance", "psnr", "psnr_clip", "ssim",
-           "ms_ssim", "lpips", "severe_psnr_share", "severe_lpips_share", "encode_s", "search_s", "decode_s",
-           "closed_loop_identical", "file"]
+           "kbps_factors", "bytes", "container", "frames", "fps", "duration_s", "within_tolerance", "psnr",
+           "psnr_clip", "ssim", "ms_ssim", "lpips", "severe_psnr_share", "severe_lpips_share", "encode_s", "search_s",
+           "decode_s", "closed_loop_identical", "file"]
+#: The settings of a point that change its result, as columns after :data:`COLUMNS` (a baseline row carries
+#: those of the promptus point it was matched to, plus its own preset and tolerance); ``settings`` names the
+#: set: rows with equal ``settings`` (and clip) form one sweep.
+SETTINGS_COLUMNS = ["settings", "size", "model", "model_digest", "iters_first", "iters", "perceptual", "init_latent",
+                    "init_precision", "seed", "decode_backend", "threads", "device", "baseline_preset", "tolerance",
+                    "matched_point"]
 #: Row fields that measure time: the only ones allowed to differ between two runs of the same sweep.
 TIMING_FIELDS = ("encode_s", "search_s", "decode_s")
+# Inputs that the point's name already shows; every other input goes into its settings digest.
+_NAMED_INPUTS = ("codec", "clip", "rank", "interval")
 
 
-def point_id(codec: str, rank: int, interval: int) -> str:
-    """The name of a point: ``promptus_r8_t10``; a baseline point is named after the promptus point it matches."""
-    return f"{codec}_r{rank}_t{interval}"
+def settings_digest(inputs: dict[str, Any]) -> str:
+    """8 hex digits naming every input of a point except those its name shows (codec, clip, rank, interval)."""
+    rest = {k: v for k, v in inputs.items() if k not in _NAMED_INPUTS}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def point_id(codec: str, rank: int, interval: int, settings: str | None = None) -> str:
+    """The name of a point: ``promptus_r8_t10_<settings>``; a baseline point is named after the promptus
+    point it matches. ``settings`` (:func:`settings_digest`) keeps points made with other iterations, sizes,
+    models ... apart, so that one ``--out`` can hold several sweeps without overwriting any point."""
+    base = f"{codec}_r{rank}_t{interval}"
+    return f"{base}_{settings}" if settings else base
 
 
 def _clip_inputs(clip: ClipInfo) -> dict[str, Any]:
@@ -45,17 +64,21 @@ def _metric_inputs(cfg: SweepConfig) -> dict[str, Any]:
             "lpips_threshold": cfg.lpips_threshold, "threads": cfg.threads}
 
 
-def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int) -> dict[str, Any]:
-    """The job of one promptus point. ``inputs`` decide the result; ``paths`` say where files go."""
-    pid = point_id("promptus", rank, interval)
+def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
+                  model_digest: str | None = None) -> dict[str, Any]:
+    """The job of one promptus point. ``inputs`` decide the result; ``paths`` say where files go.
+
+    ``model_digest`` (of the weights ``cfg.model`` loads) makes new weights behind the same
+    ``--model auto`` a new point rather than a reused one.
+    """
     folder = Path(cfg.out).resolve() / "points" / clip.name
     t = cfg.train
-    # The keys and values of earlier versions: their finished points stay valid.
     inputs = {"codec": "promptus", **_clip_inputs(clip), "rank": rank, "interval": interval,
               "iters_first": t.iters_first, "iters": t.iters, "init_latent": t.init_latent,
               "init_precision": t.init_precision, "perceptual": t.perceptual, "vgg": cfg.vgg, "seed": cfg.codec.seed,
-              "model": cfg.model, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints, "device": cfg.device,
-              "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+              "model": cfg.model, "model_digest": model_digest, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints,
+              "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+    pid = point_id("promptus", rank, interval, settings_digest(inputs))
     return {"point": pid, "inputs": inputs, "progress": cfg.progress,
             "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.promptus"),
                       "result": str(folder / f"{pid}.json")}}
@@ -63,14 +86,26 @@ def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int) ->
 
 def baseline_spec(cfg: SweepConfig, clip: ClipInfo, codec: str, matched: dict[str, Any]) -> dict[str, Any]:
     """The job of one baseline point at the bitrate of the promptus row ``matched``."""
-    pid = point_id(codec, matched["rank"], matched["interval"])
     folder = Path(cfg.out).resolve() / "points" / clip.name
     inputs = {"codec": codec, **_clip_inputs(clip), "rank": matched["rank"], "interval": matched["interval"],
-              "target_kbps": matched["kbps_all_bytes"], "preset": cfg.preset, "tolerance": cfg.tolerance,
-              **_metric_inputs(cfg)}
+              "matched_point": matched["point"], "target_kbps": matched["kbps_all_bytes"],
+              "preset": cfg.baseline_preset, "tolerance": cfg.tolerance, **_metric_inputs(cfg)}
+    pid = point_id(codec, matched["rank"], matched["interval"], settings_digest(inputs))
     return {"point": pid, "inputs": inputs, "progress": False, "ffmpeg": cfg.ffmpeg,
+            "matched_settings": {k: matched.get(k) for k in SETTINGS_COLUMNS},
             "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.mp4"),
                       "result": str(folder / f"{pid}.json")}}
+
+
+def settings_fields(inputs: dict[str, Any], matched: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The :data:`SETTINGS_COLUMNS` of a point with these ``inputs``; a baseline's encoder settings come from
+    the inputs of its ``matched`` promptus point."""
+    enc = matched if matched is not None else inputs
+    out = {k: enc.get(k) for k in SETTINGS_COLUMNS}
+    out.update(settings=settings_digest(inputs), size=inputs.get("size"), threads=inputs.get("threads"),
+               baseline_preset=inputs.get("preset"), tolerance=inputs.get("tolerance"),
+               matched_point=inputs.get("matched_point"))
+    return out
 
 
 def finished_row(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -86,7 +121,18 @@ def finished_row(spec: dict[str, Any]) -> dict[str, Any] | None:
     if done.get("inputs") != spec["inputs"]:
         log.warning("%s was made with other options: recomputing %s", path, spec["point"])
         return None
-    return done["row"]
+    return complete_row(done)
+
+
+def complete_row(done: dict[str, Any]) -> dict[str, Any]:
+    """The row of a point's result JSON with every column, also for points written by earlier versions
+    (their missing settings columns are read from their inputs)."""
+    row = dict.fromkeys(COLUMNS + SETTINGS_COLUMNS)
+    row.update(done["row"])
+    inputs = done.get("inputs", {})
+    if row.get("settings") is None and inputs:
+        row.update({k: v for k, v in settings_fields(inputs).items() if row.get(k) is None})
+    return row
 
 
 # -------------------------------------------------------------------- jobs
@@ -150,12 +196,12 @@ def _measure(reference, decoded, inputs: dict[str, Any]):
 
 
 def _row(inputs: dict[str, Any], point: str, **values) -> dict[str, Any]:
-    row = dict.fromkeys(COLUMNS)
+    row = dict.fromkeys(COLUMNS + SETTINGS_COLUMNS)
     row.update(clip=inputs["clip"], codec=inputs["codec"], point=point, rank=inputs["rank"],
                interval=inputs["interval"], frames=inputs["frame_count"], fps=inputs["fps"],
                duration_s=inputs["frame_count"] / inputs["fps"])
     row.update(values)
-    assert set(row) == set(COLUMNS), set(row) ^ set(COLUMNS)
+    assert set(row) == set(COLUMNS + SETTINGS_COLUMNS), set(row) ^ set(COLUMNS + SETTINGS_COLUMNS)
     return row
 
 
@@ -170,7 +216,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..backends import make_backend, resolve_device
-    from ..bitstream import read
+    from ..bitstream import file_rate, read
     from ..config import CodecConfig, TrainConfig
     from ..decoder import Decoder
     from ..encoder import Encoder
@@ -202,10 +248,10 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
             raise PromptusError(f"{paths['file']} decoded to {tuple(decoded.shape)}, the clip is "
                                 f"{tuple(reference.shape)}")
         report = _measure(reference, decoded, inputs)
-    nbytes = Path(paths["file"]).stat().st_size
-    duration = bs.header.frame_count / bs.header.fps
-    row = _row(inputs, spec["point"], rate_control="promptus", kbps_all_bytes=8 * nbytes / duration / 1000,
-               bytes=nbytes, container="promptus", encode_s=encode_s, decode_s=decode_s,
+    rate = file_rate(Path(paths["file"]).read_bytes())
+    row = _row(inputs, spec["point"], rate_control="promptus", kbps_all_bytes=rate.total_kbps,
+               kbps_factors=rate.factors_kbps, bytes=rate.total_bytes, container="promptus", encode_s=encode_s,
+               decode_s=decode_s, **settings_fields(inputs),
                closed_loop_identical=bool(torch.equal(decoded, res.reconstruction)), file=Path(paths["file"]).name,
                **_quality_fields(report))
     return {"row": row, "quality": report.to_dict(),
@@ -233,6 +279,7 @@ def run_baseline_point(spec: dict[str, Any]) -> dict[str, Any]:
         report = _measure(reference, decoded, inputs)
     row = _row(inputs, spec["point"], target_kbps=enc.target_kbps, crf=enc.crf, rate_control=enc.rate_control,
                kbps_all_bytes=enc.kbps, bytes=enc.bytes, container="mp4", within_tolerance=enc.within_tolerance,
+               **settings_fields(inputs, spec.get("matched_settings")),
                encode_s=enc.encode_s, search_s=enc.search_s, decode_s=decode_s, file=Path(paths["file"]).name,
                **_quality_fields(report))
     return {"row": row, "quality": report.to_dict(), "encode": enc.to_dict()}

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..files import atomic_write, write_json_atomic
 from .config import SweepConfig
-from .jobs import COLUMNS
+from .jobs import COLUMNS, SETTINGS_COLUMNS
 
 BD_METRICS = ("psnr", "ssim")
 
@@ -66,8 +66,13 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def write_results(out: Path, cfg: SweepConfig, rows, bd, bd_mean, plots, failures, clips) -> None:
-    """results.json (config, clips, notes, rows, BD-rates, plots, failures), results.csv and bd_rate.csv."""
+def write_results(out: Path, cfg: SweepConfig, rows, earlier, bd, bd_mean, plots, failures, clips) -> None:
+    """results.json (config, clips, notes, rows, BD-rates, plots, failures), results.csv and bd_rate.csv.
+
+    ``rows`` are this run's points and ``earlier`` those of other settings already in ``out``
+    (earlier runs'): results.csv/json hold both, each with its settings columns, so that runs
+    accumulate; the BD-rates and plots are this run's.
+    """
     unavailable = {}
     for r in rows:
         try:
@@ -92,11 +97,19 @@ def write_results(out: Path, cfg: SweepConfig, rows, bd, bd_mean, plots, failure
                         "of the kept encode (both passes for two-pass ABR); search_s: every rate-control attempt",
             "baselines": "8-bit 4:2:0 (yuv420p) in mp4, two-pass ABR or a CRF search to within the tolerance; "
                          "within_tolerance false: the target was out of the codec's reach on this clip",
+            "settings": "a digest of every input of a point that its name does not show (iterations, size, model "
+                        "and its weights' digest, perceptual loss, seed, init latent, backend, threads, device, the "
+                        "clip's frames; for a baseline its preset, tolerance and target); rows with the same "
+                        "settings form one sweep. Rows of earlier runs with other settings stay in this file; "
+                        "bd_rate and the plots are this run's (settings_this_run)",
+            "kbps_factors": "promptus: the keyframe factor codes as stored, without scales, zero points, header, "
+                            "init latent and framing (the 'factor codes only' rate of promptus info)",
             "unavailable": unavailable,
         },
-        "rows": rows, "bd_rate": bd, "bd_rate_mean": bd_mean, "plots": plots, "failures": failures,
+        "settings_this_run": sorted({r["settings"] for r in rows}),
+        "rows": rows + earlier, "bd_rate": bd, "bd_rate_mean": bd_mean, "plots": plots, "failures": failures,
     })
-    atomic_write(out / "results.csv", _csv_text(rows, COLUMNS))
+    atomic_write(out / "results.csv", _csv_text(rows + earlier, COLUMNS + SETTINGS_COLUMNS))
     bd_cols = ["clip", "promptus_interval", "baseline", "metric", "bd_rate_pct", "bd_quality", "promptus_points",
                "baseline_points"]
     atomic_write(out / "bd_rate.csv", _csv_text(bd + [dict(e, clip="mean") for e in bd_mean], bd_cols))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import PromptusError, VideoError
-from ..files import write_json_atomic
+from ..files import check_output_path, read_json, write_json_atomic
 from .clips import clip_names, prepare_clip
 from .config import SweepConfig
 from .executors import RAY_MISSING, LocalExecutor, RayExecutor
-from .jobs import baseline_spec, finished_row, load_models, load_vgg, promptus_spec
+from .jobs import baseline_spec, complete_row, finished_row, load_models, load_vgg, promptus_spec
 from .report import bd_rates, write_results
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,14 @@ class SweepResult:
     failures: list[dict[str, Any]]
     computed: int  # points run by this call (the others were finished before)
     out: Path
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # rows of other settings found in out/points
 
 
-def _preflight(cfg: SweepConfig) -> None:
-    """Everything that can fail before any encoding: ffmpeg, Ray, torchmetrics, matplotlib, weights."""
+def _preflight(cfg: SweepConfig) -> str:
+    """Everything that can fail before any encoding: the output folder, ffmpeg, Ray, torchmetrics, matplotlib,
+    weights. Returns the digest of the model weights (part of every promptus point's settings)."""
     cfg.validate()
+    check_output_path(cfg.out, "folder")
     if cfg.baselines:
         from ..baselines import BASELINES, check_ffmpeg_encoders, find_ffmpeg
 
@@ -61,7 +64,8 @@ def _preflight(cfg: SweepConfig) -> None:
 
     # Load the weights once here so a missing checkpoint fails now, not in every job.
     device = "cpu" if (cfg.ray or cfg.ray_address) else str(resolve_device(cfg.device))
-    load_models(cfg.model, cfg.taesd, cfg.checkpoints, device, cfg.train.init_latent == "vae")
+    models = load_models(cfg.model, cfg.taesd, cfg.checkpoints, device, cfg.train.init_latent == "vae")
+    return models.identity().hexdigest
 
 
 def _row_order(cfg: SweepConfig):
@@ -77,7 +81,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or finish) a sweep; write results, BD-rates and plots into ``cfg.out``."""
     from tqdm import tqdm
 
-    _preflight(cfg)
+    model_digest = _preflight(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     clips = [prepare_clip(src, name, out, size=cfg.size, fps=cfg.fps, max_frames=cfg.max_frames)
@@ -112,7 +116,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         for clip in clips:
             for interval in cfg.intervals:
                 for rank in cfg.ranks:
-                    spec = promptus_spec(cfg, clip, rank, interval)
+                    spec = promptus_spec(cfg, clip, rank, interval, model_digest=model_digest)
                     done = finished_row(spec)
                     if done is not None:
                         accept(done)
@@ -140,5 +144,19 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     from ..plots import save_rd_plots
 
     plots = save_rd_plots(ordered, out, clips=[c.name for c in clips])
-    write_results(out, cfg, ordered, bd, bd_mean, plots, failures, clips)
-    return SweepResult(ordered, bd, bd_mean, plots, failures, computed, out)
+    earlier = [r for r in earlier_rows(out) if (r["clip"], r["point"]) not in rows]
+    write_results(out, cfg, ordered, earlier, bd, bd_mean, plots, failures, clips)
+    return SweepResult(ordered, bd, bd_mean, plots, failures, computed, out, earlier)
+
+
+def earlier_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of every finished point under ``out/points/`` (this run's and earlier runs'), ordered by
+    settings, clip, codec, interval and rank; unreadable result files are skipped with a warning."""
+    found = []
+    for path in sorted(Path(out, "points").glob("*/*.json")):
+        try:
+            found.append(complete_row(read_json(path)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("skipping %s in the results: %s", path, e)
+    return sorted(found, key=lambda r: (str(r["settings"]), r["clip"], r["codec"] != "promptus", r["codec"],
+                                        r["interval"] or 0, r["rank"] or 0))
