@@ -138,8 +138,9 @@ def _auto_backend(models, device: torch.device, dtype: torch.dtype, *, batch, si
     ok, why = compile_status(device)
     if ok:
         try:
-            return CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
-                                  cuda_graph=cuda, batch=batch)
+            # compiling happens at the first segment; a failure there falls back to the uncompiled step
+            return CompileBackend(models.unet, models.taesd.decoder, device, dtype, cuda_graph=cuda, batch=batch,
+                                  engine_dir=engine_dir, fallback=True)
         except Exception as e:  # auto promises a working backend: torch is the last resort
             log.warning("backend auto: compile failed, using torch (%s: %s)", type(e).__name__, e)
     else:

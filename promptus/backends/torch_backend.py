@@ -17,10 +17,9 @@ import contextlib
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from ..config import PARITY_RELEASE
 from ..errors import PromptusError
@@ -173,7 +172,7 @@ class CompileBackend(TorchBackend):
     def __init__(self, unet, taesd_decoder, device, dtype, *, cuda_graph: bool = False, batch: int | None = None,
                  options: "CompileOptions | None" = None, compile_backend: str | None = None,
                  engine_dir: str | None = None, mechanism: str | None = "auto",
-                 progress: bool = True):
+                 progress: bool = True, fallback: bool = False):
         from .compile_cache import CompileOptions
 
         options = options or CompileOptions()
@@ -194,8 +193,10 @@ class CompileBackend(TorchBackend):
         self.engine_dir = engine_dir
         self.mechanism = mechanism if engine_dir else None
         self.progress = progress
+        self.fallback = fallback  # a failed compilation runs the step uncompiled (backend auto) instead of raising
         self.pad_single = True  # one shape, one compilation
         self._steps: dict[tuple, object] = {}
+        self._force = False
         self.prepared = None  # the last compile_cache.Prepared (how, seconds, key)
 
     def _apply_layouts(self) -> None:
@@ -206,8 +207,11 @@ class CompileBackend(TorchBackend):
             module.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
     def _step_fn(self, z_prev, noise, mix_t, context, onestep):
+        from ..config import CodecConfig
         from .compile_cache import architecture_digest, prepare
         from .segment_step import SegmentStep
+
+        size = z_prev.shape[-1] * CodecConfig.latent_factor
 
         self._apply_layouts()
         key = (context.shape[0], tuple(z_prev.shape), onestep.timestep)
@@ -218,27 +222,43 @@ class CompileBackend(TorchBackend):
                                unet_channels_last=self.options.unet_channels_last,
                                taesd_channels_last=self.options.taesd_channels_last)
             args = (z_prev.clone(), noise.clone(), mix_t.clone(), context.clone())
-            self.prepared = prepare(
-                step, args, model_digest=architecture_digest(self.unet, self.taesd_decoder), batch=context.shape[0],
-                size=z_prev.shape[-1] * 8, dtype=self.dtype, timestep=onestep.timestep, device=self.device,
-                options=self.options, engine_dir=self.engine_dir, mechanism=self.mechanism, progress=self.progress,
-                what=f"compile backend (batch {context.shape[0]}, {z_prev.shape[-1] * 8} px)")
+            try:
+                self.prepared = prepare(
+                    step, args, model_digest=architecture_digest(self.unet, self.taesd_decoder),
+                    batch=context.shape[0], size=size, dtype=self.dtype, timestep=onestep.timestep,
+                    device=self.device, options=self.options, engine_dir=self.engine_dir or "engines",
+                    mechanism=self.mechanism, progress=self.progress, force=self._force,
+                    what=f"compile backend (batch {context.shape[0]}, {size} px)")
+            except PromptusError as e:
+                if not self.fallback:
+                    raise
+                from .compile_cache import Prepared
+
+                log.warning("%s; running the segment step uncompiled", e)
+                self.prepared = Prepared(step, "uncompiled", 0.0, None)
             fn = self._steps[key] = self.prepared.fn
         return fn
 
-    def prepare(self, size: int, onestep=None):
-        """Compile (or load) the step for ``size``-pixel frames now, instead of at the first segment."""
+    def prepare(self, size: int, onestep=None, *, force: bool = False):
+        """Compile (or load) the step for ``size``-pixel frames now, instead of at the first segment;
+        with ``force``, a stored one is removed and rebuilt. Returns the ``compile_cache.Prepared``."""
+        from ..config import CodecConfig
         from ..schedule import OneStep
 
-        onestep = onestep or OneStep.at()
+        c = CodecConfig(width=size, height=size)
+        onestep = onestep or OneStep.at(c.timestep)
         if not self.batch:
             raise PromptusError("the compile backend needs the segment batch to prepare ahead of time")
-        h = size // 8
+        h = size // c.latent_factor
         g = torch.Generator().manual_seed(0)
-        z = torch.randn(1, 4, h, h, generator=g).to(self.device)
-        ctx = torch.randn(self.batch, 77, 1024, generator=g).to(self.device)
-        with torch.no_grad():
-            self._step_fn(z, z.clone(), self._mix_tensor(0.05, z), ctx, onestep)
+        z = torch.randn(1, c.latent_channels, h, h, generator=g).to(self.device)
+        ctx = torch.randn(self.batch, c.tokens, c.embed_dim, generator=g).to(self.device)
+        self._force = force
+        try:
+            with torch.no_grad():
+                self._step_fn(z, z.clone(), self._mix_tensor(0.05, z), ctx, onestep)
+        finally:
+            self._force = False
         return self.prepared
 
     def _segment_eager(self, z_prev, noise, mix, context, onestep):
