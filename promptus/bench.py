@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -237,7 +238,10 @@ class DecodeRow:
     peak_gib: float = math.nan
     psnr_vs_fp32: float = math.nan
     mfu: float = math.nan  # achieved FLOP/s over the measured matmul ceiling
-    speedup: float = math.nan  # fps_gpu over the eager baseline
+    speedup: float = math.nan  # fps_gpu over the eager baseline (NaN when eager is not in the run)
+    cold_start_s: float = math.nan  # fresh process, empty caches: backend made and a 21-frame clip decoded
+    warm_start_s: float = math.nan  # the same in another fresh process, with the engine folder of the cold one
+    start_detail: dict | None = None  # per start: how the backend got ready, model load and process times
 
 
 def random_bitstream(config, keyframes: int, seed: int = 0, identity=None):
@@ -297,27 +301,120 @@ def _time(fn, device, reps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / reps
 
 
+def _models_for_bench(model: str, dev: torch.device):
+    from .models import full_size_random_models, load_models
+
+    return (full_size_random_models(dev, torch.float32) if model == "random"
+            else load_models(model, device=dev, dtype=torch.float32, vae=False))
+
+
+def start_child(params: dict) -> None:
+    """One start measurement in this (fresh) process; writes its result as JSON to ``params["out"]``.
+
+    Run by :func:`measure_start` as ``python -c``; the clock starts before the models load.
+    """
+    t_process = time.perf_counter()
+    from .backends import make_backend, resolve_device
+    from .decoder import Decoder
+
+    dev = resolve_device(params["device"])
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    batch, size = params["batch"], params["size"]
+    t0 = time.perf_counter()
+    models = _models_for_bench(params["model"], dev).to(dev, dtype)  # as bench_decode: same weights, same digest
+    _sync(dev)
+    models_s = time.perf_counter() - t0
+    clip = random_bitstream(CodecConfig(width=size, height=size, interval=batch), 3, seed=1)
+    t0 = time.perf_counter()
+    backend = make_backend(params["backend"], models, dev, dtype, batch=batch, size=size,
+                           engine_dir=params["engine_dir"])
+    Decoder(backend).decode_all(clip)
+    _sync(dev)
+    ready = time.perf_counter() - t0
+    prepared = getattr(backend, "prepared", None)
+    write_json_atomic(params["out"], {
+        "ready_s": ready, "models_s": models_s, "process_s": time.perf_counter() - t_process,
+        "how": getattr(prepared, "how", None), "mechanism": getattr(getattr(prepared, "key", None), "mechanism", None),
+    })
+
+
+def measure_start(backend: str, *, model: str, device: str, batch: int, size: int, engine_dir: str,
+                  timeout: float = 900.0) -> dict:
+    """Start ``backend`` in a fresh Python process: its models loaded, the backend made (``engine_dir`` as its
+    engine folder) and a 21-frame clip decoded. inductor's and Triton's own caches are new and empty, so that
+    only ``engine_dir`` can help. Returns ``ready_s`` (backend + first clip, the start-up that the engine
+    folder shortens), ``models_s``, ``process_s`` and how the backend got ready; or ``error``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="promptus-start-") as tmp:
+        out = str(Path(tmp) / "start.json")
+        params = {"backend": backend, "model": model, "device": device, "batch": batch, "size": size,
+                  "engine_dir": engine_dir, "out": out}
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"),
+                   TRITON_CACHE_DIR=str(Path(tmp) / "triton"))
+        code = "import json, sys; from promptus.bench import start_child; start_child(json.loads(sys.argv[1]))"
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no result within {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not Path(out).exists():
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)[-400:]}
+        result = json.loads(Path(out).read_text())
+        result["wall_s"] = wall
+        return result
+
+
 def bench_decode(model: str = "random", device: str | None = None, size: int = CodecConfig.width,
                  batch: int = CodecConfig.interval,
                  backends=("eager", "torch", "compile", "tensorrt"), keyframes: int = 31, reps: int = 10,
-                 json_path: str | None = None) -> dict:
-    """Per-stage times, end-to-end FPS (GPU-resident and to host), peak memory, parity and MFU per backend.
+                 json_path: str | None = None, starts=True, engine_dir: str | None = None) -> dict:
+    """Per-stage times, end-to-end FPS (GPU-resident and to host), peak memory, parity and MFU per backend,
+    and its cold and warm start (:func:`measure_start`: a fresh process with a new, empty engine folder,
+    then another fresh process with the folder the first one filled) for every backend when ``starts``
+    is true, for those it names when it is a collection of names, else for none.
 
     Returns the results (and writes them as JSON after every backend); ``psnr_vs_fp32``
-    is the PSNR of the clip's mean MSE (:func:`promptus.metrics.clip_psnr`).
+    is the PSNR of the clip's mean MSE (:func:`promptus.metrics.clip_psnr`). The in-process
+    timings use the engine folder of the start measurements (else ``engine_dir``, else a
+    temporary one), so the compile backend is not compiled a second time.
     """
+    import tempfile
+
     from .backends import make_backend, resolve_device, tensorrt_status
+    from .backends.compile_cache import device_identity
     from .decoder import Decoder
     from .metrics import clip_psnr
-    from .models import full_size_random_models, load_models
     from .pipeline import PipelinedDecoder
     from .schedule import OneStep
 
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = CodecConfig(width=size, height=size, interval=batch)
-    models = (full_size_random_models(dev, torch.float32) if model == "random"
-              else load_models(model, device=dev, dtype=torch.float32, vae=False))
+    tmp_engines = tempfile.TemporaryDirectory(prefix="promptus-bench-engines-")
+    engine_dir = engine_dir or tmp_engines.name
+    starts_dir = {}
+    if starts:  # first, while no model occupies this process's GPU memory
+        for name in backends:
+            if (name == "tensorrt" and not tensorrt_status(dev)[0]) or (starts is not True and name not in starts):
+                continue
+            starts_dir[name] = str(Path(tmp_engines.name) / f"start-{name}")
+            log.info("bench: %s cold start (fresh process, empty caches)", name)
+            cold = measure_start(name, model=model, device=str(dev), batch=batch, size=size,
+                                 engine_dir=starts_dir[name])
+            log.info("bench: %s warm start (fresh process, engine folder of the cold start)", name)
+            warm = measure_start(name, model=model, device=str(dev), batch=batch, size=size,
+                                 engine_dir=starts_dir[name])
+            starts_dir[name] = (starts_dir[name], cold, warm)
+    models = _models_for_bench(model, dev)
     long_clip = random_bitstream(cfg, keyframes)
     short_clip = random_bitstream(cfg, 3, seed=1)
     log.info("decode bench: fp32 reference of a %d-frame clip (%s, %d px, batch %d)", short_clip.header.frame_count,
@@ -331,7 +428,8 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
         "torch": torch.__version__, "model": model, "size": size, "batch": batch, "dtype": str(dtype),
         "frames_timed": long_clip.header.frame_count, "unet_tflop_per_batch": unet_flops / 1e12,
         "decoder_tflop_per_batch": dec_flops / 1e12, "matmul_ceiling_tflops": ceiling / 1e12,
-        "arithmetic_limit_fps": batch * ceiling / (unet_flops + dec_flops), "rows": [],
+        "arithmetic_limit_fps": batch * ceiling / (unet_flops + dec_flops),
+        "gpu": device_identity(dev)[0], "compute_capability": device_identity(dev)[1], "rows": [],
     }
     onestep = OneStep.at(cfg.timestep)
     h = size // cfg.latent_factor
@@ -348,18 +446,25 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
             if not ok:
                 row.status = f"unavailable: {why}"
                 continue
+        own_dir = engine_dir
+        if name in starts_dir:
+            own_dir, cold, warm = starts_dir[name]
+            row.cold_start_s = cold.get("ready_s", math.nan)
+            row.warm_start_s = warm.get("ready_s", math.nan)
+            row.start_detail = {"cold": cold, "warm": warm}
         try:
             log.info("%s: preparing (backend %d of %d)", name, len(rows), len(backends))
             _peak_reset(dev)
             t0 = time.perf_counter()
-            backend = make_backend(name, models, dev, dtype, batch=batch, size=size)
+            backend = make_backend(name, models, dev, dtype, batch=batch, size=size, engine_dir=own_dir)
             dec = Decoder(backend)
             frames = dec.decode_all(short_clip)  # also warms up: graphs captured, kernels compiled
             log.info("%s: ready in %.1f s", name, time.perf_counter() - t0)
             row.psnr_vs_fp32 = clip_psnr(reference, frames)
             log.info("%s: timing UNet, TAESD and the segment step (%d runs each)", name, reps)
-            row.unet_ms = _time(lambda: backend.denoise(z, cfg.timestep, ctx), dev, reps)
-            row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
+            if getattr(backend, "stages_compiled", True):  # the compile backend compiles whole segments only
+                row.unet_ms = _time(lambda: backend.denoise(z, cfg.timestep, ctx), dev, reps)
+                row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
             row.segment_ms = _time(lambda: backend.segment(zp, zp, 0.05, ctx, onestep), dev, reps)
             for to_host in (False, True):
                 log.info("%s: end to end, %d frames %s", name, long_clip.header.frame_count,
@@ -390,4 +495,5 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
     result["rows"] = [asdict(r) for r in rows]
     if json_path:
         write_json_atomic(json_path, result)
+    tmp_engines.cleanup()
     return result

@@ -6,7 +6,8 @@
 * ``torch``: PyTorch, fp16 + channels-last + CUDA-graph replay of the segment step on
   CUDA; plain fp32 on the CPU.
 * ``eager``: PyTorch without channels-last or graphs (the benchmark's baseline).
-* ``compile``: ``torch.compile`` of both networks, CUDA-graph replayed on CUDA.
+* ``compile``: ``torch.compile`` of the whole segment step, CUDA-graph replayed on CUDA,
+  stored under ``engine_dir/compiled/`` so that later processes load it in seconds.
 * ``tensorrt``: TensorRT engines built for this GPU and cached under engines/.
 * with ``parity="release"`` (name auto or eager): the public release's numerics, see
   :class:`ReleaseParityBackend`.
@@ -108,8 +109,10 @@ def make_backend(name: str, models, device: torch.device | str, dtype: torch.dty
         backend = TensorRTBackend(models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
                                   offload_models=offload_models)
     elif name == "compile":
-        backend = CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
-                                 cuda_graph=cuda, batch=batch)
+        # The compiled step is stored under engine_dir: a later process on this GPU loads it in
+        # seconds (promptus.backends.compile_cache).
+        backend = CompileBackend(models.unet, models.taesd.decoder, device, dtype, cuda_graph=cuda, batch=batch,
+                                 engine_dir=engine_dir)
     elif name == "torch":
         # Padding short segments to the batch only serves graph replay: on the CPU the
         # frames stay those of the eager backend (the encoder's closed loop).
@@ -136,8 +139,9 @@ def _auto_backend(models, device: torch.device, dtype: torch.dtype, *, batch, si
     ok, why = compile_status(device)
     if ok:
         try:
-            return CompileBackend(models.unet, models.taesd.decoder, device, dtype, channels_last=cuda,
-                                  cuda_graph=cuda, batch=batch)
+            # compiling happens at the first segment; a failure there falls back to the uncompiled step
+            return CompileBackend(models.unet, models.taesd.decoder, device, dtype, cuda_graph=cuda, batch=batch,
+                                  engine_dir=engine_dir, fallback=True)
         except Exception as e:  # auto promises a working backend: torch is the last resort
             log.warning("backend auto: compile failed, using torch (%s: %s)", type(e).__name__, e)
     else:

@@ -4,7 +4,8 @@
   CPU, fp16 on CUDA). With ``cuda_graph=True`` it captures the whole segment step —
   mix → UNet → x0 → decoder → uint8 — once per batch size and replays it, which
   removes the per-kernel launch cost that dominates small batches.
-* ``CompileBackend`` is the same with both networks passed through ``torch.compile``.
+* ``CompileBackend`` compiles the whole segment step as one graph and keeps the
+  result under the engine folder (:mod:`promptus.backends.compile_cache`).
 * ``ReleaseParityBackend`` reproduces the public release's generation script numerics
   (``parity="release"``): fp32 weights under CUDA autocast, one frame per UNet call, the
   release sampler's arithmetic and its truncating uint8 conversion.
@@ -13,14 +14,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import PARITY_RELEASE
+from ..errors import PromptusError
 from ..schedule import mix_latent, release_sigmas, to_uint8, to_uint8_release
 from .base import Backend
+
+if TYPE_CHECKING:
+    from .compile_cache import CompileOptions
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,9 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def segment(self, z_prev, noise, mix, context, onestep):
+        return self._segment(z_prev, noise, mix, context, onestep)
+
+    def _segment(self, z_prev, noise, mix, context, onestep):
         n = context.shape[0]
         if self.batch and n < self.batch and (n > 1 or self.pad_single):
             context = torch.cat([context, context[-1:].expand(self.batch - n, -1, -1)])
@@ -143,28 +153,127 @@ class _SegmentGraph:
 
 
 class CompileBackend(TorchBackend):
-    """``torch.compile``d UNet and decoder (inductor), optionally CUDA-graph replayed."""
+    """The whole segment step compiled as one graph (inductor), CUDA-graph replayed on CUDA.
+
+    What is compiled is a :class:`~promptus.backends.segment_step.SegmentStep` for the
+    segment batch (frame 0 is padded to it, so only one shape is ever compiled), with
+    the levers of ``options`` (:class:`~promptus.backends.compile_cache.CompileOptions`).
+    With an ``engine_dir`` the compiled step is stored under ``engine_dir/compiled/``
+    and a later process on the same GPU loads it instead of compiling
+    (:func:`~promptus.backends.compile_cache.prepare`); without one, nothing is stored.
+
+    ``denoise`` and ``decode`` (single stages, used by the benchmark's per-stage
+    columns) run uncompiled: the compiled unit is the segment step.
+    """
 
     name = "compile"
+    stages_compiled = False  # denoise/decode run uncompiled (the benchmark leaves their columns empty)
 
-    def __init__(self, unet, taesd_decoder, device, dtype, *, channels_last: bool = False,
-                 cuda_graph: bool = False, batch: int | None = None, compile_backend: str = "inductor",
-                 mode: str | None = None):
-        super().__init__(unet, taesd_decoder, device, dtype, channels_last=channels_last, cuda_graph=cuda_graph,
+    def __init__(self, unet, taesd_decoder, device, dtype, *, cuda_graph: bool = False, batch: int | None = None,
+                 options: "CompileOptions | None" = None, compile_backend: str | None = None,
+                 engine_dir: str | None = None, mechanism: str | None = "auto",
+                 progress: bool = True, fallback: bool = False):
+        from .compile_cache import CompileOptions
+
+        options = options or CompileOptions()
+        if compile_backend is not None:
+            options = dataclasses.replace(options, backend=compile_backend)
+        super().__init__(unet, taesd_decoder, device, dtype, channels_last=False, cuda_graph=cuda_graph,
                          batch=batch)
-        self._unet_c = torch.compile(self.unet, backend=compile_backend, mode=mode, fullgraph=False, dynamic=False)
-        self._decoder_c = torch.compile(self.taesd_decoder, backend=compile_backend, mode=mode, fullgraph=False,
-                                        dynamic=False)
-        self.compile_backend = compile_backend
-        # Compiling a shape costs ~40 s on an H200 for the full UNet: run frame 0 at the
-        # segment batch too, so only one shape is ever compiled.
-        self.pad_single = True
+        if options.shared_prefix:
+            from .segment_step import shared_prefix_problem
 
-    def _unet(self, z, t, context):
-        return self._unet_c(z, t, encoder_hidden_states=context, return_dict=False)[0]
+            why = shared_prefix_problem(self.unet)
+            if why:
+                log.info("compile: the shared prefix is off for this UNet (%s)", why)
+                options = dataclasses.replace(options, shared_prefix=False)
+        self.options = options
+        self._apply_layouts()
+        self.compile_backend = options.backend
+        self.engine_dir = engine_dir
+        self.mechanism = mechanism if engine_dir else None
+        self.progress = progress
+        self.fallback = fallback  # a failed compilation runs the step uncompiled (backend auto) instead of raising
+        self.pad_single = True  # one shape, one compilation
+        self._steps: dict[tuple, object] = {}
+        self._force = False
+        self.prepared = None  # the last compile_cache.Prepared (how, seconds, key)
 
-    def _decoder(self, x):
-        return self._decoder_c(x)
+    def _apply_layouts(self) -> None:
+        # Per network, both ways: the modules may be shared with another backend that set its own
+        # layout since, and the compiled step's guards reject weights of another layout.
+        for module, cl in ((self.unet, self.options.unet_channels_last),
+                           (self.taesd_decoder, self.options.taesd_channels_last)):
+            module.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    def _step_fn(self, z_prev, noise, mix_t, context, onestep):
+        from ..config import CodecConfig
+        from .compile_cache import architecture_digest, prepare
+        from .segment_step import SegmentStep
+
+        size = z_prev.shape[-1] * CodecConfig.latent_factor
+
+        self._apply_layouts()
+        key = (context.shape[0], tuple(z_prev.shape), onestep.timestep)
+        fn = self._steps.get(key)
+        if fn is None:
+            step = SegmentStep(self.unet, self.taesd_decoder, onestep, self.dtype,
+                               shared_prefix=self.options.shared_prefix,
+                               unet_channels_last=self.options.unet_channels_last,
+                               taesd_channels_last=self.options.taesd_channels_last)
+            args = (z_prev.clone(), noise.clone(), mix_t.clone(), context.clone())
+            try:
+                self.prepared = prepare(
+                    step, args, model_digest=architecture_digest(self.unet, self.taesd_decoder),
+                    batch=context.shape[0], size=size, dtype=self.dtype, timestep=onestep.timestep,
+                    device=self.device, options=self.options, engine_dir=self.engine_dir or "engines",
+                    mechanism=self.mechanism, progress=self.progress, force=self._force,
+                    what=f"compile backend (batch {context.shape[0]}, {size} px)")
+            except PromptusError as e:
+                if not self.fallback:
+                    raise
+                from .compile_cache import Prepared
+
+                log.warning("%s; running the segment step uncompiled", e)
+                self.prepared = Prepared(step, "uncompiled", 0.0, None)
+            fn = self._steps[key] = self.prepared.fn
+        return fn
+
+    def prepare(self, size: int, onestep=None, *, force: bool = False):
+        """Compile (or load) the step for ``size``-pixel frames now, instead of at the first segment;
+        with ``force``, a stored one is removed and rebuilt. Returns the ``compile_cache.Prepared``."""
+        from ..config import CodecConfig
+        from ..schedule import OneStep
+
+        c = CodecConfig(width=size, height=size)
+        onestep = onestep or OneStep.at(c.timestep)
+        if not self.batch:
+            raise PromptusError("the compile backend needs the segment batch to prepare ahead of time")
+        h = size // c.latent_factor
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(1, c.latent_channels, h, h, generator=g).to(self.device)
+        ctx = torch.randn(self.batch, c.tokens, c.embed_dim, generator=g).to(self.device)
+        self._force = force
+        try:
+            with torch.no_grad():
+                self._step_fn(z, z.clone(), self._mix_tensor(0.05, z), ctx, onestep)
+        finally:
+            self._force = False
+        return self.prepared
+
+    def _segment_eager(self, z_prev, noise, mix, context, onestep):
+        mix_t = self._mix_tensor(mix, z_prev)
+        fn = self._step_fn(z_prev, noise, mix_t, context, onestep)
+        return fn(z_prev, noise, mix_t, context)
+
+    # torch.no_grad, not inference_mode: a loaded artifact's guards expect tensors made outside
+    # inference mode (inference_mode would reject them).
+    @torch.no_grad()
+    def segment(self, z_prev, noise, mix, context, onestep):
+        z_prev, noise, context = (t.clone() if t.is_inference() else t for t in (z_prev, noise, context))
+        if noise is z_prev:  # the compiled step was traced with distinct inputs (its guards check that)
+            noise = noise.clone()
+        return self._segment(z_prev, noise, mix, context, onestep)
 
 
 class ReleaseParityBackend(TorchBackend):

@@ -1,7 +1,8 @@
-"""``promptus engines build|list|clean``: the cached TensorRT engines.
+"""``promptus engines build|list|clean``: the cached TensorRT engines and compiled decoders.
 
 ``build`` exports and builds the engines ahead of time (the tensorrt backend otherwise
-builds them on first use), ``list`` shows the cache and ``clean`` removes engines.
+builds them on first use; ``--backend compile`` prepares the compile backend's segment
+step instead), ``list`` shows the cache and ``clean`` removes engines.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def register(subparsers) -> None:
     """Add ``engines`` and its actions to ``subparsers`` (from ``add_subparsers``)."""
     codec = CodecConfig()
     p = subparsers.add_parser(
-        "engines", help="build, list and clean the cached TensorRT engines",
-        description="TensorRT engines of the UNet and the TAESD decoder, for one batch, frame size and GPU, "
-                    "cached in the engine folder and built automatically by the tensorrt backend on first use. "
-                    "'build' builds them ahead of time; 'list' shows the cache; 'clean' removes engines.",
+        "engines", help="build, list and clean the cached TensorRT engines and compiled decoders",
+        description="TensorRT engines of the UNet and the TAESD decoder, and the compile backend's compiled segment "
+                    "step (in ENGINE_DIR/compiled/), for one batch, frame size and GPU, cached in the engine folder "
+                    "and built automatically on first use. 'build' builds them ahead of time; 'list' shows the "
+                    "cache; 'clean' removes engines.",
     )
     p.set_defaults(func=run, engines_command=None, engines_help=p.format_help)
     sub = p.add_subparsers(dest="engines_command", metavar="ACTION")
@@ -64,6 +66,11 @@ def register(subparsers) -> None:
     b.add_argument("--compute-capability", default="auto",
                    help="target GPU, e.g. 8.9; 'portable' (tensorrt_rtx default targets); auto: this machine's GPU, "
                         "or portable without one (default: auto)")
+    b.add_argument("--backend", choices=["tensorrt", "compile"], default="tensorrt",
+                   help="tensorrt: TensorRT engines (default); compile: the compile backend's segment step "
+                        "(torch.compile, about a minute on an H100/H200), which later processes load in seconds")
+    b.add_argument("--autotune", action="store_true",
+                   help="compile: inductor's max-autotune at build time (much longer build; see README)")
     b.add_argument("--force", action="store_true", help="rebuild even when a cached engine exists")
     b.add_argument("--keep-onnx", action="store_true", help="keep the ONNX files in ENGINE_DIR/onnx/")
     common(b)
@@ -76,8 +83,9 @@ def register(subparsers) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     c = sub.add_parser("clean", help="remove unusable engines (or more)",
-                       description="Without options: remove unusable entries (corrupt, orphan, temporary files) and "
-                                   "engines of another version of the installed TensorRT. With --model/--size/--batch:"
+                       description="Without options: remove unusable entries (corrupt, orphan, temporary files), "
+                                   "engines of another version of the installed TensorRT and compiled steps of another "
+                                   "torch or Triton. With --model/--size/--batch:"
                                    " also the engines that match all of them. With --all: everything, timing caches "
                                    "included. An engine's runtime cache (.rtcache) goes with it.")
     common(c)
@@ -106,10 +114,34 @@ def _models(args, device: torch.device):
                        checkpoints_dir=args.checkpoints)
 
 
+def _build_compiled(args) -> int:
+    import dataclasses
+
+    from ..backends import CompileBackend, default_dtype, resolve_device
+    from ..backends.compile_cache import CompileOptions
+    from ..errors import PromptusError
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        raise PromptusError("engines build --backend compile prepares the decoder for a GPU: run it on a machine "
+                            "with a CUDA GPU (--device cuda)")
+    models = _models(args, device)
+    options = dataclasses.replace(CompileOptions(), autotune=args.autotune)
+    backend = CompileBackend(models.unet, models.taesd.decoder, device, default_dtype(device), cuda_graph=True,
+                             batch=args.batch, options=options, engine_dir=args.engine_dir)
+    prepared = backend.prepare(args.size, force=args.force)
+    what = "loaded (already built)" if prepared.how == "loaded" else prepared.how
+    size = f", {prepared.path.stat().st_size / 1e6:.1f} MB" if prepared.path else ""
+    print(f"segment step (compile): {prepared.path or 'not stored'} ({what}{size}, {prepared.seconds:.1f} s)")
+    return 0
+
+
 def _build(args) -> int:
     from ..backends import resolve_device
     from ..backends.trt_build import find_tensorrt, get_or_build
 
+    if args.backend == "compile":
+        return _build_compiled(args)
     device = resolve_device(args.device)
     found = find_tensorrt(args.flavour)
     models = _models(args, device)
@@ -140,6 +172,35 @@ def _digest_filter(args) -> str | None:
     return _models(args, torch.device("cpu")).identity().hexdigest
 
 
+def _architecture_filter(args) -> str | None:
+    """The architecture digest that compiled steps of ``--model`` are keyed by (``None`` without --model)."""
+    if not getattr(args, "model", None):
+        return None
+    from ..backends.compile_cache import architecture_digest
+
+    models = _models(args, torch.device("cpu"))
+    return architecture_digest(models.unet, models.taesd.decoder)
+
+
+def _compiled_rows(args) -> list[dict]:
+    from ..backends.compile_cache import list_compiled
+
+    arch = _architecture_filter(args)
+    rows = []
+    for e in list_compiled(args.engine_dir):
+        if arch and (e.key is None or e.key.model_digest != arch):
+            continue
+        k = e.key
+        rows.append({"file": f"compiled/{e.path.name}", "status": e.status, "reason": e.reason,
+                     "mb": round(e.nbytes / 1e6, 1), "component": "segment", "batch": k.batch if k else "",
+                     "size": k.size if k else "", "precision": k.dtype if k else "",
+                     "flavour": "torch.compile", "trt_version": f"{k.torch_version} ({k.mechanism})" if k else "",
+                     "compute_capability": k.compute_capability if k else "", "gpu": k.gpu if k else None,
+                     "model_digest": k.model_digest if k else "", "model_name": "architecture",
+                     "build_seconds": e.sidecar.get("build_seconds"), "options": k.options if k else ""})
+    return rows
+
+
 def _list(args) -> int:
     installed = _installed_versions()
     digest = _digest_filter(args)
@@ -154,6 +215,7 @@ def _list(args) -> int:
         rows.append({"file": e.path.name, "status": status, "reason": e.reason, "mb": round(e.nbytes / 1e6, 1),
                      **(e.key.as_dict() if e.key else {}), "model_name": e.sidecar.get("model_name"),
                      "build_seconds": e.sidecar.get("build_seconds")})
+    rows += _compiled_rows(args)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -187,6 +249,16 @@ def _clean(args) -> int:
     match = (lambda k: all(f(k) for f in filters)) if filters else None
     removed = clean_engines(args.engine_dir, everything=args.all, match=match,
                             installed=_installed_versions().items(), dry_run=args.dry_run)
+    from ..backends.compile_cache import clean_compiled
+
+    arch = _architecture_filter(args)
+    compiled_filters = [f for f in (
+        (lambda k: k.model_digest == arch) if arch else None,
+        (lambda k: k.size == args.size) if args.size is not None else None,
+        (lambda k: k.batch == args.batch) if args.batch is not None else None,
+    ) if f is not None]
+    removed += clean_compiled(args.engine_dir, everything=args.all, dry_run=args.dry_run,
+                              match=(lambda k: all(f(k) for f in compiled_filters)) if compiled_filters else None)
     verb = "would remove" if args.dry_run else "removed"
     for p in removed:
         print(f"{verb} {p}")

@@ -1,0 +1,692 @@
+"""The compiled decoder on disk: what a new process needs to skip ``torch.compile``.
+
+The ``compile`` backend compiles one :class:`~promptus.backends.segment_step.SegmentStep`
+(mix → UNet → x0 → TAESD → uint8) for a fixed batch and frame size. Compiling the
+full-size UNet takes about a minute; this module stores the result under the engine
+folder so that a later process on the same GPU loads it in seconds. An entry is two
+files in ``<engine_dir>/compiled/`` (a sub-folder, so that the TensorRT engine cache
+in ``<engine_dir>/`` never mistakes them for its own)::
+
+    <stem>.bin     the artifact (see "Mechanisms")
+    <stem>.json    its sidecar: the key, the artifact's size and SHA-256, build facts
+
+``<stem>`` is readable (batch, size, dtype, torch version, compute capability) and ends
+with a digest of the whole :class:`CompileKey`, which holds everything the artifact
+depends on: the model architecture's digest (the artifact holds no weights), batch, size, dtype, the torch and Triton versions,
+the GPU's name and compute capability, the mechanism and the compile options. The
+sidecar is written last (atomically, as the artifact) and vouches for the artifact,
+so a truncated or damaged file, or one of another key, is never trusted: it is removed
+with a message and rebuilt. Artifacts of another torch or Triton version can never
+load again; ``promptus engines clean`` removes them.
+
+**Mechanisms**, best first (:func:`available_mechanisms`):
+
+* ``aot_compile`` — ``torch.compile(SegmentStep.forward, fullgraph=True).aot_compile(...)``
+  (torch ≥ 2.10; seen working with 2.11 and 2.13): Dynamo, AOTAutograd, inductor and Triton all run at build time; the
+  artifact (a few MB, no weights: the module is passed at call time) loads without
+  tracing anything.
+* ``cache_artifacts`` — ``torch.compiler.save_cache_artifacts()`` (torch ≥ 2.7):
+  inductor's and Triton's caches of this build in one blob, loaded back with
+  ``load_cache_artifacts``; Dynamo still traces the model in each new process.
+* none (torch < 2.7): every process compiles again.
+
+The artifacts are pickles written by torch, i.e. code: treat an engine folder like a
+program folder and do not use one from an untrusted source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import PromptusError
+from ..files import TMP_PREFIX, atomic_write
+
+log = logging.getLogger(__name__)
+
+#: Layout version of the sidecar; entries of another format are unusable.
+COMPILE_FORMAT = 1
+SUBDIR = "compiled"
+ARTIFACT_SUFFIX = ".bin"
+SIDECAR_SUFFIX = ".json"
+MECHANISMS = ("aot_compile", "cache_artifacts")
+#: Seconds a first build usually takes, by GPU family, when this folder has no earlier build to go by
+#: (full-size SD-Turbo UNet + TAESD, batch 10, 512², measured; see README "Decoding").
+TYPICAL_BUILD_SECONDS = 60.0
+TYPICAL_AUTOTUNE_BUILD_SECONDS = 300.0
+
+
+class CompileCacheError(PromptusError):
+    """The compiled-decoder folder cannot be used (e.g. it is a file)."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How the segment step is compiled (the levers measured in README "Decoding").
+
+    Attributes:
+        shared_prefix: compute the batch-invariant start of the UNet once per segment.
+        unet_channels_last, taesd_channels_last: channels-last weights and activations per network.
+        autotune: inductor's max-autotune (Triton templates and algorithm choice benchmarked
+            at build time; the choices are stored with the artifact and reused).
+        inductor: extra inductor options as sorted ``(name, value)`` pairs, e.g. ``("conv_1x1_as_mm", True)``.
+        backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
+        fullgraph: one graph for the whole step (needed by ``aot_compile``).
+    """
+
+    shared_prefix: bool = True
+    unet_channels_last: bool = True
+    taesd_channels_last: bool = True
+    autotune: bool = False
+    inductor: tuple[tuple[str, Any], ...] = ()
+    backend: str = "inductor"
+    fullgraph: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "inductor", tuple(sorted((str(k), v) for k, v in dict(self.inductor).items())))
+
+    def inductor_options(self) -> dict[str, Any]:
+        """Options for ``torch.compile(options=...)`` (inductor only)."""
+        if self.backend != "inductor":
+            return {}
+        opts = {"max_autotune": True, "coordinate_descent_tuning": True} if self.autotune else {}
+        opts.update(dict(self.inductor))
+        return opts
+
+    def describe(self) -> str:
+        """Canonical one-line form (part of the cache key)."""
+        parts = [self.backend]
+        parts += [name for name, on in (("shared-prefix", self.shared_prefix), ("unet-cl", self.unet_channels_last),
+                                        ("taesd-cl", self.taesd_channels_last), ("autotune", self.autotune),
+                                        ("partial-graph", not self.fullgraph)) if on]
+        parts += [f"{k}={v}" for k, v in self.inductor]
+        return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything a compiled segment step depends on. Equal keys → interchangeable artifacts.
+
+    Attributes:
+        model_digest: :func:`architecture_digest` of the UNet and TAESD decoder. The artifact holds
+            no weights (they are passed at every call), so it depends on the architecture — configs,
+            parameter names, shapes and dtypes — not on the weight values: fine-tuned weights of the
+            same architecture reuse it, and no 1.7 GB hash delays the start.
+        batch, size: frames per segment and frame size in pixels.
+        dtype: ``"fp16"`` or ``"fp32"``.
+        timestep: the one denoising step's timestep (a constant inside the graph).
+        torch_version, triton_version: the compiler that made it (``"none"`` without Triton).
+        gpu, compute_capability: ``torch.cuda.get_device_name`` and ``"sm90"`` (``"cpu"`` on the CPU).
+        mechanism: one of :data:`MECHANISMS`.
+        options: :meth:`CompileOptions.describe`.
+        format: :data:`COMPILE_FORMAT`.
+    """
+
+    model_digest: str
+    batch: int
+    size: int
+    dtype: str
+    timestep: int
+    torch_version: str
+    triton_version: str
+    gpu: str
+    compute_capability: str
+    mechanism: str
+    options: str
+    format: int = COMPILE_FORMAT
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CompileKey":
+        """Inverse of :meth:`as_dict`; raises ``ValueError`` on missing, extra or mistyped fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"key is a {type(d).__name__}, not an object")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(d) != set(names):
+            raise ValueError(f"key fields {sorted(d)} differ from {sorted(names)}")
+        for f in dataclasses.fields(cls):
+            want = int if f.name in ("batch", "size", "timestep", "format") else str
+            if type(d[f.name]) is not want:
+                raise ValueError(f"key field {f.name} is {d[f.name]!r}, expected {want.__name__}")
+        return cls(**d)
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits of SHA-256 over the canonical JSON of every field."""
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def stem(self) -> str:
+        torch_v = self.torch_version.replace("+", "_")
+        return f"segment_b{self.batch}_{self.size}px_{self.dtype}_torch-{torch_v}_{self.compute_capability}_{self.digest}"
+
+    def describe(self) -> str:
+        return (f"compiled segment step (batch {self.batch}, {self.size} px, {self.dtype}, {self.gpu}, "
+                f"torch {self.torch_version}, {self.mechanism}, model {self.model_digest[:12]})")
+
+
+def triton_version() -> str:
+    """The installed Triton's version, or ``"none"``."""
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return str(getattr(triton, "__version__", "unknown"))
+
+
+def device_identity(device: torch.device) -> tuple[str, str]:
+    """(GPU name, ``"smXY"``) for a CUDA device; ``("cpu", "cpu")`` otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu", "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"sm{major}{minor}"
+
+
+def available_mechanisms() -> tuple[str, ...]:
+    """The artifact mechanisms this torch offers, best first (module docstring)."""
+    import importlib.util
+
+    out = []
+    # torch._dynamo.aot_compile: present from torch 2.10 (2.9 had it without inductor support)
+    if hasattr(torch.compiler, "load_compiled_function") and importlib.util.find_spec("torch._dynamo.aot_compile"):
+        out.append("aot_compile")
+    if hasattr(torch.compiler, "save_cache_artifacts") and hasattr(torch.compiler, "load_cache_artifacts"):
+        out.append("cache_artifacts")
+    return tuple(out)
+
+
+def architecture_digest(*modules: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over each module's class, diffusers config and (name, shape, dtype) of
+    every parameter and buffer — what a compiled step depends on besides the weight values (milliseconds)."""
+    h = hashlib.sha256(b"promptus-architecture-v1\n")
+    for module in modules:
+        h.update(f"{type(module).__module__}.{type(module).__qualname__}\n".encode())
+        config = getattr(module, "config", None)
+        if config is not None:
+            public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # private keys hold sets
+            h.update(json.dumps(public, sort_keys=True, default=str).encode())
+        for name, t in module.state_dict(keep_vars=True).items():
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def make_key(model_digest: str, *, batch: int, size: int, dtype: torch.dtype, timestep: int, device: torch.device,
+             mechanism: str, options: CompileOptions) -> CompileKey:
+    """The :class:`CompileKey` for these settings on ``device`` with the installed torch and Triton."""
+    gpu, cc = device_identity(device)
+    return CompileKey(model_digest=model_digest, batch=int(batch), size=int(size),
+                      dtype=str(dtype).removeprefix("torch.").replace("float", "fp"), timestep=int(timestep),
+                      torch_version=str(torch.__version__), triton_version=triton_version(), gpu=gpu,
+                      compute_capability=cc, mechanism=mechanism, options=options.describe())
+
+
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass
+class CompiledEntry:
+    """One entry (or stray file) of ``<engine_dir>/compiled/``, as :func:`list_compiled` finds it.
+
+    ``status``: ``"ok"``, ``"stale"`` (made by another torch or Triton than the installed
+    ones: it can never load again), ``"corrupt"`` (``reason`` says why), ``"orphan"``
+    (artifact or sidecar alone) or ``"temp"`` (left over from an interrupted write).
+    """
+
+    path: Path
+    status: str
+    reason: str = ""
+    key: CompileKey | None = None
+    sidecar: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+
+    @property
+    def files(self) -> list[Path]:
+        if self.status == "temp":
+            return [self.path]
+        stem = _stem(self.path)
+        return [p for p in (self.path.with_name(stem + SIDECAR_SUFFIX), self.path.with_name(stem + ARTIFACT_SUFFIX))
+                if p.exists()]
+
+
+def _stem(path: Path) -> str:
+    for suffix in (ARTIFACT_SUFFIX, SIDECAR_SUFFIX):
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _read_sidecar(path: Path) -> tuple[dict[str, Any] | None, str]:
+    if not path.exists():
+        return None, "no sidecar"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"sidecar is not readable JSON ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return None, "sidecar is not a JSON object"
+    if meta.get("format") != COMPILE_FORMAT:
+        return None, f"sidecar format {meta.get('format')!r} is not {COMPILE_FORMAT}"
+    return meta, ""
+
+
+def _artifact_problem(artifact: Path, meta: dict[str, Any], data: bytes | None = None) -> str | None:
+    if not artifact.exists():
+        return "artifact file missing"
+    size = artifact.stat().st_size
+    if size != meta.get("artifact_bytes"):
+        return f"artifact has {size} bytes, the sidecar says {meta.get('artifact_bytes')} (truncated?)"
+    if data is None:
+        data = artifact.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("artifact_sha256"):
+        return "artifact's SHA-256 differs from the sidecar's (damaged)"
+    return None
+
+
+def stale_reason(key: CompileKey) -> str | None:
+    """Why an artifact of ``key`` can never load with the installed torch/Triton (``None`` if it can)."""
+    if key.torch_version != torch.__version__:
+        return f"made by torch {key.torch_version}, installed {torch.__version__}"
+    if key.triton_version != triton_version():
+        return f"made with Triton {key.triton_version}, installed {triton_version()}"
+    return None
+
+
+class CompileCache:
+    """Compiled segment steps under ``<engine_dir>/compiled/``; see the module docstring."""
+
+    def __init__(self, engine_dir: str | os.PathLike = "engines"):
+        self.dir = Path(engine_dir) / SUBDIR
+        if Path(engine_dir).exists() and not Path(engine_dir).is_dir():
+            raise CompileCacheError(f"engine folder {engine_dir} is a file; pass --engine-dir with a folder")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise CompileCacheError(f"{self.dir} is a file; remove it or pass another --engine-dir")
+
+    def artifact_path(self, key: CompileKey) -> Path:
+        return self.dir / (key.stem + ARTIFACT_SUFFIX)
+
+    def sidecar_path(self, key: CompileKey) -> Path:
+        return self.dir / (key.stem + SIDECAR_SUFFIX)
+
+    def read(self, key: CompileKey) -> tuple[bytes | None, str | None]:
+        """(artifact bytes, ``None``) for an intact entry; else (``None``, why: ``"missing"`` if absent)."""
+        artifact, sidecar = self.artifact_path(key), self.sidecar_path(key)
+        if not artifact.exists() and not sidecar.exists():
+            return None, "missing"
+        meta, why = _read_sidecar(sidecar)
+        if meta is None:
+            return None, why
+        try:
+            found = CompileKey.from_dict(meta.get("key"))
+        except (ValueError, TypeError) as e:
+            return None, f"sidecar key is malformed ({e})"
+        if found != key:
+            diff = [f"{k}: {v!r} ≠ {key.as_dict()[k]!r}" for k, v in found.as_dict().items() if key.as_dict()[k] != v]
+            return None, "sidecar key does not match (" + ", ".join(diff) + ")"
+        try:
+            data = artifact.read_bytes()
+        except OSError as e:
+            return None, f"artifact is unreadable ({e})"
+        why = _artifact_problem(artifact, meta, data)
+        return (None, why) if why else (data, None)
+
+    def lookup(self, key: CompileKey) -> bytes | None:
+        """The artifact for ``key`` if its entry is intact; an unusable entry is removed with a warning."""
+        data, why = self.read(key)
+        if data is not None:
+            return data
+        if why != "missing":
+            log.warning("compiled decoder %s is unusable (%s); it will be rebuilt", self.artifact_path(key).name, why)
+            self.evict(key)
+        return None
+
+    def store(self, key: CompileKey, data: bytes, **facts: Any) -> Path:
+        """Write the artifact, then its sidecar (what makes the entry valid), each atomically."""
+        path = self.artifact_path(key)
+        atomic_write(path, data)
+        meta = {
+            "format": COMPILE_FORMAT,
+            "key": key.as_dict(),
+            "key_digest": key.digest,
+            "artifact_file": path.name,
+            "artifact_bytes": len(data),
+            "artifact_sha256": hashlib.sha256(data).hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **facts,
+        }
+        atomic_write(self.sidecar_path(key), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def evict(self, key: CompileKey) -> None:
+        """Remove the entry for ``key`` (sidecar first, so no half-entry looks valid)."""
+        for p in (self.sidecar_path(key), self.artifact_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def typical_build_seconds(self, key: CompileKey, autotune: bool = False) -> tuple[float, str]:
+        """How long a build of ``key`` usually takes: the median of earlier builds here on the same GPU
+        with the same options, else a measured default. Returns (seconds, where the figure comes from)."""
+        past = []
+        for e in list_compiled(self.dir.parent, verify=False):
+            k = e.key
+            if k is not None and k.gpu == key.gpu and k.options == key.options and k.size == key.size \
+                    and isinstance(e.sidecar.get("build_seconds"), (int, float)):
+                past.append(float(e.sidecar["build_seconds"]))
+        if past:
+            return statistics.median(past), f"{len(past)} earlier build(s) here"
+        return (TYPICAL_AUTOTUNE_BUILD_SECONDS if autotune else TYPICAL_BUILD_SECONDS), "typical on an H100/H200"
+
+
+def list_compiled(engine_dir: str | os.PathLike = "engines", *, verify: bool = True) -> list[CompiledEntry]:
+    """Every entry and stray file in ``<engine_dir>/compiled/``, sorted by name.
+
+    ``verify=False`` skips the SHA-256 of each artifact (the size is still checked).
+    """
+    d = Path(engine_dir) / SUBDIR
+    if not d.is_dir():
+        return []
+    entries: list[CompiledEntry] = []
+    stems = set()
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(TMP_PREFIX) and p.is_file():
+            entries.append(CompiledEntry(p, "temp", "left over from an interrupted write", nbytes=p.stat().st_size))
+        elif p.name.endswith((ARTIFACT_SUFFIX, SIDECAR_SUFFIX)) and p.is_file():
+            stems.add(_stem(p))
+    for stem in sorted(stems):
+        artifact, sidecar = d / (stem + ARTIFACT_SUFFIX), d / (stem + SIDECAR_SUFFIX)
+        nbytes = artifact.stat().st_size if artifact.exists() else 0
+        if not sidecar.exists():
+            entries.append(CompiledEntry(artifact, "orphan", "artifact without sidecar", nbytes=nbytes))
+            continue
+        if not artifact.exists():
+            entries.append(CompiledEntry(artifact, "orphan", "sidecar without artifact"))
+            continue
+        meta, why = _read_sidecar(sidecar)
+        if meta is None:
+            entries.append(CompiledEntry(artifact, "corrupt", why, nbytes=nbytes))
+            continue
+        try:
+            key = CompileKey.from_dict(meta.get("key"))
+        except (ValueError, TypeError) as e:
+            entries.append(CompiledEntry(artifact, "corrupt", f"sidecar key is malformed ({e})", sidecar=meta,
+                                         nbytes=nbytes))
+            continue
+        if verify:
+            why = _artifact_problem(artifact, meta)
+        else:
+            why = None if nbytes == meta.get("artifact_bytes") else "artifact size differs from the sidecar's"
+        if why is None and key.stem != stem:
+            why = f"file name does not match its key (expected {key.stem})"
+        status = "corrupt" if why else "ok"
+        if status == "ok":
+            why = stale_reason(key)
+            status = "stale" if why else "ok"
+        entries.append(CompiledEntry(artifact, status, why or "", key, meta, nbytes))
+    return sorted(entries, key=lambda e: e.path.name)
+
+
+def clean_compiled(engine_dir: str | os.PathLike = "engines", *, everything: bool = False,
+                   match: Callable[[CompileKey], bool] | None = None, dry_run: bool = False) -> list[Path]:
+    """Remove compiled steps; returns the files removed (or that would be, with ``dry_run``).
+
+    Always removed: unusable entries (corrupt, orphan, stale) and temporary files. Also
+    removed: with ``everything``, every entry; with ``match``, the entries whose key it accepts.
+    """
+    removed: list[Path] = []
+    for e in list_compiled(engine_dir, verify=True):
+        drop = everything or e.status != "ok" or (match is not None and e.key is not None and match(e.key))
+        if not drop:
+            continue
+        for p in e.files:  # sidecar first (see CompiledEntry.files)
+            removed.append(p)
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+    return removed
+
+
+# --------------------------------------------------------------------------- building and loading
+
+
+class BuildProgress:
+    """Says what a first build is doing and how long it usually takes, with a progress bar.
+
+    The compiler reports no progress of its own, so the bar runs on time against the
+    expected duration (never past 99 % until the build is done); ``phase()`` names the step.
+    """
+
+    def __init__(self, what: str, expected_s: float, source: str, *, enabled: bool = True):
+        self.what, self.expected, self.source, self.enabled = what, expected_s, source, enabled
+        self._stop = threading.Event()
+        self._desc = "compiling"
+        self._bar = None
+        self._thread: threading.Thread | None = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "BuildProgress":
+        log.info("%s: compiling for this GPU; this usually takes about %.0f s (%s). It is done once: later runs "
+                 "load it in seconds.", self.what, self.expected, self.source)
+        if self.enabled:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self._bar = tqdm(total=round(self.expected), unit="s", desc=self._desc, leave=False,
+                             mininterval=0.5 if tty else 15.0,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} of ~{total}s")
+            self._thread = threading.Thread(target=self._tick, name="compile-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def phase(self, desc: str) -> None:
+        self._desc = desc
+        log.debug("compile: %s", desc)
+
+    def _tick(self) -> None:
+        bar = self._bar
+        while bar is not None and not self._stop.wait(0.5):
+            if bar.desc != self._desc:
+                bar.set_description_str(self._desc, refresh=False)
+            # the bar is time against the expected duration: it stops at 99 % until the build is done
+            target = min(round(time.perf_counter() - self.t0), max(bar.total - 1, 0))
+            if target > bar.n:
+                bar.update(target - bar.n)  # honours mininterval (few lines when stderr is a log file)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._bar is not None:
+            self._bar.close()
+        self.elapsed = time.perf_counter() - self.t0
+
+
+def _serializable_guards(entries) -> list[bool]:
+    """The guards an ``aot_compile`` artifact keeps: torch's default choice (no guards on globals,
+    none of the types it cannot serialize) without identity guards (``ID_MATCH``) — diffusers'
+    attention inspects its processor's code object while tracing, which cannot be serialized."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(getattr(CheckFunctionManager, "UNSUPPORTED_SERIALIZATION_GUARD_TYPES", ())) | {"ID_MATCH"}
+    return [not g.is_global and g.guard_type not in unsupported
+            and not unsupported.intersection(getattr(g, "derived_guard_types", None) or ()) for g in entries]
+
+
+def _no_guards(entries) -> list[bool]:
+    return [False for _ in entries]
+
+
+def _compile(target, options: CompileOptions, *, guard_filter=None):
+    kwargs: dict[str, Any] = {"backend": options.backend, "fullgraph": options.fullgraph, "dynamic": False}
+    opts = options.inductor_options()
+    if guard_filter is not None:
+        opts["guard_filter_fn"] = guard_filter
+    if opts:
+        kwargs["options"] = opts
+    return torch.compile(target, **kwargs)
+
+
+@contextlib.contextmanager
+def _aot_enabled():
+    """``torch.compile(...).aot_compile`` exists only with this flag on (off by default before torch 2.12)."""
+    cfg = torch._dynamo.config
+    if not hasattr(cfg, "enable_aot_compile"):
+        yield
+        return
+    saved = cfg.enable_aot_compile
+    cfg.enable_aot_compile = True
+    try:
+        yield
+    finally:
+        cfg.enable_aot_compile = saved
+
+
+def build_artifact(step: torch.nn.Module, args: tuple, mechanism: str | None,
+                   options: CompileOptions) -> tuple[Callable, bytes | None]:
+    """Compile ``step`` for ``args`` and run it once; returns (callable, artifact bytes or ``None``)."""
+    if mechanism == "aot_compile":
+        # The module's forward as a plain function with the module as first argument: its
+        # weights are read at call time and stay out of the artifact.
+        errors = []
+        for guard_filter in (_serializable_guards, _no_guards):  # the second where a torch cannot keep any
+            try:
+                with _aot_enabled():
+                    fn = _compile(type(step).forward, options, guard_filter=guard_filter).aot_compile(
+                        ((step, *args), {}))
+                break
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+                log.debug("aot_compile with %s failed", guard_filter.__name__, exc_info=True)
+                torch._dynamo.reset()
+        else:
+            raise errors[0]
+        fn(step, *args)
+        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"{TMP_PREFIX}promptus-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            fn.save_compiled_function(str(tmp))
+            data = tmp.read_bytes()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return (lambda *a: fn(step, *a)), data
+    compiled = _compile(step, options)
+    compiled(*args)
+    if mechanism == "cache_artifacts":
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise RuntimeError("torch.compiler.save_cache_artifacts() returned nothing")
+        return compiled, bytes(saved[0])
+    return compiled, None
+
+
+def load_artifact(step: torch.nn.Module, args: tuple, mechanism: str, data: bytes,
+                  options: CompileOptions) -> Callable:
+    """The callable stored in ``data``, run once on ``args`` (so that a bad artifact fails here)."""
+    if mechanism == "aot_compile":
+        with _aot_enabled():
+            fn = torch.compiler.load_compiled_function(io.BytesIO(data))
+        fn(step, *args)
+        return lambda *a: fn(step, *a)
+    if mechanism == "cache_artifacts":
+        torch.compiler.load_cache_artifacts(data)
+        compiled = _compile(step, options)
+        compiled(*args)
+        return compiled
+    raise ValueError(f"unknown mechanism {mechanism!r}")
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` did: the callable, how (``"loaded"``, ``"built"``, ``"compiled"``), seconds, key."""
+
+    fn: Callable
+    how: str
+    seconds: float
+    key: CompileKey | None
+    path: Path | None = None
+
+
+def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int, size: int, dtype: torch.dtype,
+            timestep: int, device: torch.device, options: CompileOptions, engine_dir: str | os.PathLike = "engines",
+            mechanism: str | None = "auto", force: bool = False, progress: bool = True,
+            what: str = "compile backend") -> Prepared:
+    """A compiled ``step`` for ``args``: loaded from ``engine_dir`` when an intact entry exists, else
+    built (with a message and a progress bar) and stored there.
+
+    ``mechanism="auto"`` takes the best of :func:`available_mechanisms`, falling back to the
+    next when a build fails; ``None`` compiles without storing anything. A stored artifact
+    that fails to load or run is removed with a warning and rebuilt.
+    """
+    t0 = time.perf_counter()
+    mechanisms = list(available_mechanisms()) if mechanism == "auto" else [mechanism] if mechanism else []
+    if not options.fullgraph:  # aot_compile needs one graph
+        mechanisms = [m for m in mechanisms if m != "aot_compile"]
+    if not mechanisms:
+        if mechanism == "auto":
+            log.info("%s: torch %s cannot store compiled code (needs torch >= 2.7); every process compiles again",
+                     what, torch.__version__)
+        with BuildProgress(what, TYPICAL_BUILD_SECONDS, "typical on an H100/H200", enabled=progress):
+            fn, _ = build_artifact(step, args, None, options)
+        return Prepared(fn, "compiled", time.perf_counter() - t0, None)
+    cache = CompileCache(engine_dir)
+    keys = [make_key(model_digest, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device,
+                     mechanism=m, options=options) for m in mechanisms]
+    for key in keys:  # a stored artifact of any mechanism beats building one
+        if force:
+            cache.evict(key)
+        data = cache.lookup(key)
+        if data is None:
+            continue
+        try:
+            fn = load_artifact(step, args, key.mechanism, data, options)
+            secs = time.perf_counter() - t0
+            log.info("%s: loaded %s in %.1f s", what, cache.artifact_path(key), secs)
+            return Prepared(fn, "loaded", secs, key, cache.artifact_path(key))
+        except Exception as e:  # noqa: BLE001 - any failure of a stored artifact means: rebuild it
+            log.warning("%s: %s could not be loaded (%s: %s); rebuilding it", what, cache.artifact_path(key).name,
+                        type(e).__name__, str(e)[:200])
+            log.debug("load failure", exc_info=True)
+            cache.evict(key)
+            torch._dynamo.reset()
+    last_error: Exception | None = None
+    for key in keys:
+        expected, source = cache.typical_build_seconds(key, options.autotune)
+        try:
+            with BuildProgress(what, expected, source, enabled=progress) as bar:
+                fn, data = build_artifact(step, args, key.mechanism, options)
+            assert data is not None
+            path = cache.store(key, data, build_seconds=round(bar.elapsed, 2))
+            log.info("%s: built in %.0f s and stored %s (%.1f MB)", what, bar.elapsed, path, len(data) / 1e6)
+            return Prepared(fn, "built", time.perf_counter() - t0, key, path)
+        except Exception as e:  # noqa: BLE001 - an experimental mechanism that fails: try the next one
+            last_error = e
+            log.warning("%s: building with %s failed (%s: %s)%s", what, key.mechanism, type(e).__name__,
+                        str(e)[:300], "; trying the next mechanism" if key is not keys[-1] else "")
+            log.debug("build failure", exc_info=True)
+            torch._dynamo.reset()
+    raise PromptusError(f"{what}: compiling the segment step failed ({type(last_error).__name__}: {last_error}); "
+                        "use --backend torch") from last_error
+
+
+__all__ = [
+    "BuildProgress", "COMPILE_FORMAT", "CompileCache", "CompileCacheError", "CompileKey", "CompileOptions",
+    "CompiledEntry", "MECHANISMS", "Prepared", "architecture_digest", "available_mechanisms", "build_artifact", "clean_compiled",
+    "device_identity", "list_compiled", "load_artifact", "make_key", "prepare", "stale_reason", "triton_version",
+]
