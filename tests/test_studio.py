@@ -242,3 +242,35 @@ def test_an_encode_waits_for_the_machine_and_can_be_aborted_while_waiting(model,
     job.abort()
     assert job.wait(5) and job.snapshot().state == "aborted"
     machine.release()
+
+
+# ----------------------------------------------------------------- performance
+
+
+def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(model, tmp_path):
+    pytest.importorskip("gradio", reason="the page needs gradio (pip install 'promptus[studio]')")
+    from promptus.studio.app import Studio
+
+    studio = Studio(model, defaults=FAST, workdir=tmp_path)
+    try:
+        import promptus.studio.app as app
+
+        calls = {}
+        real = app.run_decode_benchmark
+
+        def small(*args, **kwargs):  # the page's call, on a clip small enough for a test
+            calls.update(kwargs)
+            return real(*args, **dict(kwargs, keyframes=2, reps=1))
+
+        app.run_decode_benchmark = small
+        try:
+            note, table = studio.on_bench(["torch"], 32, 3)
+        finally:
+            app.run_decode_benchmark = real
+    finally:
+        studio.close()
+    assert calls["size"] == 32 and calls["batch"] == 3
+    assert list(table["backend"]) == ["eager", "torch"] and list(table["status"]) == ["ok", "ok"]
+    assert table["vs eager"][0] == "1.00×" and table["FPS (frames to host)"].min() > 0
+    assert "latency per segment of 3 (ms)" in table.columns and "model tiny" in note
+    assert not (tmp_path / studio.sessions.root.name).exists()

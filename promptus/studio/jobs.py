@@ -306,7 +306,7 @@ def decoded_psnr(outcome: EncodeOutcome) -> float:
 
 
 def run_decode_benchmark(model: StudioModel, backends: list[str], *, size: int, batch: int, keyframes: int = 7,
-                         machine: threading.Lock | None = None) -> dict:
+                         reps: int = 3, machine: threading.Lock | None = None) -> dict:
     """The library's decode benchmark on this machine (eager first: it is the baseline)."""
     from ..bench import bench_decode
 
@@ -314,4 +314,4 @@ def run_decode_benchmark(model: StudioModel, backends: list[str], *, size: int, 
     lock = machine or threading.Lock()
     with lock:
         return bench_decode(model="tiny" if model.tiny else model.spec, device=str(model.device), size=size,
-                            batch=batch, backends=names, keyframes=keyframes, reps=3)
+                            batch=batch, backends=names, keyframes=keyframes, reps=reps)
