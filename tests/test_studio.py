@@ -274,3 +274,43 @@ def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(mode
     assert table["vs eager"][0] == "1.00×" and table["FPS (frames to host)"].min() > 0
     assert "latency per segment of 3 (ms)" in table.columns and "model tiny" in note
     assert not (tmp_path / studio.sessions.root.name).exists()
+
+
+# --------------------------------------------------------------------- command
+
+
+def test_promptus_studio_serves_on_loopback_and_cleans_up_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "promptus", "studio", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port), "--workdir", str(tmp_path)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        page = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, proc.communicate(timeout=30)[0] if proc.poll() is not None else "no answer"
+        assert "Promptus Studio" in page
+        assert len(list(tmp_path.iterdir())) == 1  # the server's own folder inside --workdir
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"open http://127.0.0.1:{port}/" in out and "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == []  # sessions and the server's folder removed, --workdir kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import PromptusError
+from ..studio.uploads import DEFAULT_MAX_UPLOAD_MB, MB, UploadLimits
 from .common import add_model_args
 
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--max-upload-mb", type=int, default=200, help="largest upload accepted, in MB (default: 200)")
+    p.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                   help=f"largest upload accepted, in MB (default: {DEFAULT_MAX_UPLOAD_MB})")
     p.add_argument("--workdir", default=None,
                    help="folder for the sessions' temporary files (default: a new folder in the system's temp dir)")
     p.add_argument("--vgg", default=None, help="local VGG-19 weights for the perceptual loss")
@@ -29,7 +31,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         from ..studio.app import build_studio
-        from ..studio.uploads import MB, UploadLimits
     except ImportError as e:
         raise PromptusError(f"the studio needs Gradio ({e}); install it with: pip install 'promptus[studio]'") from e
 

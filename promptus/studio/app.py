@@ -273,7 +273,8 @@ class Studio:
             f"### {o.file_bytes:,} bytes → **{o.kbps:.1f} kbit/s** (every byte of the file, {o.duration_s:.2f} s)\n\n"
             f"Expected before encoding: {e.kbps:.1f} kbit/s ({e.file_bytes:,} bytes with the codes stored raw); "
             f"keyframe records alone {o.factor_kbps:.1f} kbit/s.\n\n"
-            f"{res.frame_count} frames, {len(res.keyframes)} keyframes · PSNR {decoded_psnr(o):.2f} dB over the clip · "
+            f"{res.frame_count} frames, {len(res.keyframes)} keyframes · PSNR {decoded_psnr(o):.2f} dB (of the clip's "
+            f"mean MSE), mean per-frame {float(np.mean(o.psnr)):.2f} dB · "
             f"{ssim_text} · decoded in {o.decode_seconds:.2f} s with {html.escape(o.decode_backend)}; {parity}."
             + ("\n\n*Tiny test model: these pictures and quality numbers say nothing about SD-Turbo.*"
                if self.model.tiny else ""))
@@ -341,6 +342,7 @@ class Studio:
     def _build(self) -> gr.Blocks:
         d, m = self.defaults, self.model
         accept = sorted(VIDEO_SUFFIXES) + [".zip"]
+        sizes = sorted(set(SIZES) | {d.size})
         with gr.Blocks(title="Promptus Studio", analytics_enabled=False, delete_cache=(900, 3600)) as blocks:
             gr.Markdown("# Promptus Studio\nVideo compressed into prompts: encode a clip at a chosen bitrate, "
                         "watch it train, compare the regenerated video with the original.")
@@ -365,7 +367,7 @@ class Studio:
                                     interval = gr.Slider(1, 60, value=d.interval, step=1,
                                                          label="Keyframe interval T", elem_id="studio-interval")
                                 with gr.Row():
-                                    size = gr.Dropdown(list(SIZES), value=d.size, label="Frame size (px)")
+                                    size = gr.Dropdown(sizes, value=d.size, label="Frame size (px)")
                                     max_frames = gr.Number(d.max_frames, precision=0, label="Max frames",
                                                            minimum=2)
                                 with gr.Row():
@@ -424,7 +426,7 @@ class Studio:
                         bench_backends = gr.CheckboxGroup(["torch", "compile", "tensorrt"],
                                                           value=["torch", "compile"] if m.device.type == "cuda"
                                                           else ["torch"], label="Backends besides eager")
-                        bench_size = gr.Dropdown(list(SIZES), value=d.size, label="Frame size (px)")
+                        bench_size = gr.Dropdown(sizes, value=d.size, label="Frame size (px)")
                         bench_batch = gr.Number(d.interval, precision=0, minimum=1, label="Batch (frames per segment)")
                     bench_btn = gr.Button("Run the decode benchmark", elem_id="studio-bench")
                     bench_md = gr.Markdown(elem_id="studio-bench-info")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..bitstream import describe, layout, read
-from ..encoder import EncodeResult, Encoder, psnr_uint8
+from ..encoder import EncodeResult, Encoder
 from ..errors import EncodeAborted, ModelNotFoundError, PromptusError
 from .settings import RateSummary, StudioSettings, expected_rate, frames_to_encode
 from .uploads import ClipInfo
@@ -241,9 +241,13 @@ class EncodeJob:
     def _work(self) -> None:
         s, m = self.settings, self.model
         self._set("loading", "reading the clip")
+        from ..backends import make_backend
+
         codec, train = s.codec(self.clip.fps), s.train()
+        # The closed loop runs on the backend the results are decoded with: same frames, bit for bit.
+        backend = make_backend(s.backend, m.models, m.device, batch=codec.interval, size=codec.width)
         encoder = Encoder(codec, train, m.models, device=m.device, vgg=m.vgg, callback=self._callback,
-                          progress=False, backend=s.backend, should_stop=self._stop.is_set)
+                          progress=False, backend=backend, should_stop=self._stop.is_set)
         frames = encoder.load_frames(self.clip.path, max_frames=self.frame_count)
         self._frames = frames
         self._set("encoding", "resuming from the finished keyframes" if self.resume else "training keyframe 0")
@@ -253,7 +257,8 @@ class EncodeJob:
         self._set("decoding", "decoding the file and measuring it", done=self.total)
         self.outcome = measure_outcome(m, s, res, frames, self.out.parent)
         o = self.outcome
-        self._set("done", f"{o.file_bytes:,} bytes, {o.kbps:.1f} kbit/s, mean PSNR {float(np.mean(o.psnr)):.2f} dB")
+        self._set("done", f"{o.file_bytes:,} bytes, {o.kbps:.1f} kbit/s, mean per-frame PSNR "
+                          f"{float(np.mean(o.psnr)):.2f} dB")
 
 
 # ----------------------------------------------------------------- results
@@ -298,8 +303,10 @@ def measure_outcome(model: StudioModel, settings: StudioSettings, res: EncodeRes
 
 
 def decoded_psnr(outcome: EncodeOutcome) -> float:
-    """PSNR of the whole decoded clip against the original (dB)."""
-    return psnr_uint8(outcome.decoded, outcome.original)
+    """PSNR of the clip's mean MSE, decoded against original (dB)."""
+    from ..metrics import clip_psnr
+
+    return clip_psnr(outcome.original, outcome.decoded)
 
 
 # --------------------------------------------------------------- benchmark

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity, to_bytes
-from ..config import INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, TrainConfig
+from ..bitstream import Bitstream, Header, InitLatent, Keyframe, to_bytes
+from ..config import INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, ModelIdentity, TrainConfig
 from ..errors import PromptusError
 from ..prompts import QuantizedTensor, RateEstimate, estimate_rate
 

@@ -21,6 +21,8 @@ from ..video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, _natural_key, list_images, v
 log = logging.getLogger(__name__)
 
 MB = 1 << 20
+#: Largest upload by default, in MB (``promptus studio --max-upload-mb``).
+DEFAULT_MAX_UPLOAD_MB = 200
 
 
 class UploadError(PromptusError):
@@ -36,7 +38,7 @@ class UploadLimits:
     what a zip expands to; frames smaller than ``min_side`` pixels are refused.
     """
 
-    max_bytes: int = 200 * MB
+    max_bytes: int = DEFAULT_MAX_UPLOAD_MB * MB
     max_unpacked_bytes: int = 1024 * MB
     max_zip_frames: int = 5000
     min_side: int = 16
