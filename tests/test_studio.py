@@ -314,3 +314,28 @@ def test_promptus_studio_serves_on_loopback_and_cleans_up_on_ctrl_c(tmp_path):
             proc.kill()
     assert f"open http://127.0.0.1:{port}/" in out and "Traceback" not in out, out
     assert list(tmp_path.iterdir()) == []  # sessions and the server's folder removed, --workdir kept
+
+
+def test_orphaned_server_folders_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / "promptus-studio-orphan"
+    (orphan / "s1").mkdir(parents=True)
+    (orphan / "owner.pid").write_text(dead.stdout.strip())
+    unknown = tmp_path / "promptus-studio-unknown"  # no owner file: not ours to judge
+    unknown.mkdir()
+    live = SessionRegistry(tmp_path)
+    again = SessionRegistry(tmp_path)  # a second server beside a live one keeps it
+    assert not orphan.exists() and unknown.exists() and live.root.exists() and again.root.exists()
+    live.close_all()
+    again.close_all()
+
+
+def test_previews_are_session_files_and_only_the_last_two_stay(tmp_path):
+    s = SessionRegistry(tmp_path).get("a")
+    paths = [s.view("preview", np.full((8, 8, 3), i, np.uint8)) for i in range(5)]
+    assert [p.exists() for p in paths] == [False, False, False, True, True]
+    assert paths[-1].parent.parent == s.folder and len(set(paths)) == 5
+    assert np.asarray(Image.open(paths[-1]))[0, 0, 0] == 4

@@ -1,6 +1,7 @@
 """Promptus Studio in a real headless Chromium (playwright driving Debian's chromium), on loopback.
 
-One flow, as a person would use it: a bad upload gets a message; a tiny generated
+One flow, as a person would use it: a bad upload and one over the size bound get
+messages in the page; a tiny generated
 clip is uploaded and encoded (two keyframes) while the progress bar moves; the
 .promptus file is downloaded and decodes; a second run is aborted during its
 second keyframe and resumed to the end; closing the page removes the session's
@@ -91,6 +92,8 @@ def test_encode_abort_resume_download_in_chromium(server, tmp_path):
     write_frames(synthetic_clip(FRAMES, SIZE, SIZE).numpy(), clip, 30.0)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"this is not a video" * 50)
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(6 << 20))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     with playwright_api.sync_playwright() as p:
@@ -107,6 +110,9 @@ def test_encode_abort_resume_download_in_chromium(server, tmp_path):
                                timeout=60_000)
         assert "not a readable video" in _status(page) and "Traceback" not in page.content()
         page.click("#studio-upload button[aria-label='Clear']")
+        # Over the upload bound (5 MB here): refused before it is stored, said in the page.
+        page.set_input_files("#studio-upload input[type=file]", str(big))
+        page.wait_for_selector("text=exceed the maximum allowed size", timeout=30_000)
 
         # The real clip; the preset shows rank, interval and the expected rate before encoding.
         page.set_input_files("#studio-upload input[type=file]", str(clip))

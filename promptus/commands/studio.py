@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from ..errors import PromptusError
 from ..studio.uploads import DEFAULT_MAX_UPLOAD_MB, MB, UploadLimits
@@ -41,8 +42,14 @@ def run(args: argparse.Namespace) -> int:
     studio = blocks.promptus_studio
     print(f"studio: model {studio.model.spec} on {studio.model.device}; open http://{args.host}:{args.port}/ "
           "(Ctrl-C stops it)", flush=True)
+    # A service manager stops servers with SIGTERM: close as on Ctrl-C, removing the sessions' files.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         studio.launch(args.host, args.port, quiet=True)
     finally:
         studio.close()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

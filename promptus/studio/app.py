@@ -93,7 +93,9 @@ class Studio:
         self.model = model
         self.defaults = defaults or model.defaults()
         self.limits = limits or UploadLimits()
-        self.sessions = SessionRegistry(workdir)
+        # Inside Gradio's own upload folder by default: Gradio then serves the session's files
+        # where they are instead of copying them to its cache, so removing the folder removes all.
+        self.sessions = SessionRegistry(workdir if workdir is not None else gr.utils.get_upload_folder())
         self.machine = threading.Lock()  # one encode or benchmark at a time on this machine
         self.poll_s = poll_s
         self._sample: ClipInfo | None = None
@@ -171,13 +173,14 @@ class Studio:
             s = self._session(request)
             if s.busy:
                 raise PromptusError("an encode is running; abort it before loading another clip")
-            if file is None:
-                s.set_clip(None)
-                return "", _status("info", "Upload a clip or pick the sample."), self.on_settings(request, *values)
             s.set_clip(None)
+            if file is None:
+                return "", _status("info", "Upload a clip or pick the sample."), self.on_settings(request, *values)
             clip = prepare_clip(file, s.upload_dir, self.limits)
             s.set_clip(clip)
         except PromptusError as e:
+            if file is not None:  # a refused upload goes at once, not when Gradio's cache expires
+                Path(file).unlink(missing_ok=True)
             return "", _status("error", f"cannot use this upload: {e}"), self.on_settings(request, *values)
         return (clip.describe(), _status("ok", "clip loaded: choose a bitrate and press Encode."),
                 self.on_settings(request, *values))
@@ -241,8 +244,11 @@ class Studio:
             return (progress_html(None), gr.skip(), gr.skip(), gr.Timer(active=False), *self._buttons(False),
                     *skip_results)
         p = job.snapshot()
-        preview = job.preview()
-        preview = gr.skip() if preview is None else _enlarge(preview)
+        preview = gr.skip()
+        if (job, p.done) != s.previewed:  # a new iteration since the last tick: a new picture
+            image = job.preview()
+            if image is not None:
+                preview, s.previewed = str(s.view("preview", _enlarge(image))), (job, p.done)
         if not p.finished:
             if job.aborting:
                 status = _status("stopping", "after the current iteration…")
@@ -255,7 +261,7 @@ class Studio:
         results = skip_results
         if p.state == "done" and s.shown_job is not job and job.outcome is not None:
             s.shown_job = job
-            results = self._results(job.outcome)
+            results = self._results(s, job.outcome)
         return (progress_html(p), preview, _status(kind, message), gr.Timer(active=False),
                 *self._buttons(False, p.state == "aborted"), *results)
 
@@ -263,7 +269,12 @@ class Studio:
 
     _n_results = 10
 
-    def _results(self, o: EncodeOutcome):
+    @staticmethod
+    def _pair(session: Session, o: EncodeOutcome, i: int) -> tuple[str, str]:
+        return (str(session.view("original", _enlarge(o.original[i].numpy()))),
+                str(session.view("decoded", _enlarge(o.decoded[i].numpy()))))
+
+    def _results(self, session: Session, o: EncodeOutcome):
         res, e = o.result, o.expected
         parity = ("the decoder reproduced the encoder's closed loop exactly" if o.matches_closed_loop else
                   "**the decoder's frames differ from the encoder's closed loop** (different backend or device?)")
@@ -287,7 +298,7 @@ class Studio:
             summary,
             str(o.videos["side_by_side"]),
             gr.update(maximum=n - 1, value=0, interactive=True),
-            (o.original[0].numpy(), o.decoded[0].numpy()),
+            self._pair(session, o, 0),
             psnr_df,
             ssim_df,
             gr.update(value=str(o.path), interactive=True),
@@ -297,13 +308,14 @@ class Studio:
         )
 
     def on_frame(self, request: gr.Request, index):
-        job = self._session(request).shown_job
+        session = self._session(request)
+        job = session.shown_job
         if job is None or job.outcome is None:
             return gr.skip(), gr.skip()
         o = job.outcome
         i = int(min(max(index or 0, 0), len(o.psnr) - 1))
         ssim = f", SSIM {o.ssim[i]:.4f}" if o.ssim is not None else ""
-        return (o.original[i].numpy(), o.decoded[i].numpy()), f"frame {i}: PSNR {_fmt(o.psnr[i], '.2f')} dB{ssim}"
+        return self._pair(session, o, i), f"frame {i}: PSNR {_fmt(o.psnr[i], '.2f')} dB{ssim}"
 
     # --------------------------------------------------------- performance
 
@@ -343,7 +355,7 @@ class Studio:
         d, m = self.defaults, self.model
         accept = sorted(VIDEO_SUFFIXES) + [".zip"]
         sizes = sorted(set(SIZES) | {d.size})
-        with gr.Blocks(title="Promptus Studio", analytics_enabled=False, delete_cache=(900, 3600)) as blocks:
+        with gr.Blocks(title="Promptus Studio", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
             gr.Markdown("# Promptus Studio\nVideo compressed into prompts: encode a clip at a chosen bitrate, "
                         "watch it train, compare the regenerated video with the original.")
             gr.HTML(_banner(m))
@@ -396,7 +408,7 @@ class Studio:
                             status = gr.Markdown(_status("info", "Upload a clip or pick the sample."),
                                                  elem_id="studio-status")
                             progress = gr.HTML(progress_html(None), elem_id="studio-progress")
-                            preview = gr.Image(label="Keyframe: original | current reconstruction", type="numpy",
+                            preview = gr.Image(label="Keyframe: original | current reconstruction", type="filepath",
                                                interactive=False, elem_id="studio-preview", height=280)
                 with gr.Tab("Results", id="results"):
                     results_md = gr.Markdown("No encode has finished yet.", elem_id="studio-results")
@@ -406,7 +418,7 @@ class Studio:
                         frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False,
                                           elem_id="studio-frame")
                         frame_md = gr.Markdown(elem_id="studio-frame-info")
-                    compare = gr.ImageSlider(label="Original ↔ decoded (drag the handle)", type="numpy",
+                    compare = gr.ImageSlider(label="Original ↔ decoded (drag the handle)", type="filepath",
                                              interactive=False, elem_id="studio-compare")
                     with gr.Row():
                         psnr_plot = gr.LinePlot(x="frame", y="PSNR (dB)", title="PSNR per frame",

@@ -8,6 +8,7 @@ sessions is bounded; the least recently used idle one is closed to make room.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -15,6 +16,9 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from ..errors import PromptusError
 from .jobs import EncodeJob
@@ -35,8 +39,10 @@ class Session:
         self.clip: ClipInfo | None = None
         self.job: EncodeJob | None = None
         self.shown_job: EncodeJob | None = None  # whose results the page shows
-        self.last_encode: EncodeJob | None = None  # the last job that finished an encode
+        self.previewed: tuple | None = None  # (job, iterations done) of the preview on the page
         self.used = time.monotonic()
+        self._views: dict[str, list[Path]] = {}
+        self._view_count = 0
 
     @property
     def out(self) -> Path:
@@ -50,6 +56,23 @@ class Session:
     @property
     def busy(self) -> bool:
         return self.job is not None and not self.job.snapshot().finished
+
+    def view(self, name: str, image: np.ndarray) -> Path:
+        """``image`` (uint8 H×W×3) as a PNG of this session, for the page to show.
+
+        A new name every time (browsers cache by URL); older pictures of that ``name``
+        are removed (the last two stay, one may still be loading), so that a long
+        encode leaves two previews, not thousands.
+        """
+        self._view_count += 1
+        path = self.folder / "view" / f"{name}-{self._view_count}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+        shown = self._views.setdefault(name, [])
+        shown.append(path)
+        while len(shown) > 2:
+            shown.pop(0).unlink(missing_ok=True)
+        return path
 
     def set_clip(self, clip: ClipInfo | None) -> None:
         """A new clip: earlier outputs and checkpoints belong to the old one."""
@@ -74,6 +97,23 @@ class Session:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+ROOT_PREFIX = "promptus-studio-"
+OWNER_FILE = "owner.pid"
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Remove the folders of studio servers that died without cleaning up (killed, crashed)."""
+    for root in parent.glob(ROOT_PREFIX + "*"):
+        try:
+            pid = int((root / OWNER_FILE).read_text())
+            os.kill(pid, 0)  # raises when no such process
+        except ProcessLookupError:
+            log.info("studio: removing %s, left by server process %d", root, pid)
+            shutil.rmtree(root, ignore_errors=True)
+        except (OSError, ValueError):  # not ours to judge: no owner file, or another user's process
+            continue
+
+
 class SessionRegistry:
     """Sessions by id, each with its own folder under ``root``.
 
@@ -84,7 +124,9 @@ class SessionRegistry:
     def __init__(self, parent: str | Path | None = None, *, max_sessions: int = 64):
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix="promptus-studio-", dir=parent))
+        _remove_orphans(Path(parent) if parent is not None else Path(tempfile.gettempdir()))
+        self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir=parent))
+        (self.root / OWNER_FILE).write_text(str(os.getpid()))
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()

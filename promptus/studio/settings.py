@@ -169,7 +169,7 @@ def describe_rate(rate: RateSummary, *, nominal: bool = False) -> str:
     """Markdown lines: rank, interval and the expected bitrate with its parts."""
     c, e = rate.codec, rate.estimate
     kbit = lambda n: 8 * n / e.duration_s / 1000  # noqa: E731
-    clip = (f"a {e.duration_s:g} s clip at {c.fps:g} fps (no clip yet)" if nominal
+    clip = (f"a {e.duration_s:.2f} s clip at {c.fps:g} fps (no clip yet)" if nominal
             else f"this clip: {e.frame_count} frames, {e.duration_s:.2f} s at {c.fps:g} fps")
     return (
         f"**Rank {c.rank} · interval {c.interval} · {c.width}×{c.height}** → "
