@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..config import CodecConfig  # noqa: E402
 from ..errors import PromptusError  # noqa: E402
 from ..video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ensure_sample_clip  # noqa: E402
 from .jobs import EncodeJob, EncodeOutcome, Progress, StudioModel, decoded_psnr, load_studio_model, run_decode_benchmark  # noqa: E402
@@ -36,7 +37,7 @@ from .uploads import ClipInfo, UploadLimits, human_bytes, prepare_clip, probe_fr
 log = logging.getLogger(__name__)
 
 MODES = ("Basic", "Advanced")
-NOMINAL_FPS = 30.0
+NOMINAL_FPS = CodecConfig.fps  # the rate shown before a clip is chosen
 
 
 def _banner(model: StudioModel) -> str:
@@ -138,7 +139,7 @@ class Studio:
             n, fps = settings.max_frames, NOMINAL_FPS
         else:
             n, fps = frames_to_encode(settings, clip.frame_count), clip.fps
-        rate = expected_rate(settings.codec(fps), n, settings.init_precision, self.model.models.identity())
+        rate = expected_rate(settings.codec(fps), n, settings.init_precision, self.model.identity)
         iters = settings.total_iterations(n)
         return (describe_rate(rate, nominal=clip is None) +
                 f"\n\nTraining: {settings.iters_first} iterations for keyframe 0, {settings.iters} for each later "

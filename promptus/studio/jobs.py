@@ -11,6 +11,7 @@ at a time; the others wait and say so.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -41,6 +42,11 @@ class StudioModel:
     spec: str  # "tiny" or where the weights came from
     device: torch.device
     vgg: torch.nn.Module | None  # VGG-19 for the perceptual loss, when its weights are here
+
+    @functools.cached_property
+    def identity(self):
+        """The weights' identity (a digest over every weight: computed once)."""
+        return self.models.identity()
 
     @property
     def tiny(self) -> bool:
@@ -278,7 +284,7 @@ def measure_outcome(model: StudioModel, settings: StudioSettings, res: EncodeRes
     h = bs.header
     backend = make_backend(settings.backend, model.models, model.device, batch=h.interval, size=h.width)
     t0 = time.perf_counter()
-    decoded = Decoder(backend, model.models.identity()).decode_all(bs)
+    decoded = Decoder(backend, model.identity).decode_all(bs)
     decode_seconds = time.perf_counter() - t0
     per_frame_psnr = psnr(original, decoded).numpy()
     try:
