@@ -182,6 +182,11 @@ def test_encode_abort_resume_download_in_chromium(server, tmp_path):
         assert d["state"] == "done", _status(page)
         assert session.job.resume and [r.keyframe for r in session.job.outcome.result.keyframes] == [0, 1]
         page.screenshot(path=str(ARTIFACTS / "studio-encode.png"), full_page=True)
+        page.get_by_role("tab", name="Performance").click()  # the last encode's time per keyframe
+        page.wait_for_function("document.querySelector('#studio-keyframe-table').innerText.includes('ms / iteration')",
+                               timeout=30_000)
+        table = page.inner_text("#studio-keyframe-table")
+        assert "0–0" in table and "1–10" in table, table  # keyframe 0 closes frame 0, keyframe 1 frames 1–10
 
         folder = session.folder
         assert folder.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 
 from ..errors import PromptusError
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PromptusError(f"the studio needs Gradio ({e}); install it with: pip install 'promptus[studio]'") from e
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, not news
     if args.max_upload_mb < 1:
         raise PromptusError(f"--max-upload-mb {args.max_upload_mb}: give at least 1")
     blocks = build_studio(args.model, checkpoints=args.checkpoints, device=args.device, taesd=args.taesd,

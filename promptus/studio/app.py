@@ -37,6 +37,7 @@ from .uploads import ClipInfo, UploadLimits, human_bytes, prepare_clip, probe_fr
 log = logging.getLogger(__name__)
 
 MODES = ("Basic", "Advanced")
+KEYFRAME_COLUMNS = ["keyframe", "frames", "iterations", "seconds", "ms / iteration", "closed-loop PSNR (dB)"]
 NOMINAL_FPS = CodecConfig.fps  # the rate shown before a clip is chosen
 
 
@@ -322,10 +323,9 @@ class Studio:
 
     @staticmethod
     def _keyframe_table(o: EncodeOutcome) -> pd.DataFrame:
-        return pd.DataFrame([{
-            "keyframe": r.keyframe, "frames": f"{r.frames[0]}–{r.frames[1]}", "iterations": r.iterations,
-            "seconds": round(r.seconds, 2), "ms / iteration": round(1000 * r.seconds / r.iterations, 1),
-            "closed-loop PSNR (dB)": round(r.psnr, 2)} for r in o.result.keyframes])
+        rows = [(r.keyframe, f"{r.frames[0]}–{r.frames[1]}", r.iterations, round(r.seconds, 2),
+                 round(1000 * r.seconds / r.iterations, 1), round(r.psnr, 2)) for r in o.result.keyframes]
+        return pd.DataFrame(rows, columns=KEYFRAME_COLUMNS)
 
     def on_bench(self, backends, size, batch):
         try:
@@ -396,7 +396,8 @@ class Studio:
                                     perceptual = gr.Checkbox(d.perceptual, label="Perceptual (VGG-19) loss",
                                                              interactive=m.vgg is not None,
                                                              info=None if m.vgg is not None else
-                                                             "no VGG-19 weights here")
+                                                             "off: the tiny model" if m.tiny else
+                                                             "off: no VGG-19 weights here (--vgg PATH)")
                                     backend = gr.Dropdown(list(STUDIO_BACKENDS), value=d.backend,
                                                           label="Decoder backend (closed loop and decode)")
                             rate_md = gr.Markdown(self._rate_text(d, None), elem_id="studio-rate")
@@ -443,9 +444,11 @@ class Studio:
                         bench_batch = gr.Number(d.interval, precision=0, minimum=1, label="Batch (frames per segment)")
                     bench_btn = gr.Button("Run the decode benchmark", elem_id="studio-bench")
                     bench_md = gr.Markdown(elem_id="studio-bench-info")
-                    bench_table = gr.Dataframe(elem_id="studio-bench-table", interactive=False)
+                    bench_table = gr.Dataframe(pd.DataFrame(columns=["backend", "status"]),
+                                               elem_id="studio-bench-table", interactive=False)
                     gr.Markdown("### Last encode, per keyframe")
-                    keyframe_table = gr.Dataframe(elem_id="studio-keyframe-table", interactive=False)
+                    keyframe_table = gr.Dataframe(pd.DataFrame(columns=KEYFRAME_COLUMNS),
+                                                  elem_id="studio-keyframe-table", interactive=False)
             timer = gr.Timer(self.poll_s, active=False)
 
             settings = [mode, preset, rank, interval, size, iters_first, iters, init_latent, init_precision,
