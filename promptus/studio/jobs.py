@@ -225,7 +225,7 @@ class EncodeJob:
         try:
             while not self.machine.acquire(timeout=0.25):
                 if self._stop.is_set():
-                    self._set("aborted", "stopped before it started (another encode was running)")
+                    self._set("aborted", "before it started (another session's encode was running)")
                     return
                 self._set("waiting", "waiting for the encode or benchmark of another session to finish")
             try:
