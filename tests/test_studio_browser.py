@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The studio mounted under /studio of a FastAPI app (as in the streaming server), on loopback."""
-    from fastapi import FastAPI
-
+    """The studio mounted under /studio of the streaming server's app (``promptus serve --studio``), on loopback."""
     from promptus.studio import build_studio, mount_studio
     from promptus.studio.settings import StudioSettings
     from promptus.studio.uploads import MB, UploadLimits
@@ -55,7 +54,16 @@ def server(tmp_path_factory):
     defaults = StudioSettings(size=SIZE, iters_first=25, iters=60, perceptual=False, init_latent="taesd")
     blocks = build_studio("tiny", device="cpu", defaults=defaults, limits=UploadLimits(max_bytes=5 * MB),
                           workdir=work, poll_s=0.3)
-    app = mount_studio(FastAPI(), "/studio", blocks=blocks)
+    streaming = True
+    try:
+        from promptus.streaming.server import create_app
+        app = create_app(tmp_path_factory.mktemp("clips"), calibrate=False)
+    except ImportError as e:
+        streaming = False  # without the serve extra: a bare FastAPI app, the same mount
+        print(f"studio test: streaming server unavailable ({e}); mounting into a bare FastAPI app")
+        from fastapi import FastAPI
+        app = FastAPI()
+    app = mount_studio(app, "/studio", blocks=blocks)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -64,7 +72,7 @@ def server(tmp_path_factory):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/studio/", blocks.promptus_studio
+    yield f"http://127.0.0.1:{port}/studio/", blocks.promptus_studio, streaming
     srv.should_exit = True
     thread.join(30)
     blocks.promptus_studio.close()
@@ -87,7 +95,10 @@ def _status(page) -> str:
 
 
 def test_encode_abort_resume_download_in_chromium(server, tmp_path):
-    url, studio = server
+    url, studio, streaming = server
+    if streaming:  # the streaming server's own routes answer beside the studio
+        with urllib.request.urlopen(url.replace("/studio/", "/api/clips"), timeout=30) as r:
+            assert r.status == 200
     clip = tmp_path / "clip.mp4"
     write_frames(synthetic_clip(FRAMES, SIZE, SIZE).numpy(), clip, 30.0)
     broken = tmp_path / "broken.mp4"
