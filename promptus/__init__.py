@@ -21,7 +21,7 @@ from .config import CodecConfig, ModelIdentity, TrainConfig
 from .decoder import ClipState, Decoder, Segment, decode
 from .encoder import EncodeResult, Encoder
 from .pipeline import PipelinedDecoder
-from .errors import BitstreamError, ModelNotFoundError, PromptusError, VideoError
+from .errors import BitstreamError, EncodeAborted, ModelNotFoundError, PromptusError, VideoError
 from .legacy import load_legacy, write_legacy
 from .prompts import QuantizedTensor, embedding, estimate_rate, quantize_tensor
 
@@ -36,7 +36,7 @@ def load_models(*args, **kwargs):
 
 
 __all__ = [
-    "Bitstream", "BitstreamError", "ClipState", "CodecConfig", "Decoder", "EncodeResult", "Encoder",
+    "Bitstream", "BitstreamError", "ClipState", "CodecConfig", "Decoder", "EncodeAborted", "EncodeResult", "Encoder",
     "PipelinedDecoder", "TrainConfig", "Header", "InitLatent", "Keyframe", "ModelIdentity",
     "ModelNotFoundError", "PromptusError", "QuantizedTensor", "Segment", "StreamParser", "VideoError", "decode",
     "embedding", "estimate_rate", "from_bytes", "iter_records", "load_legacy", "load_models", "quantize_tensor",

@@ -35,7 +35,7 @@ from .backends.base import Backend
 from .bitstream import Bitstream, Header, InitLatent, Keyframe, from_bytes, to_bytes, write
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
-from .errors import PromptusError, VideoError
+from .errors import EncodeAborted, PromptusError, VideoError
 from .files import OutputLock, atomic_write, check_writable, open_append, read_regular
 from .metrics.frames import clip_psnr, psnr_from_mse
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, kbps, quantize
@@ -118,13 +118,17 @@ class Encoder:
     decoding with the same kind of backend reproduces the encoder's reconstruction
     bit for bit. Without one, the eager backend on ``device`` is used; with one,
     ``device`` defaults to the backend's. ``callback(metrics: dict)`` is called after
-    every training iteration with keyframe, iteration, loss, psnr and lr (psnr: of
-    the iteration's unquantized frames, range [-1, 1] so peak 2).
+    every training iteration with keyframe, iteration, loss, psnr, lr (psnr: of
+    the iteration's unquantized frames, range [-1, 1] so peak 2) and frames (those
+    generated frames, n×3×H×W in [-1, 1], detached: a preview). ``should_stop()`` is
+    polled after every iteration; when it returns true the encode raises
+    :class:`promptus.errors.EncodeAborted` and the finished keyframes stay in the
+    checkpoint for ``resume=True``.
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, should_stop: Callable[[], bool] | None = None):
         from .backends import default_dtype, make_backend, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
@@ -133,6 +137,7 @@ class Encoder:
         self.device = resolve_device(device)
         self.dtype = default_dtype(self.device)
         self.callback = callback
+        self.should_stop = should_stop
         self.progress = progress
         if backend is None:
             backend = make_backend("eager", models, self.device, self.dtype, batch=codec.interval, size=codec.width)
@@ -293,7 +298,11 @@ class Encoder:
                 if it % 10 == 0 or it == iters - 1:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:g}", refresh=False)
             if self.callback is not None:
-                self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr})
+                self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr,
+                               "frames": image.detach()})
+            if self.should_stop is not None and self.should_stop():
+                raise EncodeAborted(f"encoding stopped on request during keyframe {k}; the {k} finished keyframes "
+                                    "are kept in the checkpoint: resume to continue", keyframes_done=k)
 
         bU, bpU, bV, bpV = best
         kf = Keyframe(

@@ -44,3 +44,15 @@ class MetricUnavailable(PromptusError):
         super().__init__(f"{metric} is unavailable: {reason}")
         self.metric = metric
         self.reason = reason
+
+
+class EncodeAborted(PromptusError):
+    """An encode stopped because its ``should_stop`` said so (see :class:`promptus.Encoder`).
+
+    The ``keyframes_done`` finished keyframes stay in the checkpoint next to the output;
+    ``Encoder.encode(..., resume=True)`` with the same input and settings continues from there.
+    """
+
+    def __init__(self, message: str, *, keyframes_done: int):
+        super().__init__(message)
+        self.keyframes_done = keyframes_done

@@ -20,7 +20,7 @@ from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
 from promptus.encoder import Encoder, checkpoint_paths
 from promptus.metrics import clip_psnr as psnr_uint8
-from promptus.errors import PromptusError, VideoError
+from promptus.errors import EncodeAborted, PromptusError, VideoError
 from promptus.prompts import embedding
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
 from promptus.video import synthetic_clip
@@ -206,6 +206,27 @@ def test_resume_refuses_other_options(tiny, tmp_path):
     enc.callback = None
     res = enc.encode(clip, out, resume=True)
     assert [r.keyframe for r in res.keyframes] == [0, 1, 2]
+
+
+def test_should_stop_aborts_at_once_keeps_keyframes_and_resumes(tiny, tmp_path):
+    clip = synthetic_clip(10, 32, 32)  # keyframes 0, 3, 6, 9
+    ref = tmp_path / "ref.promptus"
+    Encoder(codec(), FAST, tiny, device="cpu", progress=False).encode(clip, ref)
+    out = tmp_path / "out.promptus"
+    seen = []
+    enc = Encoder(codec(), FAST, tiny, device="cpu", progress=False, callback=seen.append,
+                  should_stop=lambda: seen[-1]["keyframe"] == 2 and seen[-1]["iteration"] == 1)
+    with pytest.raises(EncodeAborted, match="resume") as e:
+        enc.encode(clip, out)
+    assert e.value.keyframes_done == 2
+    assert (seen[-1]["keyframe"], seen[-1]["iteration"]) == (2, 1)  # stopped at the first poll that said so
+    assert tuple(seen[-1]["frames"].shape) == (3, 3, 32, 32)  # the segment's frames, for a preview
+    assert not out.exists()
+    assert json.loads(checkpoint_paths(out)[1].read_text())["keyframes_done"] == 2
+    enc.should_stop = None
+    res = enc.encode(clip, out, resume=True)
+    assert [r.keyframe for r in res.keyframes] == [0, 1, 2, 3]
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_published_script_flags(tmp_path):

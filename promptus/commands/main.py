@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, decode, demo, encode, engines, import_legacy, info, play, serve, sweep
+from . import bench, decode, demo, encode, engines, import_legacy, info, play, serve, studio, sweep
 from . import eval as eval_
 from .common import add_verbosity_args, run_command
 
 #: The command modules, each with ``register(subparsers)`` and ``run(args) -> int``.
-COMMANDS = (decode, encode, info, import_legacy, demo, eval_, sweep, engines, bench, serve, play)
+COMMANDS = (decode, encode, info, import_legacy, demo, eval_, sweep, engines, bench, serve, play, studio)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
                         "--allow-loopback-in-peer-connection; other browsers fall back to WebSocket)")
     s.add_argument("--headroom", type=float, default=0.9,
                    help="share of the measured decoding capacity that admission control promises (default: 0.9)")
+    s.add_argument("--studio", action="store_true",
+                   help="also serve Promptus Studio (encode, compare; needs the studio extra) at /studio")
     s.set_defaults(func=run)
 
 
@@ -59,10 +61,19 @@ def run(args: argparse.Namespace) -> int:
         decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
         scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients)
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
+    if args.studio:
+        try:
+            from ..studio import mount_studio
+            mount_studio(app, "/studio", model=args.model, checkpoints=args.checkpoints, device=args.device,
+                         taesd=args.taesd)
+        except ImportError as e:
+            raise PromptusError(f"--studio needs Gradio ({e}): pip install 'promptus[studio]'") from e
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: every machine that can reach it can read the files under %s", args.host,
                     args.root)
     print(f"serving {app.state.promptus.library.root} at http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    if args.studio:
+        print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=MAX_CONTROL_BYTES,
                 log_level="warning" if args.quiet else "info")
