@@ -964,8 +964,10 @@ def parse_record(piece: bytes, header: Header | None = None) -> Item | None:
     if crc != zlib.crc32(payload, zlib.crc32(rtype)):
         raise BitstreamError(f"{name} record: checksum mismatch — its bytes were damaged", record=name)
     if rtype == _END:
-        if length:
-            raise BitstreamError("end record with a payload — the stream is damaged", record=name)
+        # Version 1: empty; version 2: the whole-file SHA-256. A piece on its own cannot check
+        # that digest (a receiver conceals records), so only its size is checked here.
+        if length not in (0, FILE_DIGEST_SIZE):
+            raise BitstreamError(f"end record with a {length}-byte payload — the stream is damaged", record=name)
         return None
     if header is None:
         raise BitstreamError(f"a {name} record came before the header", record=name)

@@ -46,7 +46,7 @@ def test_info_reports_sizes_and_kbps(imported, capsys):
     size = imported.stat().st_size
     assert str(size) in text.replace(",", "")
     # 9 frames at 24 fps: all bytes over 0.375 s.
-    assert f"total {size * 8 / (9 / 24) / 1000:.2f} kbit/s" in text
+    assert f"{size * 8 / (9 / 24) / 1000:.2f} kbit/s (all bytes)" in text
 
 
 def test_import_legacy_prints_layout(tmp_path, capsys):

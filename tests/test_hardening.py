@@ -595,7 +595,7 @@ def test_decode_of_a_long_interval_short_clip_is_not_padded_to_the_interval(tmp_
     path = tmp_path / "long.promptus"
     promptus.write(path, bitstream(CodecConfig(width=64, height=64, rank=2, interval=256), 3))
     with bounded_memory() as m:
-        rc = main(["-q", "decode", str(path), "-o", str(tmp_path / "f"), "--model", "tiny", "--device", "cpu",
+        rc = main(["-q", "decode", str(path), "-o", str(tmp_path / "f") + "/", "--model", "tiny", "--device", "cpu",
                    "--backend", "torch"])
     assert rc == 0, capsys.readouterr().err
     assert len(list((tmp_path / "f").iterdir())) == 3
