@@ -163,6 +163,8 @@ class CodecConfig:
 
 INIT_LATENT_SOURCES = ("vae", "taesd")
 INIT_PRECISIONS = ("fp32", "fp16", "int8")
+#: torch.compile modes of the training step ("off": eager; "reduce-overhead" adds CUDA graphs on a GPU).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 #: Decoder numerics. "ours": fp16 networks at the segment batch, uint8 by rounding (the
 #: default: faster, and the closer approximation of the float image). "release": the public
@@ -188,6 +190,14 @@ class TrainConfig:
         init_latent: "vae" (SD VAE encoder, published) or "taesd" (cheaper substitute).
         init_precision: how the init latent is stored: fp32, fp16 or int8.
         seed: seed of the factors' uniform initialisation (keyframe k uses seed + k).
+        max_memory: memory budget of a training step: bytes (or a size such as
+            "12GB", "11.5GiB"), "auto" (the GPU's free memory; no limit on the CPU) or
+            "none"; the encoder picks the fastest memory plan that fits
+            (:mod:`promptus.memory`). Execution only: results are the same up to
+            floating-point rounding.
+        compile: torch.compile mode of the training step, or "off" (eager). Execution
+            only, like ``max_memory``; off by default because compiled kernels round
+            differently from eager ones.
     """
 
     iters_first: int = 10_000
@@ -204,8 +214,18 @@ class TrainConfig:
     init_latent: str = "vae"
     init_precision: str = "fp16"
     seed: int = 0
+    max_memory: int | str = "auto"
+    compile: str = "off"
+
+    #: Settings that change how training runs, not what it computes (a resumed run may change them).
+    EXECUTION = ("max_memory", "compile")
 
     def __post_init__(self) -> None:
+        from .memory import parse_memory
+
+        object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
+        if self.compile not in COMPILE_MODES:
+            raise PromptusError(f"compile={self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
         for name in ("iters_first", "iters", "patience_first", "patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -221,6 +241,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def result_dict(self) -> dict[str, Any]:
+        """The settings that determine the result (all but :attr:`EXECUTION`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from .backends.base import Backend
@@ -37,6 +38,7 @@ from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
 from .errors import EncodeAborted, PromptusError, VideoError
 from .files import OutputLock, atomic_write, check_writable, open_append, read_regular
+from .memory import MemoryPlan, PlanChoice, choose_plan, estimate, resolve_budget
 from .metrics.frames import clip_psnr, psnr_from_mse
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, kbps, quantize
 from .schedule import OneStep, to_model_range
@@ -109,6 +111,97 @@ def frames_digest(frames: torch.Tensor) -> str:
     return h.hexdigest()[:32]
 
 
+class TrainingStep:
+    """Forward and backward of one training iteration: prompt embeddings → frames → per-frame loss → gradients.
+
+    ``step(plan, z, timestep, ctx, targets, target_feats, weights, scale)`` generates
+    the frames of ``ctx`` (n×77×1024, requiring grad) from ``z``, scores them against
+    ``targets`` and backpropagates ``scale(Σ weights·loss / Σ weights)`` into ``ctx``'s
+    graph (so into the factors), following the :class:`~promptus.memory.MemoryPlan`:
+    every plan leaves the same gradient, up to floating-point rounding. Returns the
+    per-frame losses, MSEs and generated frames (detached). ``compile`` is a
+    ``torch.compile`` mode (or "off") for the generate-and-score forward; autograd
+    compiles its backward too.
+    """
+
+    def __init__(self, unet, decoder, loss_fn, onestep: OneStep, dtype: torch.dtype, autocast, *,
+                 compile: str = "off", compile_backend: str = "inductor"):
+        self.unet, self.decoder, self.loss_fn, self.onestep = unet, decoder, loss_fn, onestep
+        self.dtype, self.autocast = dtype, autocast
+        self.compile = compile
+        self.forward = self._forward
+        if compile != "off":
+            # static shapes: a segment's frame count is fixed, a shorter last segment compiles once more
+            self.forward = torch.compile(self._forward, mode=None if compile == "default" else compile,
+                                         backend=compile_backend, dynamic=False)
+
+    def target_features(self, targets: torch.Tensor) -> list[torch.Tensor] | None:
+        """VGG-19 features of the real frames (None when the perceptual term is off)."""
+        with torch.no_grad(), self.autocast():
+            return self.loss_fn.target_features(targets)
+
+    def _forward(self, z, timestep, ctx, targets, target_feats, checkpoint: tuple[str, ...]):
+        """Frames (float32, [-1, 1]) and per-frame losses, recomputing the parts in ``checkpoint`` on backward."""
+        def generate(z, timestep, ctx):
+            return self.unet(z, timestep, encoder_hidden_states=ctx.to(self.dtype), return_dict=False)[0]
+
+        def decode(x0):
+            return self.decoder(x0.to(self.dtype)).float()
+
+        eps = _maybe_checkpoint("unet" in checkpoint, generate, z, timestep, ctx)
+        x0 = self.onestep.x0(z.float(), eps.float())
+        image = _maybe_checkpoint("decoder" in checkpoint, decode, x0)
+        with self.autocast():
+            # the loss checkpoints VGG stage by stage itself: as one piece it would come back whole
+            # during its backward, while the UNet's and decoder's activations are still held
+            per_frame = self.loss_fn(image, targets, ctx, target_feats=target_feats, checkpoint="loss" in checkpoint)
+        return image, per_frame
+
+    def __call__(self, plan: MemoryPlan, z, timestep, ctx, targets, target_feats, weights, scale):
+        n = z.shape[0]
+        mb = plan.micro(n)
+        if self.compile == "reduce-overhead" and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's graph outputs are dead
+        if mb >= n:  # one pass: the gradient flows straight from the loss into the factors
+            if target_feats is None:
+                target_feats = self.target_features(targets)
+            image, per_frame = self.forward(z, timestep, ctx, targets, target_feats, plan.checkpoint)
+            scale((per_frame * weights).sum() / weights.sum()).backward()
+            with torch.no_grad():
+                mse = (image.clamp(-1, 1) - targets).pow(2).mean(dim=(1, 2, 3))
+            return per_frame.detach(), mse, self._keep(image.detach())
+        # Micro-batches: backpropagate each group into a detached copy of the embedding, whose gradient
+        # rows are summed there; then once through the factors. The loss is normalised by the whole
+        # batch's weights, so the groups' losses add up to the full batch's.
+        leaf = ctx.detach().requires_grad_()
+        total = weights.sum()
+        losses, mses, images = [], [], []
+        for i in range(0, n, mb):
+            sl = slice(i, i + mb)
+            feats = ([f[sl] for f in target_feats] if target_feats is not None
+                     else self.target_features(targets[sl]))
+            image, per_frame = self.forward(z[sl], timestep[sl], leaf[sl], targets[sl], feats, plan.checkpoint)
+            scale((per_frame * weights[sl]).sum() / total).backward()
+            with torch.no_grad():
+                mses.append((image.clamp(-1, 1) - targets[sl]).pow(2).mean(dim=(1, 2, 3)))
+            losses.append(per_frame.detach().clone())  # a CUDA graph's output is overwritten by its next replay
+            images.append(image.detach().clone())
+            del image, per_frame, feats
+        ctx.backward(leaf.grad)
+        return torch.cat(losses), torch.cat(mses), torch.cat(images)
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        # outputs of a CUDA-graph replay are overwritten by the next one: copy what outlives the step
+        return t.clone() if self.compile == "reduce-overhead" else t
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    if not enabled:
+        return fn(*args)
+    # Non-reentrant: the frozen networks' inputs need not require grad; nothing random to replay.
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 class Encoder:
     """Turns a clip into a .promptus bitstream.
 
@@ -124,11 +217,18 @@ class Encoder:
     polled after every iteration; when it returns true the encode raises
     :class:`promptus.errors.EncodeAborted` and the finished keyframes stay in the
     checkpoint for ``resume=True``.
+
+    Memory: ``train.max_memory`` (bytes, "auto" or "none") bounds the training step's
+    peak; for each segment length the fastest :class:`~promptus.memory.MemoryPlan`
+    that fits is chosen and logged ("auto": the GPU's free memory, no limit on the
+    CPU). ``plan`` forces one plan instead. Every plan gives the same gradients up to
+    floating-point rounding; without a limit the default plan runs, as before.
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
-                 backend: Backend | None = None, should_stop: Callable[[], bool] | None = None):
+                 backend: Backend | None = None, should_stop: Callable[[], bool] | None = None,
+                 plan: MemoryPlan | None = None):
         from .backends import default_dtype, make_backend, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
@@ -157,6 +257,46 @@ class Encoder:
         self.identity = models.identity()
         # fp16 gradients through a UNet underflow without loss scaling.
         self.use_scaler = self.device.type == "cuda" and self.dtype == torch.float16
+        self.forced_plan = plan
+        self._plans: dict[int, PlanChoice] = {}
+        self._step: TrainingStep | None = None
+
+    # ------------------------------------------------------------ memory
+
+    def resident_bytes(self) -> int:
+        """Bytes held before a training step: on CUDA all this process has allocated, else the weights."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        modules = [self.models.unet, self.models.taesd, self.models.vae]
+        if self.loss_fn.perceptual is not None:
+            modules.append(self.loss_fn.perceptual)
+        return sum(t.numel() * t.element_size() for m in modules if m is not None
+                   for t in (*m.parameters(), *m.buffers()))
+
+    def plan_for(self, frames: int) -> PlanChoice:
+        """The memory plan for segments of ``frames`` frames (chosen once per length, logged)."""
+        if frames in self._plans:
+            return self._plans[frames]
+        c = self.codec
+        budget, source = resolve_budget(self.train.max_memory, self.device)
+        resident = self.resident_bytes()
+        perceptual = self.loss_fn.uses_perceptual
+        if self.forced_plan is not None:
+            choice = PlanChoice(estimate(self.forced_plan.for_frames(frames), frames, c.width * c.height, resident,
+                                         perceptual=perceptual), budget, "given by the caller")
+        else:
+            choice = choose_plan(frames, c.width * c.height, budget, resident, perceptual=perceptual, source=source)
+        level = logging.DEBUG if choice.plan.is_default and budget is None else logging.INFO
+        log.log(level, "memory plan for %d-frame steps: %s (%s)", frames, choice.estimate.describe(), choice.reason)
+        self._plans[frames] = choice
+        return choice
+
+    def step_for(self, onestep: OneStep) -> TrainingStep:
+        """The training step (built once, so that a compiled step is compiled once per shape)."""
+        if self._step is None or self._step.onestep != onestep:
+            self._step = TrainingStep(self.models.unet, self.models.taesd.decoder, self.loss_fn, onestep, self.dtype,
+                                      self._loss_autocast, compile=self.train.compile)
+        return self._step
 
     def _make_loss(self, vgg):
         from .losses import InversionLoss, PerceptualLoss, load_vgg19
@@ -233,7 +373,6 @@ class Encoder:
         patience = t.patience_first if first else t.patience
         n = targets.shape[0]
         device, dtype = self.device, self.dtype
-        unet, decoder = self.models.unet, self.models.taesd.decoder
 
         U, V = self._init_factors(k)
         rU, rV = RunningRange(), RunningRange()
@@ -244,16 +383,19 @@ class Encoder:
         timestep = torch.full((n,), c.timestep, device=device, dtype=torch.long)
         if prev is not None:
             U0, V0 = prev.U.to(device), prev.V.to(device)
-        with torch.no_grad(), self._loss_autocast():
-            target_feats = self.loss_fn.target_features(targets)
+        plan = self.plan_for(n).plan
+        step = self.step_for(onestep)
+        target_feats = step.target_features(targets) if plan.cache_targets else None
         weights = torch.ones(n, device=device)
 
         best_loss, best_it, best = math.inf, -1, None
         window_best = math.inf  # best loss when the current patience window started
         countdown = patience
         for it in range(iters):
-            rU.update(U)
-            rV.update(V)
+            with torch.no_grad():  # the factors' extremes in one host transfer, not four
+                uv = torch.stack([U.min(), U.max(), V.min(), V.max()]).tolist()
+            rU.include(uv[0], uv[1])
+            rV.include(uv[2], uv[3])
             pU, pV = rU.params(), rV.params()
             Uq, Vq = fake_quantize(U, *pU), fake_quantize(V, *pV)
             if prev is None:
@@ -261,22 +403,12 @@ class Encoder:
             else:
                 u, v = interpolate_factors(U0, V0, Uq, Vq, c.interval)
                 ctx = embedding(u[:n], v[:n])
-            eps = unet(z_in, timestep, encoder_hidden_states=ctx.to(dtype), return_dict=False)[0]
-            x0 = onestep.x0(z_in.float(), eps.float())
-            image = decoder(x0.to(dtype)).float()
-            with self._loss_autocast():
-                per_frame = self.loss_fn(image, targets, ctx, target_feats=target_feats)
-            loss = (per_frame * weights).sum() / weights.sum()
-
             snapshot = (U.detach().clone(), V.detach().clone())  # the iterate this loss belongs to
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            per_frame, mse, image = step(plan, z_in, timestep, ctx, targets, target_feats, weights, scaler.scale)
             scaler.step(opt)
             scaler.update()
-
-            with torch.no_grad():
-                mse = (image.clamp(-1, 1) - targets).pow(2).mean(dim=(1, 2, 3))
-                stats = torch.cat([per_frame.detach(), mse]).tolist()  # one host sync per iteration
+            stats = torch.cat([per_frame, mse]).tolist()  # one host sync per iteration
             frame_losses, frame_mse = stats[:n], stats[n:]
             mean_loss = sum(frame_losses) / n
             if mean_loss < best_loss:
@@ -299,7 +431,7 @@ class Encoder:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:g}", refresh=False)
             if self.callback is not None:
                 self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr,
-                               "frames": image.detach()})
+                               "frames": image})
             if self.should_stop is not None and self.should_stop():
                 raise EncodeAborted(f"encoding stopped on request during keyframe {k}; the {k} finished keyframes "
                                     "are kept in the checkpoint: resume to continue", keyframes_done=k)
@@ -340,7 +472,7 @@ class Encoder:
         ckpt_bs, ckpt_json = checkpoint_paths(out)
         log_path = out.with_name(out.name + ".log.jsonl")
         digest = frames_digest(frames)
-        state_meta = {"version": CHECKPOINT_VERSION, "codec": c.to_dict(), "train": self.train.to_dict(),
+        state_meta = {"version": CHECKPOINT_VERSION, "codec": c.to_dict(), "train": self.train.result_dict(),
                       "frame_count": N, "frames": digest, "model": self.identity.hexdigest,
                       "precision": str(self.dtype), "device": self.device.type}
 

@@ -26,6 +26,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .errors import ModelNotFoundError
@@ -89,6 +90,24 @@ class VGG19Features(nn.Module):
                 if i == last:
                     break
         return outputs
+
+    def stages(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` ranges of ``features`` for the five stages: convs up to and with a max-pool.
+
+        The last stage stops after the 16th conv, as :meth:`forward` does.
+        """
+        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        bounds = [0, *(i + 1 for i in pools[:-1]), self._conv_indices[-1] + 1]
+        return tuple(zip(bounds[:-1], bounds[1:]))
+
+    def run(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Layers ``start:stop`` on ``x``: their output and the conv outputs (pre-ReLU) among them."""
+        outputs = []
+        for i in range(start, stop):
+            x = self.features[i](x)
+            if i in self._conv_indices:
+                outputs.append(x)
+        return x, outputs
 
 
 def _conv_shapes() -> dict[int, tuple[int, int]]:
@@ -296,29 +315,41 @@ class PerceptualLoss(nn.Module):
         self.vgg.eval()  # VGG-19 has no dropout or batch norm in `features`, but stay frozen regardless
         return self
 
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         x = ((x + 1) / 2 - self.mean.to(x.device)) / self.std.to(x.device)
-        weight_dtype = self.vgg.features[0].weight.dtype
-        return self.vgg(x.to(weight_dtype))  # no-op for a float32 VGG; autocast still applies
+        return x.to(self.vgg.features[0].weight.dtype)  # no-op for a float32 VGG; autocast still applies
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.vgg(self._normalise(images))
 
     def target_features(self, target: torch.Tensor) -> list[torch.Tensor]:
-        """The 16 conv outputs of the real frames (float32, detached), for reuse as ``target_feats``."""
+        """The 16 conv outputs of the real frames (detached), for reuse as ``target_feats``.
+
+        They keep VGG's output precision (bf16 under a bf16 autocast, else float32):
+        the loss compares them in float32 either way, so storing them wider would
+        only double their memory.
+        """
         if target.dim() != 4 or target.shape[1] != 3:
             raise ValueError(f"target frames must be B×3×H×W, got {tuple(target.shape)}")
         with torch.no_grad():
-            return [f.float() for f in self._features(target)]
+            return list(self._features(target))
 
     def forward(
         self,
         generated: torch.Tensor,
         target: torch.Tensor | None = None,
         target_feats: list[torch.Tensor] | None = None,
+        *,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """Per-sample loss (B,) between ``generated`` and ``target`` (or its precomputed features).
 
         Give exactly one of ``target`` and ``target_feats``; a target batch of 1 is
-        compared with every generated frame.
+        compared with every generated frame. ``checkpoint=True`` runs VGG stage by
+        stage under activation checkpointing, each stage with its layers' feature
+        differences, so that backward keeps one stage's activations at a time (the
+        same result, one more VGG forward).
         """
         if (target is None) == (target_feats is None):
             raise TypeError("PerceptualLoss: give exactly one of target and target_feats")
@@ -327,19 +358,37 @@ class PerceptualLoss(nn.Module):
             target_feats = self.target_features(target)
         elif generated.dim() != 4 or generated.shape[1] != 3:
             raise ValueError(f"generated frames must be B×3×H×W, got {tuple(generated.shape)}")
-        feats = self._features(generated)
         assert target_feats is not None
-        if len(target_feats) != len(feats):
-            raise ValueError(f"target_feats has {len(target_feats)} layers, VGG-19 gives {len(feats)}")
-        per_layer = []
-        for g, t in zip(feats, target_feats):
-            if t.shape[1:] != g.shape[1:] or t.shape[0] not in (1, g.shape[0]):
-                raise ValueError(
-                    f"target features {tuple(t.shape)} do not fit generated features {tuple(g.shape)}: "
-                    "were they computed from frames of another size?"
-                )
-            per_layer.append(_per_sample_mse(g, t.to(g.device)))
+        if len(target_feats) != len(VGG19_CONV_INDICES):
+            raise ValueError(f"target_feats has {len(target_feats)} layers, VGG-19 gives {len(VGG19_CONV_INDICES)}")
+        if not checkpoint:
+            return torch.stack(_layer_losses(self._features(generated), target_feats)).mean(dim=0)
+        x = self._normalise(generated)
+        per_layer: list[torch.Tensor] = []
+        for start, stop in self.vgg.stages():
+            convs = sum(1 for i in range(start, stop) if i in VGG19_CONV_INDICES)
+            stage_targets = target_feats[len(per_layer):len(per_layer) + convs]
+            x, *losses = torch.utils.checkpoint.checkpoint(self._stage, x, start, stop, *stage_targets,
+                                                           use_reentrant=False, preserve_rng_state=False)
+            per_layer += losses
         return torch.stack(per_layer).mean(dim=0)
+
+    def _stage(self, x: torch.Tensor, start: int, stop: int, *target_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, feats = self.vgg.run(x, start, stop)
+        return (x, *_layer_losses(feats, target_feats))
+
+
+def _layer_losses(feats, target_feats) -> list[torch.Tensor]:
+    """Per-sample MSE (B,) of each generated conv output against the target's."""
+    per_layer = []
+    for g, t in zip(feats, target_feats):
+        if t.shape[1:] != g.shape[1:] or t.shape[0] not in (1, g.shape[0]):
+            raise ValueError(
+                f"target features {tuple(t.shape)} do not fit generated features {tuple(g.shape)}: "
+                "were they computed from frames of another size?"
+            )
+        per_layer.append(_per_sample_mse(g, t.to(g.device)))
+    return per_layer
 
 
 class LossTerms(NamedTuple):
@@ -389,8 +438,14 @@ class InversionLoss(nn.Module):
         target: torch.Tensor,
         context: torch.Tensor,
         target_feats: list[torch.Tensor] | None = None,
+        *,
+        checkpoint: bool = False,
     ) -> LossTerms:
-        """The weighted total and the three unweighted terms, each per frame (B,), in float32."""
+        """The weighted total and the three unweighted terms, each per frame (B,), in float32.
+
+        ``checkpoint``: run the perceptual term under activation checkpointing
+        (:meth:`PerceptualLoss.forward`).
+        """
         _check_pair(generated, target)
         batch = generated.shape[0]
         if context.dim() < 2 or context.shape[0] not in (1, batch):
@@ -401,9 +456,9 @@ class InversionLoss(nn.Module):
         if self.uses_perceptual:
             assert self.perceptual is not None
             if target_feats is not None:
-                perc = self.perceptual(generated, target_feats=target_feats)
+                perc = self.perceptual(generated, target_feats=target_feats, checkpoint=checkpoint)
             else:
-                perc = self.perceptual(generated, target)
+                perc = self.perceptual(generated, target, checkpoint=checkpoint)
         else:  # off: skip VGG entirely
             perc = torch.zeros(batch, dtype=torch.float32, device=generated.device)
         total = self.mse_weight * mse + self.perceptual_weight * perc + self.reg_weight * reg
@@ -415,6 +470,8 @@ class InversionLoss(nn.Module):
         target: torch.Tensor,
         context: torch.Tensor,
         target_feats: list[torch.Tensor] | None = None,
+        *,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """Per-frame loss (B,); differentiable w.r.t. ``generated`` and ``context``."""
-        return self.terms(generated, target, context, target_feats).total
+        return self.terms(generated, target, context, target_feats, checkpoint=checkpoint).total

@@ -122,8 +122,12 @@ class RunningRange:
 
     def update(self, x: torch.Tensor) -> None:
         xd = x.detach()
-        self.lo = min(self.lo, float(xd.min()))
-        self.hi = max(self.hi, float(xd.max()))
+        self.include(float(xd.min()), float(xd.max()))
+
+    def include(self, lo: float, hi: float) -> None:
+        """Widen the range to cover ``lo`` and ``hi`` (a tensor's extremes, already on the host)."""
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
 
     def params(self) -> tuple[float, int]:
         return quant_params(self.lo, self.hi)

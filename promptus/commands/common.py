@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, TrainConfig
+from ..config import COMPILE_MODES, INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, TrainConfig
 from ..errors import PromptusError
 
 log = logging.getLogger("promptus")
@@ -78,6 +78,12 @@ def add_encode_args(p: argparse.ArgumentParser, *, rate: bool = True,
         choices=["on", "off"], default="on" if train.perceptual else "off")
     p.add_argument("--vgg", default=None, help="local VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth)")
     add("--seed", "latent noise seed", type=int, default=codec.seed, note=f"default: {codec.seed}, as published")
+    add("--max-memory", "memory budget of a training step: a size such as 12GB or 11.5GiB (GB = 10^9 bytes, "
+        "GiB = 2^30), 'auto' (90%% of the GPU's free memory; no limit on the CPU) or 'none'; the fastest memory "
+        "plan that fits is chosen and logged", default=train.max_memory, metavar="SIZE")
+    add("--compile-step", "torch.compile the training step; reduce-overhead adds CUDA graphs. Faster after a "
+        "compilation of a minute or two; rounds slightly differently from eager", choices=COMPILE_MODES,
+        default=train.compile)
     assert not defaults, f"unknown encoder options {sorted(defaults)}"
 
 
@@ -94,7 +100,8 @@ def codec_from_args(args, fps: float = CodecConfig.fps, **changes) -> CodecConfi
 def train_from_args(args) -> TrainConfig:
     """The trainer settings of the encoder options."""
     return TrainConfig(iters_first=args.iters_first, iters=args.iters, perceptual=args.perceptual == "on",
-                       init_latent=args.init_latent, init_precision=args.init_precision)
+                       init_latent=args.init_latent, init_precision=args.init_precision,
+                       max_memory=args.max_memory, compile=args.compile_step)
 
 
 def load_models(args, device, *, need_vae: bool = False, dtype=None):
