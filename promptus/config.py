@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,46 @@ class CodecConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: Bytes in a GB (as disks and GPU makers count) and in a GiB (as CUDA and nvidia-smi count).
+GB, GIB = 10**9, 2**30
+_UNITS = {"": None, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?(b)?\s*$", re.IGNORECASE)
+
+MEMORY_HELP = ("a size such as 12GB, 11.5GiB or 8000MB (GB = 10^9 bytes, GiB = 2^30 bytes), "
+               "'auto' (the GPU's free memory; no limit on the CPU) or 'none' (no limit)")
+
+
+def parse_memory(text: str | int | float) -> int | str:
+    """A memory budget: bytes (int) from ``"12GB"``, ``"11.5GiB"``, ``"8000MB"``; or ``"auto"`` / ``"none"``.
+
+    K, M, G, T (with or without B) are powers of 1000, Ki, Mi, Gi, Ti powers of 1024;
+    a bare number needs a unit. Raises :class:`PromptusError` with the accepted forms.
+    """
+    if isinstance(text, bool):
+        raise PromptusError(f"max memory {text!r}: expected {MEMORY_HELP}")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text <= 0:
+            raise PromptusError(f"max memory {text!r} must be a positive number of bytes")
+        return int(text)
+    if not isinstance(text, str):
+        raise PromptusError(f"max memory {text!r}: expected {MEMORY_HELP}")
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return word
+    m = _SIZE.match(text)
+    if not m:
+        raise PromptusError(f"max memory {text!r} is not a size; write {MEMORY_HELP}")
+    number, prefix, b = m.groups()
+    unit = (prefix or "").lower()
+    if not unit and not b:
+        raise PromptusError(f"max memory {text!r} has no unit; write e.g. {text.strip()}GB ({MEMORY_HELP})")
+    value = float(number) * (_UNITS[unit] if unit else 1)
+    if value < 1:
+        raise PromptusError(f"max memory {text!r} must be positive")
+    return int(value)
+
+
 INIT_LATENT_SOURCES = ("vae", "taesd")
 INIT_PRECISIONS = ("fp32", "fp16", "int8")
 #: torch.compile modes of the training step ("off": eager; "reduce-overhead" adds CUDA graphs on a GPU).
@@ -221,8 +262,6 @@ class TrainConfig:
     EXECUTION = ("max_memory", "compile")
 
     def __post_init__(self) -> None:
-        from .memory import parse_memory
-
         object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.compile not in COMPILE_MODES:
             raise PromptusError(f"compile={self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")

@@ -36,54 +36,14 @@ smaller ones.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from itertools import combinations
 
+from .config import GB, GIB, MEMORY_HELP, parse_memory  # noqa: F401 - part of this module's interface
 from .errors import PromptusError
 
 #: The parts of a training iteration that can be checkpointed, in forward order.
 CHECKPOINTABLE = ("unet", "decoder", "loss")
-
-GB, GIB = 10**9, 2**30
-_UNITS = {"": None, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?(b)?\s*$", re.IGNORECASE)
-
-MEMORY_HELP = ("a size such as 12GB, 11.5GiB or 8000MB (GB = 10^9 bytes, GiB = 2^30 bytes), "
-               "'auto' (the GPU's free memory; no limit on the CPU) or 'none' (no limit)")
-
-
-def parse_memory(text: str | int | float) -> int | str:
-    """A memory budget: bytes (int) from ``"12GB"``, ``"11.5GiB"``, ``"8000MB"``; or ``"auto"`` / ``"none"``.
-
-    K, M, G, T (with or without B) are powers of 1000, Ki, Mi, Gi, Ti powers of 1024;
-    a bare number needs a unit. Raises :class:`PromptusError` with the accepted forms.
-    """
-    if isinstance(text, bool):
-        raise PromptusError(f"max memory {text!r}: expected {MEMORY_HELP}")
-    if isinstance(text, (int, float)):
-        if not math.isfinite(text) or text <= 0:
-            raise PromptusError(f"max memory {text!r} must be a positive number of bytes")
-        return int(text)
-    if not isinstance(text, str):
-        raise PromptusError(f"max memory {text!r}: expected {MEMORY_HELP}")
-    word = text.strip().lower()
-    if word in ("auto", "none"):
-        return word
-    m = _SIZE.match(text)
-    if not m:
-        raise PromptusError(f"max memory {text!r} is not a size; write {MEMORY_HELP}")
-    number, prefix, b = m.groups()
-    unit = (prefix or "").lower()
-    if not unit and not b:
-        raise PromptusError(f"max memory {text!r} has no unit; write e.g. {text.strip()}GB ({MEMORY_HELP})")
-    value = float(number) * (_UNITS[unit] if unit else 1)
-    if value < 1:
-        raise PromptusError(f"max memory {text!r} must be positive")
-    return int(value)
-
 
 def format_bytes(n: float) -> str:
     """``12.3 GiB`` / ``512 MiB``: binary units, as CUDA and nvidia-smi count."""

@@ -6,7 +6,8 @@ import argparse
 import logging
 import math
 
-from ..config import CodecConfig
+from ..bench import BENCH_BUDGETS
+from ..config import COMPILE_MODES, CodecConfig
 
 log = logging.getLogger("promptus")
 
@@ -62,6 +63,13 @@ def register(subparsers) -> None:
     b.add_argument("--starts", nargs="+", default=None, metavar="BACKEND",
                    help="backends whose cold and warm start are measured, two fresh processes each: all, none, or "
                         "names (default: all on a GPU, none on the CPU)")
+    b.add_argument("--budgets", default=",".join(BENCH_BUDGETS),
+                   help=f"--encode: memory budgets to run the trainer under (default: {','.join(BENCH_BUDGETS)}; "
+                        "'' for none)")
+    b.add_argument("--compile-step", choices=COMPILE_MODES, default=None,
+                   help="--encode: torch.compile mode of the compiled-trainer row (default: reduce-overhead on "
+                        "CUDA, off on the CPU)")
+    b.add_argument("--no-profile", action="store_true", help="--encode: skip the profile of keyframe 0's step")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=run)
 
@@ -85,17 +93,38 @@ def format_encode_table(result: dict) -> str:
         f"encode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
         f"{result['size']}×{result['size']}, T={result['interval']}, rank {result['rank']}, "
         f"perceptual {'on' if result['perceptual'] else 'off'}",
-        f"{'procedure':28} {'passes/it':>9} {'ms/it (segment)':>16} {'s/keyframe':>11} {'ms/it (kf 0)':>13} "
-        f"{'s keyframe 0':>13} {'peak GiB':>9} {'speedup':>8}",
+        f"{'procedure':36} {'passes/it':>9} {'ms/it (segment)':>16} {'s/keyframe':>11} {'ms/it (kf 0)':>13} "
+        f"{'s keyframe 0':>13} {'peak GiB':>9} {'speedup':>8} {'kf 0':>7} {'clip min':>9}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['procedure']:28} {r['passes_per_iteration']:>9} {r['ms_per_iteration_segment']:>16.1f} "
+            f"{r['procedure']:36} {r['passes_per_iteration']:>9} {r['ms_per_iteration_segment']:>16.1f} "
             f"{r['s_per_keyframe']:>11.1f} {r['ms_per_iteration_first']:>13.1f} {r['s_keyframe0']:>13.1f} "
-            f"{r['peak_gib']:>9.2f} {r['speedup']:>7.2f}×"
+            f"{r['peak_gib']:>9.2f} {r['speedup']:>7.2f}× {r['speedup_first']:>6.2f}× {r['s_clip'] / 60:>9.1f}"
         )
     lines.append("s/keyframe: a later keyframe at the published 1500 iterations; keyframe 0 at 10 000. "
-                 "speedup: per later keyframe, against the published procedure in this run.")
+                 "speedup: per later keyframe, kf 0: per keyframe 0, against the published procedure in this run. "
+                 f"clip min: a {result.get('clip_frames', 141)}-frame clip at the published iteration counts.")
+    if result.get("plans"):
+        lines.append(f"{'budget':>8} {'plan chosen for a segment':58} {'est. GiB':>9} {'peak GiB':>9} "
+                     f"{'reserved':>9} {'ms/it':>7} {'speed':>6} {'clip min':>9}")
+        for p in result["plans"]:
+            if p["status"] != "ok":
+                lines.append(f"{p['budget']:>8} {p['plan'][:58]:58} {p['status']}")
+                continue
+            lines.append(f"{p['budget']:>8} {p['plan'][:58]:58} {p['estimated_gib']:>9.2f} {p['peak_gib']:>9.2f} "
+                         f"{p['reserved_gib']:>9.2f} {p['ms_per_iteration_segment']:>7.1f} "
+                         f"{p['relative_speed']:>6.0%} {p['s_clip'] / 60:>9.1f}")
+        lines.append("speed: against the unconstrained eager trainer; keyframe 0 (one frame) fits every budget "
+                     "unconstrained. GB = 10^9 bytes; the budget is enforced with the allocator's memory fraction.")
+    prof = result.get("profile_first") or {}
+    if prof:
+        top = ", ".join(f"{name} {ms:.1f}" for name, ms in prof["top_kernels_ms"][:3])
+        lines.append(f"keyframe 0 eager step: {prof['wall_ms']:.1f} ms wall, GPU busy {prof['gpu_busy_ms']:.1f} ms "
+                     f"({prof['gpu_busy_ms'] / prof['wall_ms']:.0%}), {prof['kernels_per_iteration']:.0f} kernels per "
+                     f"iteration; top kernels (ms): {top}")
+    if "compile_error" in result:
+        lines.append(f"compiled trainer failed: {result['compile_error']}")
     return "\n".join(lines)
 
 
@@ -152,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
     if args.encode:
         result = bench_encode(model=args.model, device=str(device), size=args.size, interval=args.interval,
                               rank=args.rank, iters=args.iters, iters_published=args.iters_published,
-                              warmup=args.warmup, perceptual=args.perceptual == "on", json_path=args.json)
+                              warmup=args.warmup, perceptual=args.perceptual == "on", json_path=args.json,
+                              budgets=[b for b in args.budgets.split(",") if b.strip()], compile=args.compile_step,
+                              profile=not args.no_profile)
         print(format_encode_table(result))
     else:
         starts = args.starts if args.starts is not None else (["none"] if device.type == "cpu" else ["all"])
