@@ -179,7 +179,7 @@ def _time_published(models, vgg, size, interval, rank, iters, warmup, device, fr
 
 
 def _time_ours(models, vgg, size, interval, rank, iters, warmup, device, *, max_memory="none", compile="off",
-               first: bool = True) -> dict:
+               kinds=("segment", "first")) -> dict:
     """ms per iteration of a later keyframe (and of keyframe 0), peak memory, and the plan chosen for a segment.
 
     One encoder serves the warm-up and the timed run, so that a compiled step compiles once per shape.
@@ -200,7 +200,7 @@ def _time_ours(models, vgg, size, interval, rank, iters, warmup, device, *, max_
                      max_memory=max_memory, compile=compile)
     enc = Encoder(cfg, tc, models, device=device, vgg=vgg, progress=False)
     out = {"plan": enc.plan_for(interval)}
-    for kind in ("segment", "first") if first else ("segment",):
+    for kind in kinds:
         def run(n):
             enc.train = tc.replace(iters_first=n, iters=n)
             if kind == "first":
@@ -345,7 +345,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
             if total is not None and isinstance(nbytes, int):
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), dev)
-            got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, max_memory=nbytes, first=False)
+            got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, max_memory=nbytes, kinds=("segment",))
             choice = got["plan"]
             row.plan = choice.plan.describe(interval)
             row.estimated_gib = choice.estimate.peak_bytes / GIB
@@ -369,13 +369,21 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         result["profile_first"] = profile_first_step(m, vgg, size, interval, rank, dev)
         save()
 
-    if compile != "off":
+    if compile != "off":  # last: compiling takes minutes; each shape is saved as soon as it is timed
+        row = EncodeTiming(f"promptus (compiled {compile}, {label})", 1, math.nan, math.nan, math.nan)
+        result["compile_warmup_s"] = {}
         try:
-            got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, compile=compile)
-            row = EncodeTiming(f"promptus (compiled {compile}, {label})", 1, got["ms_segment"], got["ms_first"],
-                               max(got["peak_gib_segment"], got["peak_gib_first"]))
-            rows.append(row)
-            result["compile_warmup_s"] = {"segment": got["warmup_s_segment"], "first": got["warmup_s_first"]}
+            for kind in ("segment", "first"):
+                got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, compile=compile, kinds=(kind,))
+                if kind == "segment":
+                    row.ms_per_iteration_segment = got["ms_segment"]
+                    rows.append(row)
+                else:
+                    row.ms_per_iteration_first = got["ms_first"]
+                peak = got[f"peak_gib_{kind}"]
+                row.peak_gib = peak if math.isnan(row.peak_gib) else max(row.peak_gib, peak)
+                result["compile_warmup_s"][kind] = got[f"warmup_s_{kind}"]
+                save()
         except Exception as e:  # noqa: BLE001 - reported, the other rows stand
             log.exception("compiled trainer failed")
             result["compile_error"] = f"{type(e).__name__}: {e}"[:300]

@@ -253,3 +253,29 @@ def test_inductor_compiled_encoder_gives_the_same_factors(tiny, clip):
     assert sa["best_loss"] == pytest.approx(sb["best_loss"], rel=1e-4)
     torch.testing.assert_close(torch.as_tensor(a.V_q.dequantize()), torch.as_tensor(b.V_q.dequantize()),
                                atol=1.01 * max(a.V_q.scale, b.V_q.scale), rtol=0)
+
+
+# ------------------------------------------------------------------ benchmark table
+
+
+def test_bench_projects_the_clip_and_prints_every_part():
+    from promptus.bench import clip_seconds
+    from promptus.commands.bench import format_encode_table
+
+    # the H200 run: keyframe 0 at 71.8 ms/it × 10 000, 14 later keyframes at 143.8 ms/it × 1 500
+    assert clip_seconds(71.8, 143.8, 10) == pytest.approx(718 + 14 * 215.7)
+    row = dict(procedure="promptus (batched, fp16)", passes_per_iteration=1, ms_per_iteration_segment=143.8,
+               ms_per_iteration_first=71.8, peak_gib=19.4, s_per_keyframe=215.7, s_keyframe0=718.0, speedup=9.3,
+               speedup_first=1.6, s_clip=3738.0)
+    plan = dict(budget="12GB", budget_gib=11.18, plan="all frames in one pass, checkpointing unet + decoder",
+                estimated_gib=10.8, peak_gib=10.1, reserved_gib=10.6, ms_per_iteration_segment=203.0,
+                relative_speed=0.71, s_clip=5000.0, status="ok")
+    failed = dict(plan, budget="8GB", status="out of memory: CUDA out of memory")
+    result = dict(device="NVIDIA H200", torch="2.11", model="random", size=512, interval=10, rank=8, perceptual=True,
+                  clip_frames=141, rows=[row], plans=[plan, failed], compile_warmup_s={"segment": 95.0},
+                  profile_first=dict(wall_ms=72.0, gpu_busy_ms=20.0, kernels_per_iteration=2400,
+                                     top_kernels_ms=[["sm90_gemm", 3.0]]))
+    text = format_encode_table(result)
+    assert "62.3" in text  # the clip in minutes
+    assert "71%" in text and "out of memory" in text and "GPU busy 20.0 ms (28%)" in text
+    assert "warm-up (compilation) segment 95 s" in text

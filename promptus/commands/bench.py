@@ -123,6 +123,9 @@ def format_encode_table(result: dict) -> str:
         lines.append(f"keyframe 0 eager step: {prof['wall_ms']:.1f} ms wall, GPU busy {prof['gpu_busy_ms']:.1f} ms "
                      f"({prof['gpu_busy_ms'] / prof['wall_ms']:.0%}), {prof['kernels_per_iteration']:.0f} kernels per "
                      f"iteration; top kernels (ms): {top}")
+    if result.get("compile_warmup_s"):
+        lines.append("compiled trainer: warm-up (compilation) " + ", ".join(
+            f"{kind} {sec:.0f} s" for kind, sec in result["compile_warmup_s"].items()))
     if "compile_error" in result:
         lines.append(f"compiled trainer failed: {result['compile_error']}")
     return "\n".join(lines)
