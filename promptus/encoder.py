@@ -491,6 +491,10 @@ class Encoder:
         if init is None:
             init = self.init_latent(frames[0])
 
+        # Memory plans now, before any training: a budget that nothing fits fails here, and the log says
+        # which plan each step length gets before the progress bars start.
+        for n in sorted({1} | {min(k * c.interval, N - 1) - (k - 1) * c.interval for k in range(1, K)}):
+            self.plan_for(n)
         targets_all = frames  # uint8 on the CPU; moved per segment
         state = ClipState(self.backend, header, init)
         recon = torch.empty_like(frames)  # filled segment by segment: never a list plus a concatenation

@@ -45,6 +45,13 @@ from .errors import PromptusError
 #: The parts of a training iteration that can be checkpointed, in forward order.
 CHECKPOINTABLE = ("unet", "decoder", "loss")
 
+def _format_si(n: float) -> str:
+    for unit, f in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.4g} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_bytes(n: float) -> str:
     """``12.3 GiB`` / ``512 MiB``: binary units, as CUDA and nvidia-smi count."""
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
@@ -88,7 +95,7 @@ class MemoryPlan:
     def is_default(self) -> bool:
         return self.micro_batch is None and not self.checkpoint and self.cache_targets
 
-    def describe(self, frames: int | None = None) -> str:
+    def describe(self, frames: int | None = None, *, perceptual: bool = True) -> str:
         parts = []
         if frames == 1:
             parts.append("one frame")
@@ -100,7 +107,8 @@ class MemoryPlan:
             parts.append("all frames in one pass")
         if self.checkpoint:
             parts.append("checkpointing " + " + ".join(self.checkpoint))
-        parts.append("target features kept" if self.cache_targets else "target features recomputed")
+        if perceptual:
+            parts.append("target features kept" if self.cache_targets else "target features recomputed")
         return ", ".join(parts)
 
 
@@ -149,10 +157,11 @@ class PlanEstimate:
     frames: int
     peak_bytes: float
     ms_per_iteration: float
+    perceptual: bool = True
 
     def describe(self) -> str:
-        return (f"{self.plan.describe(self.frames)}; estimated peak {format_bytes(self.peak_bytes)}, "
-                f"~{self.ms_per_iteration:.0f} ms/iteration on an H200")
+        return (f"{self.plan.describe(self.frames, perceptual=self.perceptual)}; estimated peak "
+                f"{format_bytes(self.peak_bytes)}")
 
 
 def estimate(plan: MemoryPlan, frames: int, pixels: int, resident: float, *, perceptual: bool = True) -> PlanEstimate:
@@ -175,7 +184,7 @@ def estimate(plan: MemoryPlan, frames: int, pixels: int, resident: float, *, per
     base = _BASE_TFLOP if perceptual else _BASE_TFLOP - 2 * FORWARD_TFLOP["loss"]
     grow = 1 + extra / base
     ms = (plan.passes(frames) * LAUNCH_MS + frames * FRAME_MS * s) * grow
-    return PlanEstimate(plan, frames, peak, ms)
+    return PlanEstimate(plan, frames, peak, ms, perceptual)
 
 
 def candidate_plans(frames: int, *, perceptual: bool = True) -> list[MemoryPlan]:
@@ -209,24 +218,24 @@ def choose_plan(frames: int, pixels: int, budget: float | None, resident: float,
     :class:`PromptusError` when not even the leanest plan fits.
     """
     default = estimate(MemoryPlan(), frames, pixels, resident, perceptual=perceptual)
-    where = f" ({source})" if source else ""
     if budget is None:
-        return PlanChoice(default, None, f"no memory limit{where}")
+        return PlanChoice(default, None, f"no memory limit: {source}" if source else "no memory limit")
+    where = source or format_bytes(budget)
     if default.peak_bytes <= budget:
-        return PlanChoice(default, budget, f"the default plan fits the budget of {format_bytes(budget)}{where}")
+        return PlanChoice(default, budget, f"the default plan fits the budget, {where}")
     ests = [estimate(p, frames, pixels, resident, perceptual=perceptual)
             for p in candidate_plans(frames, perceptual=perceptual)]
     fits = [e for e in ests if e.peak_bytes <= budget]
     if not fits:
         lean = min(ests, key=lambda e: e.peak_bytes)
         raise PromptusError(
-            f"a training step of {frames} frames at {pixels} pixels each needs about "
-            f"{format_bytes(lean.peak_bytes)} even with {lean.plan.describe(frames)}, more than the memory budget "
-            f"of {format_bytes(budget)}{where}; raise --max-memory, or encode at a smaller --size or --interval")
+            f"a training step of {frames} frame{'s' if frames > 1 else ''} of {pixels} pixels needs about "
+            f"{format_bytes(lean.peak_bytes)} even with {lean.describe().split(';')[0]}, more than the memory "
+            f"budget, {where}; raise --max-memory, or encode at a smaller --size or --interval")
     best = min(fits, key=lambda e: (e.ms_per_iteration, e.peak_bytes))
-    reason = (f"the default plan would need ~{format_bytes(default.peak_bytes)}, over the budget of "
-              f"{format_bytes(budget)}{where}; this is the fastest plan that fits, at "
-              f"~{default.ms_per_iteration / best.ms_per_iteration:.0%} of the default's speed")
+    reason = (f"the default plan would need ~{format_bytes(default.peak_bytes)}, over the budget, {where}; "
+              f"this is the fastest plan that fits, at ~{default.ms_per_iteration / best.ms_per_iteration:.0%} "
+              "of the default's speed")
     return PlanChoice(best, budget, reason)
 
 
@@ -243,15 +252,17 @@ def resolve_budget(max_memory: int | str, device) -> tuple[float | None, str]:
     free memory plus what PyTorch's allocator already reserved.
     """
     if max_memory == "none":
-        return None, "--max-memory none"
+        return None, "max memory none"
     if isinstance(max_memory, int):
-        return float(max_memory), f"--max-memory {format_bytes(max_memory)}"
+        return float(max_memory), f"max memory {_format_si(max_memory)} = {format_bytes(max_memory)}"
     if max_memory != "auto":
         raise PromptusError(f"max memory {max_memory!r}: expected {MEMORY_HELP}")
     if getattr(device, "type", str(device)) != "cuda":
-        return None, "no limit on the CPU"
+        return None, "max memory auto: no limit on the CPU"
     import torch
 
     free, _total = torch.cuda.mem_get_info(device)
     usable = free + torch.cuda.memory_reserved(device)
-    return AUTO_FRACTION * usable, f"auto: {AUTO_FRACTION:.0%} of the {format_bytes(usable)} the GPU has free"
+    budget = AUTO_FRACTION * usable
+    return budget, (f"max memory auto = {format_bytes(budget)}, {AUTO_FRACTION:.0%} of the {format_bytes(usable)} "
+                    "the GPU has free")

@@ -77,7 +77,7 @@ def test_encode_command_rejects_a_bad_budget_before_loading_anything(tmp_path, c
 
 
 def test_auto_means_no_limit_on_the_cpu():
-    assert resolve_budget("auto", torch.device("cpu")) == (None, "no limit on the CPU")
+    assert resolve_budget("auto", torch.device("cpu")) == (None, "max memory auto: no limit on the CPU")
     assert resolve_budget("none", torch.device("cpu"))[0] is None
     assert resolve_budget(12 * GB, torch.device("cpu"))[0] == 12 * GB
 
@@ -279,3 +279,30 @@ def test_bench_projects_the_clip_and_prints_every_part():
     assert "62.3" in text  # the clip in minutes
     assert "71%" in text and "out of memory" in text and "GPU busy 20.0 ms (28%)" in text
     assert "warm-up (compilation) segment 95 s" in text
+
+
+def test_a_resumed_encode_may_change_the_budget(tiny, tmp_path):
+    """--max-memory and --compile-step are execution settings: an interrupted run resumes under another budget."""
+    clip = synthetic_clip(7, SIZE, SIZE)
+    out = tmp_path / "o.promptus"
+    fast = train(perceptual=False, iters_first=2, iters=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(m):
+        if m["keyframe"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Encoder(codec(), fast, tiny, device="cpu", progress=False, callback=stop_at_two).encode(clip, out)
+    lean = Encoder(codec(), fast.replace(max_memory="none", compile="default"), tiny, device="cpu", progress=False,
+                   plan=MemoryPlan(1, ("unet",)))
+    lean.step_for = lambda onestep: _eager_step(lean, onestep)  # no minutes-long CPU compile here
+    res = lean.encode(clip, out, resume=True)
+    assert [r.keyframe for r in res.keyframes] == [0, 1, 2]
+
+
+def _eager_step(enc, onestep):
+    return TrainingStep(enc.models.unet, enc.models.taesd.decoder, enc.loss_fn, onestep, enc.dtype,
+                        enc._loss_autocast)
