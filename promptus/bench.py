@@ -366,7 +366,11 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         save()
 
     if profile:
-        result["profile_first"] = profile_first_step(m, vgg, size, interval, rank, dev)
+        try:
+            result["profile_first"] = profile_first_step(m, vgg, size, interval, rank, dev)
+        except Exception as e:  # noqa: BLE001 - the profile is a diagnostic; the timings stand without it
+            log.exception("profiling keyframe 0's step failed")
+            result["profile_first"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         save()
 
     if compile != "off":  # last: compiling takes minutes; each shape is saved as soon as it is timed

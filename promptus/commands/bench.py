@@ -118,7 +118,9 @@ def format_encode_table(result: dict) -> str:
         lines.append("speed: against the unconstrained eager trainer; keyframe 0 (one frame) fits every budget "
                      "unconstrained. GB = 10^9 bytes; the budget is enforced with the allocator's memory fraction.")
     prof = result.get("profile_first") or {}
-    if prof:
+    if "error" in prof:
+        lines.append(f"profile of keyframe 0's step failed: {prof['error']}")
+    elif prof:
         top = ", ".join(f"{name} {ms:.1f}" for name, ms in prof["top_kernels_ms"][:3])
         lines.append(f"keyframe 0 eager step: {prof['wall_ms']:.1f} ms wall, GPU busy {prof['gpu_busy_ms']:.1f} ms "
                      f"({prof['gpu_busy_ms'] / prof['wall_ms']:.0%}), {prof['kernels_per_iteration']:.0f} kernels per "
