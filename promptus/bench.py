@@ -300,6 +300,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         "benchmark": "encode", "device": gpu, "torch": torch.__version__, "model": model, "size": size,
         "interval": interval, "rank": rank, "perceptual": perceptual, "iters_timed": iters,
         "iters_timed_published": iters_published, "clip_frames": CLIP_FRAMES, "compile": compile,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "rows": [], "plans": [], "profile_first": {},
     }
     published = TrainConfig()  # the published iteration counts
