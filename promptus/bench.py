@@ -367,6 +367,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         save()
 
     if profile:
+        log.info("encode bench: profile of keyframe 0's step")
         try:
             result["profile_first"] = profile_first_step(m, vgg, size, interval, rank, dev)
         except Exception as e:  # noqa: BLE001 - the profile is a diagnostic; the timings stand without it
@@ -375,6 +376,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         save()
 
     if compile != "off":  # last: compiling takes minutes; each shape is saved as soon as it is timed
+        log.info("encode bench: the trainer with its step compiled (%s); compiling takes minutes", compile)
         row = EncodeTiming(f"promptus (compiled {compile}, {label})", 1, math.nan, math.nan, math.nan)
         result["compile_warmup_s"] = {}
         try:
