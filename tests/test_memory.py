@@ -179,11 +179,11 @@ def reference(step, targets):
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.describe(T))
 def test_every_plan_gives_the_full_batch_gradient(step, targets, reference, plan):
     got = _segment_gradients(step, plan, targets)
-    for a, b in zip(got, reference):
+    for a, b, atol in zip(got, reference, (1e-7, 1e-7, 1e-7, 1e-7, 1e-5)):  # frames: pixels of about 1
         if plan.micro(T) == T:
             assert torch.equal(a, b)  # checkpointing recomputes the very same operations
         else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("plan", [MemoryPlan(1, ("unet", "decoder", "loss"), cache_targets=False), MemoryPlan(2)],
@@ -235,8 +235,8 @@ def test_compiled_step_traces_and_matches_eager(tiny, targets, reference):
     torch._dynamo.reset()
     for plan in (MemoryPlan(), MemoryPlan(2)):
         got = _segment_gradients(compiled, plan, targets)
-        for a, b in zip(got, reference):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for a, b, atol in zip(got, reference, (1e-6, 1e-6, 1e-6, 1e-6, 1e-5)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.skipif(os.environ.get("PROMPTUS_SLOW_TESTS") != "1",
