@@ -276,9 +276,11 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
     out; default: reduce-overhead on CUDA, off on the CPU, where inductor takes minutes).
     The JSON is rewritten after every part, so that a run cut short keeps what it measured.
     """
+    import os
+
     from .backends import resolve_device
-    from .losses import random_vgg19
     from .errors import PromptusError
+    from .losses import random_vgg19
     from .memory import GIB, parse_memory
     from .models import full_size_random_models, load_models
 
@@ -348,7 +350,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
                 torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), dev)
             got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, max_memory=nbytes, kinds=("segment",))
             choice = got["plan"]
-            row.plan = choice.plan.describe(interval)
+            row.plan = choice.plan.short(interval)
             row.estimated_gib = choice.estimate.peak_bytes / GIB
             row.peak_gib, row.reserved_gib = got["peak_gib_segment"], got["reserved_gib_segment"]
             row.ms_per_iteration_segment = got["ms_segment"]

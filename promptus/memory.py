@@ -95,6 +95,16 @@ class MemoryPlan:
     def is_default(self) -> bool:
         return self.micro_batch is None and not self.checkpoint and self.cache_targets
 
+    def short(self, frames: int) -> str:
+        """A table cell: ``2×5 frames, ckpt unet+decoder, features recomputed``."""
+        mb = self.micro(frames)
+        parts = [f"{self.passes(frames)}×{mb} frames" if mb < frames else "1 pass"]
+        if self.checkpoint:
+            parts.append("ckpt " + "+".join(self.checkpoint))
+        if not self.cache_targets:
+            parts.append("features recomputed")
+        return ", ".join(parts)
+
     def describe(self, frames: int | None = None, *, perceptual: bool = True) -> str:
         parts = []
         if frames == 1:

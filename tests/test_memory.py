@@ -134,6 +134,7 @@ def test_plans_are_validated():
         MemoryPlan(checkpoint=("vgg",))
     assert MemoryPlan(checkpoint=("loss", "unet")).checkpoint == ("unet", "loss")
     assert MemoryPlan(4).for_frames(3) == MemoryPlan()
+    assert MemoryPlan(5, ("decoder", "unet"), False).short(10) == "2×5 frames, ckpt unet+decoder, features recomputed"
 
 
 # ------------------------------------------------------- same gradient, every plan

@@ -106,13 +106,13 @@ def format_encode_table(result: dict) -> str:
                  "speedup: per later keyframe, kf 0: per keyframe 0, against the published procedure in this run. "
                  f"clip min: a {result.get('clip_frames', 141)}-frame clip at the published iteration counts.")
     if result.get("plans"):
-        lines.append(f"{'budget':>8} {'plan chosen for a segment':58} {'est. GiB':>9} {'peak GiB':>9} "
+        lines.append(f"{'budget':>8} {'plan chosen for a segment':44} {'est. GiB':>9} {'peak GiB':>9} "
                      f"{'reserved':>9} {'ms/it':>7} {'speed':>6} {'clip min':>9}")
         for p in result["plans"]:
             if p["status"] != "ok":
-                lines.append(f"{p['budget']:>8} {p['plan'][:58]:58} {p['status']}")
+                lines.append(f"{p['budget']:>8} {p['plan']:44} {p['status']}")
                 continue
-            lines.append(f"{p['budget']:>8} {p['plan'][:58]:58} {p['estimated_gib']:>9.2f} {p['peak_gib']:>9.2f} "
+            lines.append(f"{p['budget']:>8} {p['plan']:44} {p['estimated_gib']:>9.2f} {p['peak_gib']:>9.2f} "
                          f"{p['reserved_gib']:>9.2f} {p['ms_per_iteration_segment']:>7.1f} "
                          f"{p['relative_speed']:>6.0%} {p['s_clip'] / 60:>9.1f}")
         lines.append("speed: against the unconstrained eager trainer; keyframe 0 (one frame) fits every budget "
