@@ -347,7 +347,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         try:
             if total is not None and isinstance(nbytes, int):
                 torch.cuda.empty_cache()
-                torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), dev)
+                torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), dev.index if dev.index is not None else torch.cuda.current_device())
             got = _time_ours(m, vgg, size, interval, rank, iters, warmup, dev, max_memory=nbytes, kinds=("segment",))
             choice = got["plan"]
             row.plan = choice.plan.short(interval)
@@ -365,7 +365,7 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
             row.status = f"failed: {type(e).__name__}: {e}"[:300]
         finally:
             if total is not None:
-                torch.cuda.set_per_process_memory_fraction(1.0, dev)
+                torch.cuda.set_per_process_memory_fraction(1.0, dev.index if dev.index is not None else torch.cuda.current_device())
         save()
 
     if profile:
