@@ -208,7 +208,7 @@ class DecodeSession:
     """The record dispatch of one clip, shared by :class:`Decoder` and the pipelined decoder.
 
     ``accept(item)`` takes the bitstream's items in order — header, init latent,
-    keyframes — and returns an iterator over the :class:`Segment`\ s a keyframe closes,
+    keyframes — and returns an iterator over the :class:`Segment` objects a keyframe closes,
     one per backend batch (empty for the header and init latent); consume it before
     the next item, since the last batch advances the clip state. Items out of order
     raise :class:`BitstreamError`.
