@@ -37,7 +37,6 @@ program folder and do not use one from an untrusted source.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -56,6 +55,7 @@ import torch
 
 from ..errors import PromptusError
 from ..files import TMP_PREFIX, atomic_write
+from .engine_cache import CacheKey
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class CompileOptions:
 
 
 @dataclass(frozen=True)
-class CompileKey:
+class CompileKey(CacheKey):
     """Everything a compiled segment step depends on. Equal keys → interchangeable artifacts.
 
     Attributes:
@@ -149,29 +149,6 @@ class CompileKey:
     mechanism: str
     options: str
     format: int = COMPILE_FORMAT
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "CompileKey":
-        """Inverse of :meth:`as_dict`; raises ``ValueError`` on missing, extra or mistyped fields."""
-        if not isinstance(d, dict):
-            raise ValueError(f"key is a {type(d).__name__}, not an object")
-        names = [f.name for f in dataclasses.fields(cls)]
-        if set(d) != set(names):
-            raise ValueError(f"key fields {sorted(d)} differ from {sorted(names)}")
-        for f in dataclasses.fields(cls):
-            want = int if f.name in ("batch", "size", "timestep", "format") else str
-            if type(d[f.name]) is not want:
-                raise ValueError(f"key field {f.name} is {d[f.name]!r}, expected {want.__name__}")
-        return cls(**d)
-
-    @property
-    def digest(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of every field."""
-        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def stem(self) -> str:

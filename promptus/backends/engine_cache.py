@@ -58,8 +58,39 @@ class EngineCacheError(PromptusError):
     """The engine folder cannot be used (e.g. it is a file)."""
 
 
+class CacheKey:
+    """What a cached artifact depends on, as a frozen dataclass of int and str fields.
+
+    Shared by :class:`EngineKey` and the compiled decoder's key: the JSON round trip
+    that a sidecar stores, and the digest that tells keys apart in file names.
+    """
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any):
+        """Inverse of :meth:`as_dict`; raises ``ValueError`` on missing, extra or mistyped fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"key is a {type(d).__name__}, not an object")
+        fields = dataclasses.fields(cls)
+        if set(d) != {f.name for f in fields}:
+            raise ValueError(f"key fields {sorted(d)} differ from {sorted(f.name for f in fields)}")
+        for f in fields:
+            want = int if f.type in (int, "int") else str
+            if type(d[f.name]) is not want:
+                raise ValueError(f"key field {f.name} is {d[f.name]!r}, expected {want.__name__}")
+        return cls(**d)
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits of SHA-256 over the canonical JSON of every field."""
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
-class EngineKey:
+class EngineKey(CacheKey):
     """Everything an engine depends on. Two builds with equal keys are interchangeable.
 
     Attributes:
@@ -90,28 +121,6 @@ class EngineKey:
     gpu: str = ANY_GPU
     graph_version: int = GRAPH_VERSION
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "EngineKey":
-        """Inverse of :meth:`as_dict`; raises ``ValueError`` on missing, extra or mistyped fields."""
-        if not isinstance(d, dict):
-            raise ValueError(f"key is a {type(d).__name__}, not an object")
-        names = {f.name: f.type for f in dataclasses.fields(cls)}
-        if set(d) != set(names):
-            raise ValueError(f"key fields {sorted(d)} differ from {sorted(names)}")
-        for f in dataclasses.fields(cls):
-            want = int if f.name in ("batch", "size", "graph_version") else str
-            if type(d[f.name]) is not want:
-                raise ValueError(f"key field {f.name} is {d[f.name]!r}, expected {want.__name__}")
-        return cls(**d)
-
-    @property
-    def digest(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of every field."""
-        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def stem(self) -> str:
