@@ -29,13 +29,14 @@ import torch
 from ..bitstream import Header, InitLatent
 from ..decoder import ClipState, Decoder
 from ..errors import PromptusError
+from .scheduler import ProducedSegment
 from .wire import MAX_PIECE_BYTES, Concealed, ConcealingReader, Damage, control
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ReceivedSegment:
+class ReceivedSegment(ProducedSegment):
     """Frames ``start .. stop−1`` (host uint8 N×H×W×3) of the stream.
 
     ``arrived``/``ready`` (``time.perf_counter()``): when the closing keyframe came in
@@ -43,20 +44,7 @@ class ReceivedSegment:
     ``catchup``: regenerated only to reach a seek point, not meant to be shown.
     """
 
-    start: int
-    frames: torch.Tensor
-    arrived: float
-    ready: float
-    concealed: bool = False
     catchup: bool = False
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.frames.shape[0]
-
-    @property
-    def latency(self) -> float:
-        return self.ready - self.arrived
 
 
 @dataclass
