@@ -131,7 +131,7 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
     ("weights to GPU"); ``on_architecture(models)`` is called in between, with the
     models still on the CPU, so that work needing only the architecture can start.
     """
-    from .models import load_models
+    from .models import load_models, model_digest
 
     device = torch.device(device)
     profile = profile or StartupProfile()
@@ -152,10 +152,23 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
                                  taesd=taesd, vae=vae, checkpoints_dir=checkpoints_dir)
         if on_architecture is not None:
             on_architecture(models)
+        digest: dict[str, bytes] = {}
+        hasher = None
+        if not built_on_device and device.type == "cuda":
+            # The weights' digest (the bitstream's model check) from the copy already in host memory, while the
+            # weights travel; where a tensor was moved first, its GPU copy gives the same digest (fp16 canonical).
+            hasher = threading.Thread(target=lambda: digest.update(d=model_digest(models)), name="promptus-digest",
+                                      daemon=True)
+            hasher.start()
         with profile.phase("weights to GPU" if device.type == "cuda" else "weights cast"):
             models.to(device, dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        if hasher is not None:
+            with profile.phase("weights digest (after the move)"):
+                hasher.join()
+            if "d" in digest:
+                models._digest = digest["d"]
         _remember(_models, key, models, MODELS_KEPT)
         return models
 
