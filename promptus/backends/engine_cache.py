@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from ..files import TMP_PREFIX, atomic_write  # noqa: F401 (atomic_write: part of this module's API)
 from .onnx_export import GRAPH_VERSION
@@ -47,7 +48,6 @@ SIDECAR_SUFFIX = ".json"
 RUNTIME_CACHE_SUFFIX = ".rtcache"
 TIMING_CACHE_SUFFIX = ".timing"
 SUFFIXES = (ENGINE_SUFFIX, SIDECAR_SUFFIX, RUNTIME_CACHE_SUFFIX)
-DEFAULT_ENGINE_DIR = "engines"
 #: A sidecar is a few hundred bytes; anything this big is not one of ours.
 MAX_SIDECAR_BYTES = 1 << 20
 #: Key value of ``gpu`` for engines that run on any GPU of their compute capabilities (TensorRT-RTX).
