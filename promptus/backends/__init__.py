@@ -29,6 +29,8 @@ import torch
 
 from ..config import DEFAULT_ENGINE_DIR, PARITIES, PARITY_OURS, PARITY_RELEASE, CodecConfig
 from ..errors import PromptusError
+from . import engine_cache  # noqa: F401 - registers the TensorRT engines' artifact kind (listed first)
+from . import compile_cache  # noqa: F401 - registers the compiled steps' artifact kinds
 from .base import Backend
 from .registry import (
     AUTO, BASELINE, BackendEntry, auto_order, backend_entries, backend_entry, backend_names, bench_defaults,
