@@ -13,7 +13,9 @@ import zlib
 import pytest
 import torch
 
-from promptus.bitstream import ModelIdentity, StreamParser, from_bytes, iter_records, layout, parse_record, split_records
+from promptus.bitstream import (
+    ModelIdentity, StreamParser, from_bytes, iter_records, layout, parse_record, split_records,
+)
 
 from conformance import DATA, DECODE, EXPECTED, VECTORS, content_digest, decode_digest, vector_bytes
 
