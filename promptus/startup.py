@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_ENGINE_DIR, PARITY_OURS
+
 log = logging.getLogger(__name__)
 
 #: Models and decoders a process keeps (least recently used dropped first).
@@ -206,34 +208,36 @@ class LoadedDecoder:
     reused: bool = False
 
 
-def load_decoder(spec: str, *, device, dtype: torch.dtype, batch: int, size: int, timestep: int = 999,
-                 backend: str = "auto", taesd: str | None = None, checkpoints_dir: str | os.PathLike = "checkpoints",
-                 engine_dir: str = "engines", parity: str = "ours", offload_models: bool = False,
-                 profile: StartupProfile | None = None, geometry_check=None) -> LoadedDecoder:
-    """Models and a backend for a clip of ``batch`` frames per segment and ``size`` pixels, through the
-    process cache (module docstring). ``geometry_check(models)`` runs before the backend is made (the
-    header's check); a compiled step, where one will be used, is loaded on a thread while the weights
-    move, and prepared before this returns."""
-    from .backends import make_backend
+def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = "auto", taesd: str | None = None,
+                 checkpoints_dir: str | os.PathLike = "checkpoints", engine_dir: str = DEFAULT_ENGINE_DIR,
+                 parity: str = PARITY_OURS, offload_models: bool = False,
+                 profile: StartupProfile | None = None) -> LoadedDecoder:
+    """Models and a backend for ``clip`` (a bitstream Header or Bitstream, or a CodecConfig; see
+    :func:`promptus.backends.backend_for_clip`, which checks the geometry before anything is sized),
+    through the process cache (module docstring). A compiled step, where one will be used, is loaded
+    on a thread while the weights move, and prepared before this returns."""
+    from .backends import backend_for_clip, clip_batch, clip_config
     from .backends.torch_backend import CompileBackend
 
     device = torch.device(device)
     profile = profile or StartupProfile()
+    config, _ = clip_config(clip)
+    batch, size, timestep = clip_batch(clip), config.width, config.timestep
     key = (_source_key(spec, checkpoints_dir), str(taesd), str(device), str(dtype), backend, batch, size,
            str(Path(engine_dir).resolve()), parity, offload_models)
     with _lock:
         hit = _decoders.get(key)
         if hit is not None:
             _decoders.move_to_end(key)
-            if geometry_check is not None:
-                geometry_check(hit.models)
+            hit.models.geometry().check(config)
             profile.notes.append("models and backend kept from earlier in this process")
             return LoadedDecoder(hit.models, hit.identity, hit.backend, reused=True)
         preloader: list[threading.Thread] = []
 
         def start_preload(models):
-            if device.type != "cuda" or parity != "ours" or not _will_compile(backend, device):
+            if device.type != "cuda" or parity != PARITY_OURS or not _will_compile(backend, device):
                 return
+            models.geometry().check(config)  # the header's numbers size nothing before this
             from .backends.compile_cache import preload
 
             keys = _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size, timestep=timestep)
@@ -252,14 +256,13 @@ def load_decoder(spec: str, *, device, dtype: torch.dtype, batch: int, size: int
 
         models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
                                profile=profile, on_architecture=start_preload)
-        if geometry_check is not None:
-            geometry_check(models)
+        models.geometry().check(config)  # before the identity is taken or anything is sized
         identity = models.identity()  # before the backend may move the networks off the GPU
         with profile.phase("compiled-step load"):
             for thread in preloader:
                 thread.join()
-            made = make_backend(backend, models, device, dtype, batch=batch, size=size, engine_dir=engine_dir,
-                                offload_models=offload_models, parity=parity)
+            made = backend_for_clip(clip, models, name=backend, device=device, dtype=dtype, engine_dir=engine_dir,
+                                    offload_models=offload_models, parity=parity)
             if isinstance(made, CompileBackend) and made.batch:
                 from .schedule import OneStep
 

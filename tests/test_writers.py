@@ -181,17 +181,20 @@ def test_decoders_are_kept_per_process(tmp_path):
     from promptus import startup
 
     startup.clear()
-    kw = dict(device="cpu", dtype=torch.float32, batch=3, size=64, backend="eager")
-    first = startup.load_decoder("tiny", **kw)
-    again = startup.load_decoder("tiny", **kw)
+    kw = dict(device="cpu", dtype=torch.float32, backend="eager")
+    clip = CodecConfig(width=64, height=64, interval=3)
+    first = startup.load_decoder("tiny", clip, **kw)
+    again = startup.load_decoder("tiny", clip, **kw)
     assert again.reused and again.backend is first.backend and again.models is first.models
-    other = startup.load_decoder("tiny", **{**kw, "batch": 4})  # another clip shape: another backend, same models
+    other = startup.load_decoder("tiny", clip.replace(interval=4), **kw)  # another batch: another backend
     assert not other.reused and other.backend is not first.backend and other.models is first.models
     profile = startup.StartupProfile()
-    startup.load_decoder("tiny", **kw, profile=profile)
+    startup.load_decoder("tiny", clip, **kw, profile=profile)
     assert any("kept" in n for n in profile.notes)
+    with pytest.raises(promptus.PromptusError):  # the header's geometry is checked on a cache hit too
+        startup.load_decoder("tiny", clip.replace(tokens=78), **kw)
     startup.clear()
-    assert not startup.load_decoder("tiny", **kw).reused
+    assert not startup.load_decoder("tiny", clip, **kw).reused
     startup.clear()
 
 

@@ -8,9 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
-from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE, PNG_LEVEL, VIDEO_ENCODERS
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR, PARITIES, PARITY_OURS, PARITY_RELEASE, PNG_LEVEL, VIDEO_ENCODERS
 from ..errors import BitstreamError, PromptusError
 from ..video import VIDEO_OUTPUTS
 from .common import add_model_args, model_for_header
@@ -28,9 +27,9 @@ def register(subparsers) -> None:
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
-    d.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help=f"network backend, one of {', '.join(BACKENDS)}: auto takes tensorrt where it can run, "
-                        "else compile on CUDA, else torch (default: auto)")
+    d.add_argument("--backend", default="auto", choices=backend_names(auto=True),
+                   help=f"network backend, one of {', '.join(backend_names(auto=True))}: auto takes tensorrt where "
+                        "it can run, else compile on CUDA, else torch (default: auto)")
     d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
                    help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     d.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..backends import default_dtype, resolve_device
+    from ..backends import clip_batch, default_dtype, resolve_device
     from ..bitstream import Header, iter_records
     from ..decoder import Decoder
     from ..files import write_json_atomic
@@ -103,14 +102,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
             dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
-            batch = header.config.segment_batch(header.frame_count)
+            batch = clip_batch(header)
             t_load = time.perf_counter()
-            loaded = load_decoder(args.model, device=device, dtype=dtype, batch=batch, size=header.width,
-                                  timestep=header.config.timestep, backend=args.backend, taesd=args.taesd,
-                                  checkpoints_dir=args.checkpoints, engine_dir=args.engine_dir, parity=args.parity,
-                                  offload_models=True, profile=profile,
-                                  # before anything is sized from the header
-                                  geometry_check=lambda m: m.geometry().check(header.config))
+            loaded = load_decoder(args.model, header, device=device, dtype=dtype, backend=args.backend,
+                                  taesd=args.taesd, checkpoints_dir=args.checkpoints, engine_dir=args.engine_dir,
+                                  parity=args.parity, offload_models=True, profile=profile)  # checks the geometry
             log.info("loaded model %r and the %s backend on %s in %.1f s", loaded.models.name, args.backend, device,
                      time.perf_counter() - t_load)
             backend, identity = loaded.backend, loaded.identity

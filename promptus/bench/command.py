@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CodecConfig
-from .files import temp_sibling, write_json_atomic
+from ..config import CodecConfig
+from ..files import temp_sibling, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 def random_weight_files(folder: str | os.PathLike | None = None, device: str = "cpu") -> tuple[Path, Path]:
     """(UNet file, TAESD file) of the full-size random model, made once (``device`` makes them faster)."""
-    from .models import full_size_random_models
+    from ..models import full_size_random_models
 
     folder = Path(folder) if folder else bench_weights_dir()
     unet, taesd = folder / RANDOM_UNET_FILE, folder / RANDOM_TAESD_FILE
@@ -111,10 +111,10 @@ def model_args(model: str, *, weights_dir=None, device: str = "cpu") -> list[str
 
 def clip_file(folder: Path, frames: int, size: int, batch: int) -> Path:
     """A .promptus file of ``frames`` frames (random prompts) in ``folder``."""
-    from .bench import random_bitstream
-    from .bitstream import write
+    from ..bitstream import write
+    from .clips import random_bitstream
 
-    from .errors import PromptusError
+    from ..errors import PromptusError
 
     if frames < 1 or (frames - 1) % batch:
         raise PromptusError(f"a command-path clip of {frames} frames does not end on a keyframe of interval {batch}: "
