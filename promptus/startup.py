@@ -272,5 +272,29 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         return loaded
 
 
-__all__ = ["StartupProfile", "LoadedDecoder", "load_decoder", "cached_models", "clear", "process_age",
-           "MODELS_KEPT", "DECODERS_KEPT"]
+def cached_backend(clip, models, *, name: str = "auto", device=None, dtype: torch.dtype | None = None,
+                   engine_dir: str = DEFAULT_ENGINE_DIR, offload_models: bool = False, parity: str = PARITY_OURS):
+    """:func:`promptus.backends.backend_for_clip` through the process cache, for callers that hold their
+    models already (a sweep actor decoding one point after another): the same models, backend, clip batch
+    and size, device, dtype, engine folder and parity give the same backend object, so a compiled step or
+    captured graph is prepared once per process. Not re-entrant: one decode at a time per backend."""
+    from .backends import backend_for_clip, clip_batch, clip_config, resolve_device
+
+    config, _ = clip_config(clip)
+    models.geometry().check(config)
+    dev = resolve_device(device)
+    key = ("backend", id(models), name, str(dev), str(dtype), clip_batch(clip), config.width,
+           str(Path(engine_dir).resolve()), parity, offload_models)
+    with _lock:
+        hit = _decoders.get(key)
+        if hit is not None and hit.models is models:  # the id of a live object: the models themselves
+            _decoders.move_to_end(key)
+            return hit.backend
+        backend = backend_for_clip(clip, models, name=name, device=dev, dtype=dtype, engine_dir=engine_dir,
+                                   offload_models=offload_models, parity=parity)
+        _remember(_decoders, key, LoadedDecoder(models, None, backend), DECODERS_KEPT)
+        return backend
+
+
+__all__ = ["StartupProfile", "LoadedDecoder", "load_decoder", "cached_backend", "cached_models", "clear",
+           "process_age", "MODELS_KEPT", "DECODERS_KEPT"]

@@ -70,7 +70,7 @@ VARIANTS = {
     "graph_host": (CompileOptions(), "aot_compile", 20, "default + uint8 and device-to-host copy inside the "
                                                         "CUDA graph (graph_host_copy)"),
 }
-WARM = ("step", "taesd_cl", "prefix", "autotune", "default")
+WARM = ("step", "taesd_cl", "prefix", "autotune")
 #: Variants built in a child process with a time cap (a build that overruns is killed and reported).
 CAPPED = ("autotune",)
 

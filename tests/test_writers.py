@@ -216,3 +216,49 @@ def test_process_age_is_known_on_linux():
 
     age = process_age()
     assert age is None or 0 <= age < 24 * 3600
+
+
+# ------------------------------------------------------------------ bench: the command path
+
+
+def test_bench_weight_files_load_through_the_loaders(tiny, tmp_path):
+    """The command path's weights file (single .safetensors, diffusers keys, fp32) is what load_models reads."""
+    from promptus.bench.command import _save_safetensors
+    from promptus.models import load_models, model_digest, tiny_configs
+
+    unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
+    _save_safetensors(tiny.unet.state_dict(), unet)
+    _save_safetensors(tiny.taesd.state_dict(), taesd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taesd.safetensors", "unet.safetensors"]  # no temp left
+    loaded = load_models(str(unet), taesd=str(taesd), vae=False, configs=tiny_configs())
+    assert model_digest(loaded) == model_digest(tiny)
+
+
+def test_command_path_clips_must_end_on_a_keyframe(tmp_path):
+    from promptus.bench.command import clip_file
+
+    path = clip_file(tmp_path, 7, 64, 3)
+    bs = promptus.read(path)
+    assert bs.header.frame_count == 7 and len(bs.keyframes) == 3
+    with pytest.raises(promptus.PromptusError, match="k·3\\+1"):
+        clip_file(tmp_path, 8, 64, 3)
+
+
+@pytest.mark.gpu
+def test_graph_host_copy_gives_the_frames_of_the_plain_graph():
+    """The lever: uint8 and the device-to-host copy inside the CUDA graph, in a ring the pipeline reads."""
+    from promptus.backends import make_backend
+    from promptus.bench import random_bitstream
+    from promptus.decoder import Decoder
+    from promptus.models import tiny_models
+    from promptus.pipeline import PipelinedDecoder
+
+    clip = random_bitstream(CodecConfig(width=64, height=64, interval=4), 9)
+    backend = make_backend("torch", tiny_models(), "cuda", batch=4, size=64)  # its own models: moved to the GPU
+    plain = Decoder(backend).decode_all(clip)
+    backend.graph_host_copy = True
+    parts = []
+    n = PipelinedDecoder(Decoder(backend), to_host=True).run([clip.header, clip.init, *clip.keyframes],
+                                                             lambda s, f: parts.append(f.clone()))
+    assert n == plain.shape[0] and backend.host_ring == 0  # the ring is the pipeline's while it runs
+    assert parts[1].device.type == "cpu" and torch.equal(torch.cat(parts), plain)
