@@ -262,3 +262,18 @@ def test_graph_host_copy_gives_the_frames_of_the_plain_graph():
                                                              lambda s, f: parts.append(f.clone()))
     assert n == plain.shape[0] and backend.host_ring == 0  # the ring is the pipeline's while it runs
     assert parts[1].device.type == "cpu" and torch.equal(torch.cat(parts), plain)
+
+
+@pytest.mark.slow
+def test_command_path_times_fresh_decode_processes(tmp_path):
+    from promptus.bench.command import bench_command_path, format_command_table
+
+    result = bench_command_path(model="tiny", device="cpu", size=32, batch=3, clips=(7,), outputs=("png", "mp4"),
+                                backend="eager", engine_dir=str(tmp_path / "engines"),
+                                json_path=str(tmp_path / "r.json"))
+    info = json.loads((tmp_path / "r.json").read_text())["command_path"]
+    assert "error" not in info["cold"] and [r["status"] for r in info["rows"]] == ["ok", "ok"]
+    for r in info["rows"]:
+        assert 0 < r["first_frame_s"] < r["wall_s"] and r["fps_end_to_end"] == pytest.approx(7 / r["wall_s"])
+        assert r["output_mb"] > 0 and "model made in code" in r["phases_s"]
+    assert "1st frame s" in format_command_table(result["command_path"])

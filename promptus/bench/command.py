@@ -60,6 +60,7 @@ class CommandRun:
     fps_end_to_end: float = float("nan")  # frames / wall_s
     fps_after_start: float = float("nan")  # frames / (output complete − first segment)
     phases_s: dict | None = None  # the decode's --profile-start phases
+    marks_s: dict | None = None  # its moments since the process started (main: interpreter + imports done)
     output_mb: float = float("nan")
 
 
@@ -194,6 +195,7 @@ def bench_command_path(*, model: str = "random", device: str = "cuda", size: int
                     span = marks.get("output complete", float("nan")) - row.first_frame_s
                     row.fps_after_start = (prof["frames"] - batch) / span if span > 0 else float("nan")
                     row.phases_s = prof["phases_s"]
+                    row.marks_s = marks
                     row.output_mb = _size_mb(out)
                     if prof["frames"] != n:
                         row.status = f"failed: wrote {prof['frames']} of {n} frames"
@@ -218,7 +220,9 @@ def format_command_table(info: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"{r['frames']:>6} {r['output']:6} {r['status']}")
             continue
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("phases_s") or {}).items())
+        imports = (r.get("marks_s") or {}).get("main")
+        phases = ", ".join(([f"imports {imports:.2f}"] if imports is not None else [])
+                           + [f"{k} {v:.2f}" for k, v in (r.get("phases_s") or {}).items()])
         lines.append(f"{r['frames']:>6} {r['output']:6} {r['wall_s']:>7.2f} {r['first_frame_s']:>11.2f} "
                      f"{r['fps_end_to_end']:>8.1f} {r['fps_after_start']:>15.1f} {r['output_mb']:>8.1f}  {phases}")
     lines.append("wall s: process start to exit; 1st frame: process start to the first segment in host memory; "
