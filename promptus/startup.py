@@ -243,12 +243,16 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
             keys = _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size, timestep=timestep)
 
             def run():
-                torch.cuda.set_device(device)
-                t0 = time.perf_counter()
-                for k in keys:
-                    if preload(k, engine_dir):
-                        profile.phases["compiled-step read (thread)"] = time.perf_counter() - t0
-                        return
+                try:
+                    if device.index is not None:
+                        torch.cuda.set_device(device)
+                    t0 = time.perf_counter()
+                    for k in keys:
+                        if preload(k, engine_dir):
+                            profile.phases["compiled-step read (thread)"] = time.perf_counter() - t0
+                            return
+                except Exception:  # noqa: BLE001 - an optimisation: the backend loads the step itself
+                    log.debug("preloading the compiled step failed", exc_info=True)
 
             thread = threading.Thread(target=run, name="promptus-preload", daemon=True)
             thread.start()
