@@ -277,3 +277,29 @@ def test_command_path_times_fresh_decode_processes(tmp_path):
         assert 0 < r["first_frame_s"] < r["wall_s"] and r["fps_end_to_end"] == pytest.approx(7 / r["wall_s"])
         assert r["output_mb"] > 0 and "model made in code" in r["phases_s"]
     assert "1st frame s" in format_command_table(result["command_path"])
+
+
+def test_the_compiled_steps_key_is_known_before_the_weights_are_read(tiny, tmp_path, monkeypatch):
+    """The meta-device skeleton has the digest of the loaded networks: the key (and the preload) can start first."""
+    import promptus.models as models_mod
+    from promptus import startup
+    from promptus.backends.compile_cache import architecture_digest
+    from promptus.bench.command import _save_safetensors
+    from promptus.models import tiny_configs
+
+    configs = tiny_configs()
+    monkeypatch.setattr(models_mod, "sd_turbo_unet_config", lambda: dict(configs["unet"]))
+    monkeypatch.setattr(models_mod, "taesd_config", lambda: dict(configs["taesd"]))
+    unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
+    _save_safetensors(tiny.unet.state_dict(), unet)
+    _save_safetensors(tiny.taesd.state_dict(), taesd)
+    skeleton = startup.architecture_skeleton(str(unet), taesd=str(taesd))
+    assert next(skeleton.unet.parameters()).is_meta
+    ahead = architecture_digest(skeleton.unet, skeleton.taesd.decoder, dtype=torch.float16)
+    seen = []
+    startup.clear()
+    loaded = startup.cached_models(str(unet), device="cpu", dtype=torch.float16, taesd=str(taesd),
+                                   on_architecture=seen.append)
+    assert seen == [loaded] and ahead == architecture_digest(loaded.unet, loaded.taesd.decoder)
+    assert startup.architecture_skeleton("tiny") is None  # made in code: nothing to read, no skeleton
+    startup.clear()
