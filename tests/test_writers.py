@@ -135,6 +135,14 @@ def test_video_encoder_choice(tmp_path, monkeypatch, caplog):
         video.choose_video_encoder(".webm", "nvenc")
     with pytest.raises(VideoError, match="unknown video encoder"):
         video.choose_video_encoder(".mp4", "gpu")
+    video.nvenc_problem.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(VideoError, match="the NVIDIA H100 80GB HBM3 has no NVENC unit; use --video-encoder cpu"):
+        video.choose_video_encoder(".mp4", "nvenc")
+    assert video.choose_video_encoder(".mp4", "auto")[1] == "libx264"
+    video.nvenc_problem.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     frames = sky_clip(4, 32)
     for suffix in (".mp4", ".webm"):
         with FrameWriter(tmp_path / f"v{suffix}", 30, video_encoder="auto") as w:
