@@ -182,7 +182,8 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
         built_on_device = spec in ("tiny", "random")  # made in code: nothing to read
         with profile.phase("model file read" if not built_on_device else "model made in code"):
             where = device if built_on_device else torch.device("cpu")
-            models = load_models(spec, device=where, dtype=dtype if built_on_device else torch.float32,
+            # A file's tensors keep their stored dtype on the CPU: the cast happens on the GPU.
+            models = load_models(spec, device=where, dtype=dtype if built_on_device else None,
                                  taesd=taesd, vae=vae, checkpoints_dir=checkpoints_dir)
         if on_architecture is not None:
             on_architecture(models)
