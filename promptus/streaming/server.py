@@ -4,7 +4,9 @@ Routes (``create_app(root, ...)``):
 
 * ``GET /`` — the browser viewer (``static/index.html``);
 * ``GET /api/clips`` — the clips under the root with their header and bitrates;
-  ``GET /api/status`` — streams, device capacity, limits;
+  ``GET /api/status`` — streams, capacity per device and in total, limits;
+  ``GET /api/ready?fps=F`` — 200 when one more viewer at F frames/s would be served in
+  real time, else 503 (for load balancers; docs/serving.md);
 * ``GET /files/{name}`` — any file under the root, with HTTP range requests;
 * ``WS /ws/prompts/{name}`` — the prompt stream (:mod:`promptus.streaming.wire`);
 * ``WS /ws/view/{name}`` — frames regenerated on the server, as JPEG messages;
@@ -37,6 +39,8 @@ try:  # at module level: FastAPI resolves the routes' annotations in this module
 except ImportError as e:
     raise PromptusError("the streaming server needs FastAPI: pip install 'promptus[serve]'") from e
 
+from ..config import CodecConfig
+from .devices import SchedulerPool, capacity_status, ready
 from .library import ClipForbidden, ClipLibrary, ClipNotFound
 from .scheduler import AdmissionError, StreamScheduler
 from .viewer import ViewSession, encode_jpeg, release_offset
@@ -66,10 +70,10 @@ class ServerLimits:
 
 @dataclass
 class StreamingState:
-    """What the app's routes share: the library, the scheduler, the counters."""
+    """What the app's routes share: the library, the scheduler (one device's or a pool's), the counters."""
 
     library: ClipLibrary
-    scheduler: StreamScheduler | None
+    scheduler: StreamScheduler | SchedulerPool | None
     limits: ServerLimits
     realtime: bool = True
     clients: int = 0
@@ -77,12 +81,13 @@ class StreamingState:
     webrtc: set = field(default_factory=set)
 
     def status(self) -> dict:
-        s = self.scheduler
         return {"clients": self.clients, "served": self.served, "max_clients": self.limits.max_clients,
-                "viewer": s is not None, "streams": s.streams if s else 0,
-                "capacity": None if s is None or s.capacity != s.capacity else s.capacity,
-                "load": s.load if s else 0.0, "headroom": s.headroom if s else None,
-                "webrtc": _webrtc_available()[1]}
+                **capacity_status(self.scheduler), "webrtc": _webrtc_available()[1]}
+
+    def ready(self, rate: float) -> tuple[bool, str]:
+        if self.clients >= self.limits.max_clients:
+            return False, f"the server has {self.clients} clients, its limit"
+        return ready(self.scheduler, rate)
 
 
 def _webrtc_available() -> tuple[bool, str]:
@@ -93,13 +98,16 @@ def _webrtc_available() -> tuple[bool, str]:
     return True, "available"
 
 
-def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = None, realtime: bool = True,
+def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | SchedulerPool | None = None,
+               realtime: bool = True,
                limits: ServerLimits | None = None, calibrate: bool = True):
     """The server's FastAPI app for the .promptus files under ``root``.
 
     ``decoder_for(header) -> Decoder`` (see :func:`promptus.streaming.backend_decoders`)
     lets the server regenerate frames for the browser viewer; without it (and
-    without ``scheduler``) only prompt streams and files are served. ``realtime``
+    without ``scheduler``) only prompt streams and files are served; a
+    :class:`~promptus.streaming.devices.SchedulerPool` as ``scheduler`` decodes on
+    several devices. ``realtime``
     paces prompt streams at the clip's frame rate (a client may ask ``pace=fast``).
     With ``calibrate`` the scheduler measures the device on the first clip at start-up.
     """
@@ -153,6 +161,13 @@ def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = No
     @app.get("/api/status")
     async def status():
         return state.status()
+
+    @app.get("/api/ready")
+    async def is_ready(fps: float = CodecConfig.fps):
+        if not fps > 0:
+            raise HTTPException(422, "fps must be a positive number of frames per second")
+        ok, why = state.ready(fps)
+        return JSONResponse({"ready": ok, "fps": fps, "reason": why}, 200 if ok else 503)
 
     @app.get("/files/{name:path}")
     async def files(name: str):
