@@ -219,3 +219,25 @@ def test_bench_stream_devices_admits_and_serves_real_time_streams_on_two_cpu_dev
     assert 0 <= r["served_realtime"] <= r["admitted_realtime"] and 0 <= r["late_segments"] <= 1
     assert 0 < r["latency_ms_median"] <= r["latency_ms_p95"] and r["aggregate_fps"] > 0
     assert r["window_s"] == pytest.approx(1.5, abs=0.1)
+
+
+def test_serve_command_builds_one_scheduler_per_listed_device_and_one_without_the_option(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import uvicorn
+
+    from promptus.commands.main import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["-q", "serve", str(tmp_path), "--model", "tiny", "--device", "cpu", "--backend", "torch"]) == 0
+    assert main(["-q", "serve", str(tmp_path), "--model", "tiny", "--devices", "cpu,cpu", "--backend", "torch",
+                 "--headroom", "0.5"]) == 0
+    one, two = (app.state.promptus.scheduler for app in apps)
+    assert isinstance(one, StreamScheduler)  # no --devices: the server of today
+    assert isinstance(two, SchedulerPool) and [s.device for s in two.schedulers] == CPU2
+    assert all(s.headroom == 0.5 and s.max_streams == 64 for s in two.schedulers)
+
+    assert main(["serve", str(tmp_path), "--no-viewer", "--devices", "cpu,cpu"]) == 1
+    assert "--no-viewer loads no model" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--model", "tiny", "--devices", "gpu:0"]) == 1
+    assert "'gpu:0' is no device" in capsys.readouterr().err

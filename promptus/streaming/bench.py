@@ -284,3 +284,24 @@ def format_table(result: dict) -> str:
         lever = ", ".join(f"batch {b}: {v:.0f}" for b, v in result["batch_lever_fps"].items())
         lines += ["", f"segment step frames/s (torch backend, CUDA graphs) — {lever}"]
     return "\n".join(lines)
+
+
+def format_devices_table(results: list[dict]) -> str:
+    """:func:`bench_stream_devices` results (one per device list) as a plain-text table."""
+    if not results:
+        return "no results"
+    r0 = results[0]
+    lines = [f"{r0['backend']}, {r0['size']}², interval {r0['interval']}, {r0['fps']:g}-fps streams, "
+             f"headroom {r0['headroom']:.0%}",
+             "",
+             f"{'devices':>7} {'capacity fps':>12} {'admitted':>8} {'served':>6} {'aggregate fps':>13} "
+             f"{'latency ms p50':>14} {'p95':>8} {'late':>6}  per device (capacity/admitted)"]
+    for r in results:
+        per = ", ".join(f"{d['device']} {d['capacity_fps']:.0f}/{d['admitted']}" for d in r["per_device"])
+        late = "-" if math.isnan(r["late_segments"]) else f"{100 * r['late_segments']:.0f}%"
+        lines.append(f"{len(r['devices']):>7} {r['capacity_fps']:>12.0f} {r['admitted_realtime']:>8}"
+                     f"{'+' if r['limited'] else ' '}{r['served_realtime']:>6} {r['aggregate_fps']:>13.0f} "
+                     f"{r['latency_ms_median']:>14.1f} {r['latency_ms_p95']:>8.1f} {late:>6}  {per}")
+    if any(r["limited"] for r in results):
+        lines.append("+: stopped at --max-streams before admission control refused a stream")
+    return "\n".join(lines)

@@ -287,7 +287,8 @@ class StreamScheduler:
     def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3) -> float:
         """Decode ``rounds`` full segments of a clip (warming up the backend) and set ``capacity``
         to the median frames/s of all but the first; returns it."""
-        decoder = self.decoder_for(header)
+        with on_device(self.device):  # backends are built on the current CUDA device
+            decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]
         if not keyframes or not full:
             raise PromptusError("calibration needs a clip with at least one full segment")
@@ -350,7 +351,8 @@ class StreamScheduler:
         benchmark uses it to show what overload does).
         """
         rate = float(rate or header.fps)
-        decoder = self.decoder_for(header)
+        with on_device(self.device):
+            decoder = self.decoder_for(header)
         with self._cv:
             adm = self._admit(rate)
             if not adm.admitted and not force:
