@@ -204,6 +204,7 @@ def test_a_viewer_is_refused_only_when_every_device_is_full(served):
             s.capacity = cap
 
 
+@pytest.mark.slow  # paces streams for 2.5 s after calibrating two devices
 def test_bench_stream_devices_admits_and_serves_real_time_streams_on_two_cpu_devices(tiny):
     from promptus.streaming.bench import admission_limit, bench_stream_devices
 
