@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from .common import add_model_args, load_models
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                    help="decode viewers on several devices: 'all' (every CUDA GPU) or a list such as cuda:0,cuda:1; "
                         "one decoder and scheduler per device, a new viewer goes to the least loaded device with "
                         "room (default: the one --device; see docs/serving.md)")
-    s.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend for the viewer (default: auto)")
+    s.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend for the viewer (default: auto)")
     s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     s.add_argument("--no-viewer", action="store_true",
                    help="load no model: serve prompt streams and files only (receivers decode themselves)")

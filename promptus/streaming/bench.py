@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
-from ..config import CodecConfig
+from ..config import DEFAULT_ENGINE_DIR, CodecConfig
 from ..prompts import quantize_tensor
 from .receiver import quantile
 from .scheduler import AdmissionError, StreamScheduler
@@ -197,7 +197,7 @@ def bench_streams(models, device, *, backend: str = "compile", size: int = 512, 
 
 def bench_stream_devices(devices, models, *, backend: str = "compile", size: int = 512, interval: int = 10,
                          fps: float = 30.0, seconds: float = 6.0, headroom: float = 0.9, max_streams: int = 64,
-                         engine_dir: str = "engines") -> dict:
+                         engine_dir: str = DEFAULT_ENGINE_DIR) -> dict:
     """Real-time streams admitted and served by one server's decoders on ``devices`` together.
 
     ``models`` is copied to every device (:func:`~promptus.streaming.devices.replicate_models`);

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..bitstream import Header, InitLatent, Keyframe
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from .scheduler import Admission, AdmissionError, StreamHandle, StreamScheduler
 
@@ -181,8 +182,8 @@ def replicate_models(models, devices: Sequence[torch.device]) -> list:
     return [copies[str(torch.device(d))] for d in devices]
 
 
-def scheduler_pool(models, devices: Sequence[torch.device], *, backend: str = "auto", engine_dir: str = "engines",
-                   **options) -> SchedulerPool:
+def scheduler_pool(models, devices: Sequence[torch.device], *, backend: str = "auto",
+                   engine_dir: str = DEFAULT_ENGINE_DIR, **options) -> SchedulerPool:
     """A :class:`SchedulerPool` over ``devices``: ``models`` replicated on each, decoders made with
     ``backend`` (:func:`~promptus.streaming.receiver.backend_decoders`), ``options`` passed to
     every :class:`StreamScheduler` (headroom, max_streams, ...)."""
