@@ -206,7 +206,7 @@ def test_a_viewer_is_refused_only_when_every_device_is_full(served):
 
 @pytest.mark.slow  # paces streams for 2.5 s after calibrating two devices
 def test_bench_stream_devices_admits_and_serves_real_time_streams_on_two_cpu_devices(tiny):
-    from promptus.streaming.bench import admission_limit, bench_stream_devices
+    from promptus.streaming.bench import admission_limit, bench_stream_devices, format_devices_table
 
     r = bench_stream_devices(["cpu", "cpu"], tiny, backend="torch", size=64, interval=4, fps=5.0, seconds=2.5,
                              max_streams=4)
@@ -220,6 +220,8 @@ def test_bench_stream_devices_admits_and_serves_real_time_streams_on_two_cpu_dev
     assert 0 <= r["served_realtime"] <= r["admitted_realtime"] and 0 <= r["late_segments"] <= 1
     assert 0 < r["latency_ms_median"] <= r["latency_ms_p95"] and r["aggregate_fps"] > 0
     assert r["window_s"] == pytest.approx(1.5, abs=0.1)
+    row = format_devices_table([r]).splitlines()[3].split()
+    assert row[:3] == ["2", f"{r['capacity_fps']:.0f}", f"{r['admitted_realtime']}{'+' if r['limited'] else ''}"]
 
 
 def test_serve_command_builds_one_scheduler_per_listed_device_and_one_without_the_option(tmp_path, monkeypatch,

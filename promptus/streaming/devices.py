@@ -124,6 +124,8 @@ class SchedulerPool:
         free when none has room for real time; ``force`` the least loaded one regardless. Raises
         :class:`AdmissionError` (with the totals) when no device can take it."""
         rate = float(rate or header.fps)
+        # One placement at a time. A clip of a shape no device has decoded yet builds its backend
+        # under this lock (start-up calibration builds the first clip's shape on every device).
         with self._lock:
             refusals: list[tuple[int, Admission]] = []
             for i in self.order():
