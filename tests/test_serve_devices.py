@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -92,6 +93,34 @@ def test_a_new_stream_goes_to_the_least_loaded_device_and_is_refused_only_when_n
             h.close()
         for s in pool.schedulers:
             s.capacity = math.nan
+
+
+def test_a_new_clip_shape_builds_its_decoder_without_holding_up_other_viewers(tiny):
+    base = backend_decoders(tiny, "torch", "cpu")
+    gate, building = threading.Event(), threading.Event()
+
+    def slow_for_32px(header):  # as a TensorRT build for a new shape: minutes
+        if header.width == 32 and not gate.is_set():
+            building.set()
+            gate.wait(30)
+        return base(header)
+
+    pool = SchedulerPool([StreamScheduler(slow_for_32px, device="cpu") for _ in range(2)])
+    warm, new = make_clip(tiny, fps=5.0), make_clip(tiny, size=32, fps=5.0)
+    pool.calibrate(warm.header, warm.init, warm.keyframes, rounds=2)  # builds the 64 px decoder on both
+    opened = []
+    t = threading.Thread(target=lambda: opened.append(pool.open(new.header, new.init)))
+    t.start()
+    try:
+        assert building.wait(30)
+        h = pool.open(warm.header, warm.init)  # placed while the 32 px decoder is still being built
+        assert not gate.is_set() and h.admission.device == 0 and not opened
+    finally:
+        gate.set()
+        t.join(30)
+    assert len(opened) == 1 and opened[0].admission.device == 1  # device 0 took a stream meanwhile
+    for x in (h, *opened):
+        x.close()
 
 
 def test_one_device_keeps_the_status_of_today_and_counts_as_one_device(tiny, tmp_path):

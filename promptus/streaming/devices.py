@@ -30,7 +30,7 @@ import torch
 from ..bitstream import Header, InitLatent, Keyframe
 from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
-from .scheduler import Admission, AdmissionError, StreamHandle, StreamScheduler
+from .scheduler import Admission, AdmissionError, StreamHandle, StreamScheduler, on_device
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SchedulerPool:
             raise PromptusError("a scheduler pool needs at least one device")
         self.schedulers = list(schedulers)
         self._lock = threading.Lock()
+        self._warm: set[tuple[int, tuple]] = set()  # (device, clip shape) whose decoder is built
 
     # -- lifecycle
 
@@ -71,6 +72,8 @@ class SchedulerPool:
         returns the total frames/s."""
         for i, s in enumerate(self.schedulers):
             s.calibrate(header, init, keyframes, rounds=rounds)
+            with self._lock:
+                self._warm.add((i, _shape(header)))
             log.info("device %d (%s): %.0f frames/s", i, s.device, s.capacity)
         return self.capacity
 
@@ -124,29 +127,42 @@ class SchedulerPool:
         free when none has room for real time; ``force`` the least loaded one regardless. Raises
         :class:`AdmissionError` (with the totals) when no device can take it."""
         rate = float(rate or header.fps)
-        # One placement at a time. A clip of a shape no device has decoded yet builds its backend
-        # under this lock (start-up calibration builds the first clip's shape on every device).
-        with self._lock:
-            refusals: list[tuple[int, Admission]] = []
-            for i in self.order():
+        shape = _shape(header)
+        for _ in range(2 * len(self.schedulers) + 2):
+            with self._lock:  # one placement at a time
+                i, mode = self._place(rate, accept_lower, force)
                 s = self.schedulers[i]
-                adm = s.admit(rate)
-                if adm.admitted:
+                if (i, shape) in self._warm:
                     try:
-                        return self._placed(s.open(header, init, rate=rate), i)
-                    except AdmissionError as e:  # its capacity was measured lower meanwhile
-                        adm = e.admission
-                refusals.append((i, adm))
-            if force:
-                i = self.order()[0]
-                return self._placed(self.schedulers[i].open(header, init, rate=rate, force=True), i)
-            if accept_lower:
-                for i, _ in sorted(refusals, key=lambda r: -r[1].offer):
-                    try:
-                        return self._placed(self.schedulers[i].open(header, init, rate=rate, accept_lower=True), i)
-                    except AdmissionError:
-                        break  # the largest offer is too small: so are the others
-            raise AdmissionError(self._refusal(rate, refusals))
+                        return self._placed(s.open(header, init, rate=rate, accept_lower=mode == "lower",
+                                                   force=mode == "force"), i)
+                    except AdmissionError:  # its capacity was measured lower meanwhile: place again
+                        continue
+            # A shape this device has not decoded yet: its backend is built (maybe for minutes)
+            # outside the lock, so that other viewers are placed meanwhile; then place again.
+            with on_device(s.device):
+                s.decoder_for(header)
+            with self._lock:
+                self._warm.add((i, shape))
+        raise PromptusError("could not place the stream: the devices' measured capacity kept changing; try again")
+
+    def _place(self, rate: float, accept_lower: bool, force: bool) -> tuple[int, str]:
+        """The device for one more stream at ``rate`` and how it is admitted ("realtime", "force",
+        "lower"); AdmissionError when none can take it. Call under the lock."""
+        refusals: list[tuple[int, Admission]] = []
+        for i in self.order():
+            adm = self.schedulers[i].admit(rate)
+            if adm.admitted:
+                return i, "realtime"
+            refusals.append((i, adm))
+        if force:
+            return self.order()[0], "force"
+        if accept_lower:
+            i, best = max(refusals, key=lambda r: r[1].offer)
+            s = self.schedulers[i]
+            if best.offer >= s.min_rate_fraction * rate and best.streams < s.max_streams:
+                return i, "lower"
+        raise AdmissionError(self._refusal(rate, refusals))
 
     @staticmethod
     def _placed(handle: StreamHandle, device: int) -> StreamHandle:
@@ -170,6 +186,11 @@ class SchedulerPool:
                       f"device has free is {offer:.1f} frames/s: watch at that rate (slower than real time) or "
                       "try again later")
         return Admission(False, 0.0, rate, cap, load, n, reason, offer)
+
+
+def _shape(header: Header) -> tuple:
+    """What a device's decoder is built for (backend_decoders makes one per interval and size)."""
+    return header.interval, header.width, header.height
 
 
 def replicate_models(models, devices: Sequence[torch.device]) -> list:
