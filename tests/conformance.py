@@ -23,7 +23,6 @@ Regenerate (only when the format or the decoder's numerics change on purpose)::
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import sys
 import zlib
