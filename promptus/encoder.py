@@ -229,7 +229,7 @@ class Encoder:
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
                  backend: Backend | None = None, should_stop: Callable[[], bool] | None = None,
                  plan: MemoryPlan | None = None):
-        from .backends import default_dtype, make_backend, resolve_device
+        from .backends import BASELINE, backend_for_clip, default_dtype, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
         if device is None and backend is not None:
@@ -240,7 +240,7 @@ class Encoder:
         self.should_stop = should_stop
         self.progress = progress
         if backend is None:
-            backend = make_backend("eager", models, self.device, self.dtype, batch=codec.interval, size=codec.width)
+            backend = backend_for_clip(codec, models, name=BASELINE, device=self.device, dtype=self.dtype)
         elif not isinstance(backend, Backend):
             raise PromptusError(f"backend must be a promptus Backend (promptus.backends.make_backend), "
                                 f"got {type(backend).__name__}")
@@ -496,7 +496,8 @@ class Encoder:
         for n in sorted({1} | {min(k * c.interval, N - 1) - (k - 1) * c.interval for k in range(1, K)}):
             self.plan_for(n)
         targets_all = frames  # uint8 on the CPU; moved per segment
-        state = ClipState(self.backend, header, init)
+        # The decoder's batches (one formula, MAX_BATCH_PIXELS): the closed loop sees the decoder's frames.
+        state = ClipState(self.backend, header, init, max_batch=header.config.segment_batch(header.frame_count))
         recon = torch.empty_like(frames)  # filled segment by segment: never a list plus a concatenation
         for kf in keyframes:  # replay the closed loop up to where the checkpoint stopped
             seg = state.push(kf)
