@@ -1,4 +1,7 @@
-"""One clip on several devices (promptus.distributed): two CPU processes with gloo, the tiny model, 32 px."""
+"""One clip on several devices (promptus.distributed): two CPU processes with gloo, the tiny model, 32 px.
+
+The tests that start worker processes are in the full tier (PROMPTUS_TESTS=full).
+"""
 
 import json
 import multiprocessing
@@ -70,6 +73,7 @@ def test_frames_are_shared_out_as_a_memory_plan_splits_them():
     assert not runs_distributed(1, 2) and runs_distributed(2, 2) and not runs_distributed(5, 1)
 
 
+@pytest.mark.slow  # spawns worker processes (torch + diffusers imports)
 def test_encode_on_two_cpu_processes_is_byte_identical_to_one_process(tiny, clip, tmp_path):
     """`promptus encode --devices cpu,cpu` writes the bytes of a one-process encode whose plan splits the frames
     the same way; the JSON log and the checkpoint's removal work as on one device."""
@@ -89,6 +93,7 @@ def test_encode_on_two_cpu_processes_is_byte_identical_to_one_process(tiny, clip
     assert _no_workers_left()
 
 
+@pytest.mark.slow  # spawns worker processes (torch + diffusers imports)
 def test_killed_worker_is_an_error_then_abort_and_resume_give_the_same_bytes(tiny, clip, tmp_path):
     out = tmp_path / "two.promptus"
     seen = []
@@ -126,6 +131,7 @@ def test_killed_worker_is_an_error_then_abort_and_resume_give_the_same_bytes(tin
     assert res.reconstruction.shape == clip.shape
 
 
+@pytest.mark.slow  # spawns worker processes (torch + diffusers imports)
 def test_a_worker_that_cannot_load_the_model_is_a_clear_error(tiny, clip, tmp_path):
     out = tmp_path / "x.promptus"
     enc = Encoder(CODEC, TRAIN, tiny, devices="cpu,cpu", progress=False,
