@@ -177,6 +177,13 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
+#: Compiled training steps of this process, by (models, loss, timestep, precision, device, mode): a step
+#: holds strong references to its networks, so an id in a key cannot be reused while the entry lives.
+_COMPILED_STEPS: dict[tuple, TrainingStep] = {}
+#: Compiled steps kept at once (each holds its compiled graphs and references its models).
+MAX_COMPILED_STEPS = 4
+
+
 class Encoder:
     """Turns a clip into a .promptus bitstream.
 
@@ -283,11 +290,32 @@ class Encoder:
         return choice
 
     def step_for(self, onestep: OneStep) -> TrainingStep:
-        """The training step (built once, so that a compiled step is compiled once per shape)."""
-        if self._step is None or self._step.onestep != onestep:
+        """The training step (built once, so that a compiled step is compiled once per shape).
+
+        A compiled step is also kept for the life of the process (:data:`_COMPILED_STEPS`): a later
+        Encoder of the same models, loss and precision (the next point of a sweep on the same worker)
+        reuses it and its compiled graphs instead of compiling again."""
+        if self._step is not None and self._step.onestep == onestep:
+            return self._step
+        if self.train.compile == "off":
             self._step = TrainingStep(self.models.unet, self.models.taesd.decoder, self.loss_fn, onestep, self.dtype,
-                                      self._loss_autocast, compile=self.train.compile)
-        return self._step
+                                      self._loss_autocast, compile="off")
+            return self._step
+        t = self.train
+        net = getattr(self.loss_fn.perceptual, "vgg", None)  # the VGG module, shared by a sweep's points
+        key = (id(self.models.unet), id(self.models.taesd.decoder), id(net) if net is not None else None,
+               (t.mse_weight, t.perceptual_weight, t.reg_weight), onestep, self.dtype, str(self.device), t.compile)
+        step = _COMPILED_STEPS.pop(key, None)
+        if step is None:
+            step = TrainingStep(self.models.unet, self.models.taesd.decoder, self.loss_fn, onestep, self.dtype,
+                                self._loss_autocast, compile=t.compile)
+        else:
+            log.info("reusing this process's compiled training step (no new compilation for known shapes)")
+        _COMPILED_STEPS[key] = step  # most recently used last
+        while len(_COMPILED_STEPS) > MAX_COMPILED_STEPS:
+            _COMPILED_STEPS.pop(next(iter(_COMPILED_STEPS)))
+        self._step = step
+        return step
 
     def _make_loss(self, vgg):
         from .losses import InversionLoss, PerceptualLoss, load_vgg19
