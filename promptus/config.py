@@ -210,6 +210,13 @@ INIT_PRECISIONS = ("fp32", "fp16", "int8")
 #: torch.compile modes of the training step ("off": eager; "reduce-overhead" adds CUDA graphs on a GPU).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
+#: Several devices for one encode (promptus.distributed): seconds a collective (or the rendezvous) may
+#: wait for the other processes before the encode fails with an error instead of hanging. Long enough
+#: for a first compiled iteration on every device; a process that dies is noticed sooner on the CPU.
+DISTRIBUTED_TIMEOUT_S = 600
+#: The rendezvous host of the processes of one encode (they run on this machine).
+DISTRIBUTED_HOST = "127.0.0.1"
+
 #: Decoder numerics. "ours": fp16 networks at the segment batch, uint8 by rounding (the
 #: default: faster, and the closer approximation of the float image). "release": the public
 #: release's generation script (fp32 weights under CUDA autocast, one frame per UNet call,
