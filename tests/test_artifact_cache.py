@@ -168,3 +168,32 @@ def test_clean_keeps_good_entries_and_removes_the_rest(tmp_path):
     assert {e.key for e in list_artifacts(tmp_path, installed=installed)} == set(good.values())
     clean_artifacts(tmp_path, match=lambda k: k.batch == 4)
     assert list_artifacts(tmp_path) == []
+
+
+def test_caches_are_plain_objects_not_value_types(tmp_path):
+    from promptus.backends.engine_cache import EngineCache
+
+    a, b = EngineCache(tmp_path / "a"), EngineCache(tmp_path / "b")
+    assert a != b and a == a  # no stray @dataclass: two caches of different folders are different caches
+
+
+def test_engines_list_shows_one_honest_table(tmp_path, capsys):
+    from promptus.commands.main import main
+
+    for name, (kind, make) in KEYS.items():
+        ArtifactCache(kind, tmp_path).store(make(), b"x" * 2000, model_name="tiny")
+    assert main(["engines", "list", "--engine-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["kind", "key", "built"] and lines[-1] == f"3 entries in {tmp_path}"
+    rows = {line.split("  ")[0].strip(): line for line in lines[1:-1]}
+    assert set(rows) == {"TensorRT engine", "compiled decoder", "compiled trainer"}
+    assert "tensorrt_rtx 1.7.1.116" in rows["TensorRT engine"] and "torch" not in rows["TensorRT engine"]
+    for compiled in ("compiled decoder", "compiled trainer"):
+        assert f"torch {torch.__version__}" in rows[compiled] and "tensorrt" not in rows[compiled].lower()
+    assert "reduce-overhead" in rows["compiled trainer"]
+    assert main(["engines", "list", "--engine-dir", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(r["kind"] for r in listed) == ["compiled_decoder", "compiled_trainer", "tensorrt_engine"]
+    assert all(r["status"] == "ok" and r["created"] and r["toolkit"] for r in listed)
+    assert main(["engines", "clean", "--engine-dir", str(tmp_path), "--all"]) == 0
+    assert "removed 6 files" in capsys.readouterr().out
