@@ -187,3 +187,54 @@ def test_cli_schedule_option():
     assert train_from_args(p.parse_args(["--schedule", "fast"])).schedule == "fast"
     with pytest.raises(SystemExit):
         p.parse_args(["--schedule", "slow"])
+
+
+def test_iteration_study_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    """scripts/iteration_study.py: both schedules, curves with LPIPS probes, closed-loop scores, JSON and plot."""
+    import importlib.util
+    from pathlib import Path
+
+    from promptus.metrics import LPIPSNet
+    from promptus.video import write_frames
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("iteration_study", root / "scripts" / "iteration_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+
+    clip = tmp_path / "clip"
+    write_frames((f.numpy() for f in synthetic_clip(7, 32, 32)), clip, 24.0)
+    torch.manual_seed(0)  # LPIPS' backbone with random weights: the real ones can't be downloaded here
+    alexnet = tmp_path / "alexnet.pth"
+    torch.save({f"features.{k}": v for k, v in LPIPSNet().features.state_dict().items()}, alexnet)
+    out = tmp_path / "study"
+    argv = [str(clip), "--out", str(out), "--model", "tiny", "--device", "cpu", "--size", "32", "--rank", "2",
+            "--interval", "3", "--iters-first", "10", "--iters", "6", "--perceptual", "off", "--init-latent", "taesd",
+            "--probe-every", "3", "--lpips-weights", str(alexnet), "-q"]
+    assert study.main(argv) == 0
+    data = json.loads((out / "study.json").read_text())
+    assert data["lpips_unavailable"] is None
+    by = {r["schedule"]: r for r in data["results"]}
+    assert set(by) == {"published", "fast"}
+    assert by["published"]["iterations"] == 10 + 2 * 6  # keyframes 0, 3, 6
+    assert by["fast"]["iterations"] <= 10 + 2 * 6
+    for r in by.values():
+        curve = r["curve"]
+        assert [p["step"] for p in curve] == list(range(1, len(curve) + 1))
+        assert all(b["seconds"] >= a["seconds"] for a, b in zip(curve, curve[1:]))
+        probes = [p for p in curve if "lpips" in p]
+        assert [p["iteration"] % 3 for p in probes] == [0] * len(probes) and len(probes) >= 3
+        assert all(p["lpips"] >= 0 for p in probes)
+        assert r["closed_loop"]["psnr_clip"] > 5 and r["closed_loop"]["lpips"] is not None
+        assert sum(k["iterations"] for k in r["keyframes"]) == r["iterations"]
+    png = (out / "study.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (out / "clip.fast.promptus").exists() and (out / "clip.published.promptus").exists()
+    printed = capsys.readouterr().out
+    assert "published" in printed and "fast" in printed and "study.png" in printed
+    # a rerun with the same options reuses both encodes
+    before = (out / "clip.fast.promptus").stat().st_mtime_ns
+    assert study.main(argv) == 0
+    assert (out / "clip.fast.promptus").stat().st_mtime_ns == before
+    assert study.main(argv + ["--schedules", "slow"]) == 1
+    assert "not a schedule" in capsys.readouterr().err
