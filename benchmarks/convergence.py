@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -59,14 +60,14 @@ def quantized(x: torch.Tensor) -> QuantizedTensor:
 
 
 def trajectory(codec: CodecConfig, keyframes: int, *, step: float, scale: float, seed: int) -> list[Keyframe]:
-    """Keyframe factors on a smooth drift: X_k = scale^½·(½ + ¼·(cos(k·step)·P + sin(k·step)·Q)), P, Q ~ N(0, 1)."""
+    """Keyframe factors on a smooth drift: X_k = scale^½·(¼ + ¼·(cos(k·step)·P + sin(k·step)·Q)), P, Q ~ N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     pq = {n: (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
           for n, shape in (("U", (codec.tokens, codec.rank)), ("V", (codec.rank, codec.embed_dim)))}
     for k in range(keyframes):
         a = k * step
-        f = {n: math.sqrt(scale) * (0.5 + 0.25 * (math.cos(a) * P + math.sin(a) * Q)) for n, (P, Q) in pq.items()}
+        f = {n: math.sqrt(scale) * (0.25 + 0.25 * (math.cos(a) * P + math.sin(a) * Q)) for n, (P, Q) in pq.items()}
         out.append(Keyframe(index=k * codec.interval, U_q=quantized(f["U"]), V_q=quantized(f["V"])))
     return out
 
@@ -130,7 +131,8 @@ def encode(models, codec, train, frames, init, device, vgg) -> dict:
     for r in res.keyframes:
         c = curves[r.keyframe]
         stamps = [t for _, t in c]
-        ms = 1000 * (stamps[-1] - stamps[1]) / (len(stamps) - 2) if len(stamps) > 2 else float("nan")
+        # median step: the first iterations of a compiled step include its compilation
+        ms = 1000 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 2 else math.nan
         keyframes.append({"keyframe": r.keyframe, "iterations": r.iterations, "stop": r.stop,
                           "best_loss": r.best_loss, "psnr": r.psnr, "ms_per_iteration": ms,
                           "losses": [l for l, _ in c]})
@@ -165,16 +167,51 @@ def summarise(runs: dict[str, dict], fraction: float = 0.99) -> None:
         run["iterations_to_99"], run["seconds_to_99"], run["reached_99_every_keyframe"] = total_it, total_s, reached
 
 
-def project(run: dict, interval: int, frames: int = PROJECTED_FRAMES) -> dict:
-    """The clip's encode time at this run's iterations used and ms/iteration: keyframe 0 + (K−1) segments."""
+def project(run: dict, interval: int, timing: dict | None = None, frames: int = PROJECTED_FRAMES) -> dict:
+    """The clip's encode time: keyframe 0 + (K−1) segments at this run's iterations used, and at its
+    ms/iteration or, given ``timing`` (another model's keyframe-0 and segment ms/iteration), at those."""
     k0, later = run["keyframes"][0], run["keyframes"][1:]
     segs = -(-(frames - 1) // interval)
     it_later = sum(k["iterations"] for k in later) / len(later)
-    ms_later = sum(k["ms_per_iteration"] for k in later) / len(later)
-    seconds = k0["iterations"] * k0["ms_per_iteration"] / 1000 + segs * it_later * ms_later / 1000
+    if timing is None:
+        ms0, ms_later = k0["ms_per_iteration"], sum(k["ms_per_iteration"] for k in later) / len(later)
+    else:
+        ms0, ms_later = timing["keyframe0_ms_per_iteration"], timing["segment_ms_per_iteration"]
+    seconds = k0["iterations"] * ms0 / 1000 + segs * it_later * ms_later / 1000
     return {"frames": frames, "segments": segs, "keyframe0_iterations": k0["iterations"],
-            "keyframe0_ms_per_iteration": k0["ms_per_iteration"], "segment_iterations_mean": it_later,
-            "segment_ms_per_iteration": ms_later, "minutes": seconds / 60}
+            "keyframe0_ms_per_iteration": ms0, "segment_iterations_mean": it_later,
+            "segment_ms_per_iteration": ms_later, "minutes": seconds / 60,
+            "timing_from": "this run" if timing is None else timing["model"]}
+
+
+def time_model(name: str, size: int, device, compile: str, iters: int, perceptual: bool) -> dict:
+    """ms/iteration of keyframe 0 and of a full segment (interval 10, rank 8) with model ``name`` at ``size``²."""
+    models = load_models(name, device=device, dtype=default_dtype(device))
+    codec = CodecConfig(width=size, height=size)
+    train = TrainConfig(iters_first=iters, iters=iters, perceptual=perceptual, init_latent="taesd", compile=compile)
+    vgg = None
+    if perceptual:
+        from promptus.losses import random_vgg19
+        vgg = random_vgg19()
+    frames = synthetic_clip(codec.interval + 1, size, size)
+    init = InitLatent.from_array(torch.zeros(codec.latent_shape).numpy(), "fp16")
+    run = encode(models, codec, train, frames, init, device, vgg)
+    dep = prompt_dependence(models, codec, trajectory(codec, 2, step=0.8, scale=1.0, seed=7), device)
+    k0, seg = run["keyframes"]
+    return {"model": models.name, "size": size, "compile": compile, "perceptual": perceptual, "iterations": iters,
+            "keyframe0_ms_per_iteration": k0["ms_per_iteration"], "segment_ms_per_iteration": seg["ms_per_iteration"],
+            "wall_s": run["wall_s"], "prompt_dependence": dep}
+
+
+def thinned(runs: dict, most: int = 400) -> dict:
+    """The runs with each keyframe's loss curve cut to at most ``most`` points (every n-th, and the last)."""
+    out = json.loads(json.dumps(runs))
+    for r in out.values():
+        for k in r["keyframes"]:
+            n = max(1, -(-len(k["losses"]) // most))
+            k["loss_every"] = n
+            k["losses"] = k["losses"][::n] + ([k["losses"][-1]] if (len(k["losses"]) - 1) % n else [])
+    return out
 
 
 def main(argv=None) -> int:
@@ -185,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=CodecConfig.rank)
     p.add_argument("--interval", type=int, default=CodecConfig.interval)
     p.add_argument("--keyframes", type=int, default=4, help="keyframes of the clip (frames: (K−1)·interval + 1)")
-    p.add_argument("--step", type=float, default=0.5, help="drift of the trajectory per keyframe (radians)")
+    p.add_argument("--step", type=float, default=0.8, help="drift of the trajectory per keyframe (radians)")
     p.add_argument("--prompt-scale", type=float, default=1.0,
                    help="multiplies the trajectory's embeddings (random full-size weights barely respond at 1)")
     p.add_argument("--iters-first", type=int, default=TrainConfig.iters_first,
@@ -199,6 +236,13 @@ def main(argv=None) -> int:
     p.add_argument("--compile-step", default="off")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--timing-model", default=None,
+                   help="also time this model (e.g. random: the full-size architecture) at --timing-size and project "
+                        "the 141-frame clip with its ms/iteration and the iterations each schedule used here")
+    p.add_argument("--timing-size", type=int, default=CodecConfig.width)
+    p.add_argument("--timing-iters", type=int, default=30, help="timed iterations of keyframe 0 and of one segment")
+    p.add_argument("--timing-compile", default="off", help="--compile-step of the timed encoder")
+    p.add_argument("--timing-perceptual", choices=["on", "off"], default="on")
     p.add_argument("--out", default=None, help="JSON to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -244,6 +288,18 @@ def main(argv=None) -> int:
         print(f"{name:<10} {r['iterations']:>7} {share:>5.1f}% {r.get('iterations_to_99', '-'):>7} "
               f"{r.get('seconds_to_99', float('nan')):>8.1f} {r['wall_s']:>8.1f} {r['psnr']:>8.2f} {dpsnr:>+6.2f}")
     projection = {name: project(r, args.interval) for name, r in runs.items() if len(r["keyframes"]) > 1}
+    timing = None
+    if args.timing_model:
+        timing = time_model(args.timing_model, args.timing_size, device, args.timing_compile, args.timing_iters,
+                            args.timing_perceptual == "on")
+        d = timing["prompt_dependence"]
+        print(f"{timing['model']} at {args.timing_size}²: keyframe 0 {timing['keyframe0_ms_per_iteration']:.1f} ms/it, "
+              f"segment {timing['segment_ms_per_iteration']:.1f} ms/it (compile {args.timing_compile}, perceptual "
+              f"{args.timing_perceptual}); its frames: std {d['frame_std']}, |Δ| between random prompts "
+              f"{d['random_prompts_mean_abs_diff']} uint8 levels")
+        full = {"keyframes": [{"iterations": TrainConfig.iters_first}, {"iterations": TrainConfig.iters}]}
+        projection = {f"{name} on {timing['model']}": project(r, 10, timing) for name, r in runs.items()}
+        projection[f"published counts on {timing['model']}"] = project(full, 10, timing)
     for name, pr in projection.items():
         print(f"projected {PROJECTED_FRAMES}-frame clip at {name}: {pr['minutes']:.1f} min "
               f"(keyframe 0: {pr['keyframe0_iterations']} it × {pr['keyframe0_ms_per_iteration']:.1f} ms, "
@@ -261,7 +317,8 @@ def main(argv=None) -> int:
                   "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "codec": codec.to_dict(), "frames": frames_n,
                   "train": {k: v for k, v in base.to_dict().items() if k != "max_memory"},
-                  "fast_overrides": fast, "prompt_dependence": dep, "runs": runs, "projection": projection}
+                  "fast_overrides": fast, "prompt_dependence": dep, "runs": thinned(runs), "timing": timing,
+                  "projection": projection}
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
