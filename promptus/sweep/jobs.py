@@ -222,7 +222,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
     import torch
 
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, resolve_device
     from ..bitstream import file_rate, read
     from ..config import CodecConfig, TrainConfig
     from ..decoder import Decoder
@@ -241,15 +241,23 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
                             init_latent=inputs["init_latent"], init_precision=inputs["init_precision"],
                             **{k: inputs[k] for k in ("schedule", *FAST_SCHEDULE_FIELDS) if k in inputs})
         reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
-        enc = Encoder(codec, train, models, device=device, vgg=vgg, progress=spec.get("progress", False))
+        devices = spec.get("devices")  # execution only (an actor with several GPUs): not part of the inputs
+        worker_models = None
+        if devices is not None:
+            from ..distributed import ModelSource
+
+            worker_models = ModelSource(inputs["model"], inputs["taesd"], inputs["checkpoints"],
+                                        vae=inputs["init_latent"] == "vae")
+        enc = Encoder(codec, train, models, device=None if devices else device, vgg=vgg,
+                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models)
         t0 = time.perf_counter()
+        done_before = _keyframes_done(paths["file"])  # training seconds count this run's keyframes only
         res = enc.encode(reference, paths["file"], resume=True)  # continues a killed point from its checkpoint
         encode_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         bs = read(paths["file"])
-        backend = make_backend(inputs["decode_backend"], models, device, batch=bs.header.interval,
-                               size=bs.header.width)
+        backend = backend_for_clip(bs.header, models, name=inputs["decode_backend"], device=device)
         decoded = Decoder(backend, models.identity()).decode_all(bs)
         decode_s = time.perf_counter() - t0
         if decoded.shape != reference.shape:
@@ -264,7 +272,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
                **_quality_fields(report))
     return {"row": row, "quality": report.to_dict(),
             "encode": {"keyframes": [k.to_dict() for k in res.keyframes], "model": models.name,
-                       "model_digest": bs.header.model.hexdigest}}
+                       "model_digest": bs.header.model.hexdigest},
+            "training_s": sum(k.seconds for k in res.keyframes if k.keyframe >= done_before)}
 
 
 def run_baseline_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -320,12 +329,27 @@ def worker_info() -> dict[str, Any]:
     return info
 
 
+def _keyframes_done(file: str) -> int:
+    """Keyframes the checkpoint of an interrupted encode of ``file`` holds (0 when there is none)."""
+    from ..checkpoint import checkpoint_paths
+
+    try:
+        done = json.loads(checkpoint_paths(Path(file))[1].read_text()).get("keyframes_done", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return done if isinstance(done, int) else 0
+
+
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside).
 
-    The result also says where the job ran (``"worker"``: host, GPUs as Ray reported them)."""
+    The result also says where the job ran (``"worker"``: host, GPUs as Ray reported them, seconds in all and
+    outside training)."""
+    t0 = time.perf_counter()
     result = _run_point(spec)
-    result["worker"] = worker_info()
+    total = time.perf_counter() - t0
+    result["worker"] = dict(worker_info(), executor="local", seconds=total,
+                            outside_training_s=total - result.get("training_s", 0.0))
     return result
 
 
