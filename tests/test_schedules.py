@@ -238,3 +238,20 @@ def test_iteration_study_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert (out / "clip.fast.promptus").stat().st_mtime_ns == before
     assert study.main(argv + ["--schedules", "slow"]) == 1
     assert "not a schedule" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # spawns worker processes (torch + diffusers imports)
+def test_fast_schedule_on_two_cpu_processes_is_byte_identical_to_one_process(tiny, tmp_path):
+    """Every process takes the same stop decisions (they read the same all-reduced losses) and warm starts."""
+    from promptus.memory import MemoryPlan
+
+    c = CodecConfig(width=32, height=32, rank=2, interval=4, fps=24.0)
+    clip = synthetic_clip(12, 32, 32)
+    one, two = tmp_path / "one.promptus", tmp_path / "two.promptus"
+    res1 = Encoder(c, FAST, tiny, device="cpu", progress=False,
+                   plan=MemoryPlan(micro_batch=2, cache_targets=False)).encode(clip, one)
+    res2 = Encoder(c, FAST, tiny, devices=["cpu", "cpu"], progress=False).encode(clip, two)
+    assert two.read_bytes() == one.read_bytes()
+    assert [r.iterations for r in res2.keyframes] == [r.iterations for r in res1.keyframes]
+    assert [r.stop for r in res2.keyframes] == [r.stop for r in res1.keyframes]
+    assert any(r.stop.startswith("plateau") for r in res1.keyframes)
