@@ -137,15 +137,18 @@ class CodecConfig:
             raise PromptusError(f"a clip needs at least one frame, got {frame_count}")
         return -(-(frame_count - 1) // self.interval) + 1
 
-    def segment_batch(self, frame_count: int) -> int:
+    def segment_batch(self, frame_count: int | None = None) -> int:
         """Frames a decoder generates in one batch for a clip of ``frame_count`` frames.
 
         The interval T, but no more than the clip's longest segment (a 3-frame clip
-        never needs a batch of T) and no more than :data:`MAX_BATCH_PIXELS` allow at
-        this frame size (longer segments are generated in several batches).
+        never needs a batch of T; ``None``: length unknown yet) and no more than
+        :data:`MAX_BATCH_PIXELS` allow at this frame size (longer segments are generated
+        in several batches). The one formula for the batch a backend is prepared for
+        (:func:`promptus.backends.backend_for_clip`) and the decoder's batches.
         """
         by_memory = max(1, MAX_BATCH_PIXELS // (self.width * self.height))
-        return max(1, min(self.interval, frame_count - 1, by_memory))
+        longest = self.interval if frame_count is None else frame_count - 1
+        return max(1, min(self.interval, longest, by_memory))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,6 +224,10 @@ DISTRIBUTED_HOST = "127.0.0.1"
 PARITY_OURS = "ours"
 PARITY_RELEASE = "release"
 PARITIES = (PARITY_OURS, PARITY_RELEASE)
+
+#: Folder of the artifact cache: TensorRT engines, compiled decoder and trainer steps
+#: (promptus.backends.artifact_cache; ``promptus engines``).
+DEFAULT_ENGINE_DIR = "engines"
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ class Encoder:
                  backend: Backend | None = None, should_stop: Callable[[], bool] | None = None,
                  plan: MemoryPlan | None = None, devices: str | list | None = None,
                  worker_models: ModelSource | None = None):
-        from .backends import default_dtype, make_backend, resolve_device
+        from .backends import BASELINE, backend_for_clip, default_dtype, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
         self.devices = parse_devices(devices) if devices is not None else None
@@ -238,7 +238,7 @@ class Encoder:
         self.should_stop = should_stop
         self.progress = progress
         if backend is None:
-            backend = make_backend("eager", models, self.device, self.dtype, batch=codec.interval, size=codec.width)
+            backend = backend_for_clip(codec, models, name=BASELINE, device=self.device, dtype=self.dtype)
         elif not isinstance(backend, Backend):
             raise PromptusError(f"backend must be a promptus Backend (promptus.backends.make_backend), "
                                 f"got {type(backend).__name__}")
@@ -552,7 +552,8 @@ class Encoder:
         after each; returns the closed loop's reconstruction of the whole clip."""
         c, N = self.codec, frames.shape[0]
         K = c.keyframe_count(N)
-        state = ClipState(self.backend, header, init)
+        # The decoder's batches (one formula, MAX_BATCH_PIXELS): the closed loop sees the decoder's frames.
+        state = ClipState(self.backend, header, init, max_batch=header.config.segment_batch(header.frame_count))
         recon = torch.empty_like(frames)  # filled segment by segment: never a list plus a concatenation
         for kf in keyframes:  # replay the closed loop up to where the checkpoint stopped
             seg = state.push(kf)

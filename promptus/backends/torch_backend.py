@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import PARITY_RELEASE
+from ..config import DEFAULT_ENGINE_DIR, PARITY_RELEASE
 from ..errors import PromptusError
 from ..schedule import mix_latent, release_sigmas, to_uint8, to_uint8_release
 from .base import Backend
@@ -226,7 +226,7 @@ class CompileBackend(TorchBackend):
                 self.prepared = prepare(
                     step, args, model_digest=architecture_digest(self.unet, self.taesd_decoder),
                     batch=context.shape[0], size=size, dtype=self.dtype, timestep=onestep.timestep,
-                    device=self.device, options=self.options, engine_dir=self.engine_dir or "engines",
+                    device=self.device, options=self.options, engine_dir=self.engine_dir or DEFAULT_ENGINE_DIR,
                     mechanism=self.mechanism, progress=self.progress, force=self._force,
                     what=f"compile backend (batch {context.shape[0]}, {size} px)")
             except PromptusError as e:

@@ -6,19 +6,20 @@ import argparse
 import logging
 import math
 
+from ..backends import bench_defaults
 from ..bench import BENCH_BUDGETS
 from ..config import COMPILE_MODES, CodecConfig
 
 log = logging.getLogger("promptus")
 
-#: Backends the decoder benchmark times by default on a GPU.
-BENCH_BACKENDS = ("eager", "torch", "compile", "tensorrt")
+#: Backends the decoder benchmark times by default on a GPU (the registry's bench_gpu entries).
+BENCH_BACKENDS = tuple(bench_defaults("cuda"))
 #: What the benchmarks time unless told otherwise: the real workload on a GPU, and on the CPU a
 #: small one that finishes in about a minute on two cores (the full-size UNet at 512 px takes
 #: seconds per frame there, and compile/tensorrt are GPU backends).
 GPU_DEFAULTS = {"model": "random", "size": CodecConfig.width, "keyframes": 31, "backends": list(BENCH_BACKENDS),
                 "iters": 10, "iters_published": 3, "warmup": 2}
-CPU_DEFAULTS = {"model": "tiny", "size": 64, "keyframes": 4, "backends": ["eager", "torch"],
+CPU_DEFAULTS = {"model": "tiny", "size": 64, "keyframes": 4, "backends": bench_defaults("cpu"),
                 "iters": 3, "iters_published": 1, "warmup": 1}
 _DECODE_ONLY, _ENCODE_ONLY = ("keyframes", "backends"), ("iters", "iters_published", "warmup")
 

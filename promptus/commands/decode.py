@@ -8,9 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
-from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR, PARITIES, PARITY_OURS, PARITY_RELEASE
 from ..errors import BitstreamError, PromptusError
 from ..video import VIDEO_OUTPUTS
 from .common import add_model_args, load_models, model_for_header
@@ -28,9 +27,9 @@ def register(subparsers) -> None:
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
-    d.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help=f"network backend, one of {', '.join(BACKENDS)}: auto takes tensorrt where it can run, "
-                        "else compile on CUDA, else torch (default: auto)")
+    d.add_argument("--backend", default="auto", choices=backend_names(auto=True),
+                   help=f"network backend, one of {', '.join(backend_names(auto=True))}: auto takes tensorrt where "
+                        "it can run, else compile on CUDA, else torch (default: auto)")
     d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
                    help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     d.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, clip_batch, resolve_device
     from ..bitstream import Header, iter_records
     from ..decoder import Decoder
     from ..pipeline import PipelinedDecoder
@@ -85,11 +84,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
             models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
-            models.geometry().check(header.config)  # before anything is sized from the header
-            batch = header.config.segment_batch(header.frame_count)
             identity = models.identity()  # before the backend may move the networks off the GPU
-            backend = make_backend(args.backend, models, device, batch=batch, size=header.width,
-                                   engine_dir=args.engine_dir, offload_models=True, parity=args.parity)
+            backend = backend_for_clip(header, models, name=args.backend, device=device, engine_dir=args.engine_dir,
+                                       offload_models=True, parity=args.parity)  # checks the geometry first
+            batch = clip_batch(header)
         except BaseException:
             writer.abort()
             raise

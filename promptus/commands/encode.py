@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..backends import BACKENDS
+from ..backends import BASELINE, backend_names
 from .common import add_encode_args, add_model_args, codec_from_args, load_models, train_from_args
 
 # The closed loop needs a concrete backend: 'auto' could differ between encoder and decoder.
-CLOSED_LOOP_BACKENDS = tuple(b for b in reversed(BACKENDS) if b != "auto")  # eager first
+CLOSED_LOOP_BACKENDS = backend_names(simplest_first=True)  # eager first
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                         "cuda:0,cuda:1 (any list), all (every GPU), or cpu,cpu (gloo, a test); replaces --device; "
                         "--max-memory applies to each device (default: one device, --device)")
     e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
-    e.add_argument("--closed-loop-backend", default="eager", choices=CLOSED_LOOP_BACKENDS,
+    e.add_argument("--closed-loop-backend", default=BASELINE, choices=CLOSED_LOOP_BACKENDS,
                    help="decoder backend the closed loop regenerates segments with; decoding with the same "
                         "backend reproduces the encoder's reconstruction exactly (default: eager)")
     e.set_defaults(func=run)
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run_encode(args: argparse.Namespace, source, output, models=None):
     """Encode ``source`` to ``output`` with the encoder options in ``args``; returns the EncodeResult."""
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, resolve_device
     from ..config import CodecConfig
     from ..encoder import Encoder
     from ..video import video_fps
@@ -52,8 +52,7 @@ def run_encode(args: argparse.Namespace, source, output, models=None):
         device, worker_models = resolve_device(args.device), None
     if models is None:
         models = load_models(args, device, need_vae=train.init_latent == "vae")
-    backend = make_backend(getattr(args, "closed_loop_backend", "eager"), models, device, batch=codec.interval,
-                           size=codec.width)
+    backend = backend_for_clip(codec, models, name=getattr(args, "closed_loop_backend", BASELINE), device=device)
     enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend,
                   devices=devices, worker_models=worker_models)
     return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)

@@ -31,7 +31,7 @@ PRESETS = ("quick",)
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The sweep's options (the `sweep` command and scripts/bitrate_sweep.py)."""
-    from ..backends import BACKENDS
+    from ..backends import backend_names
     from ..config import CodecConfig, TrainConfig
 
     ranks, intervals, baselines = _default("ranks"), _default("intervals"), _default("baselines")
@@ -63,9 +63,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_encode_args(p, rate=False, defaults={k: (None, note(k, v)) for k, v in published.items()})
     add_model_args(p, auto_help="checkpoints/sd_turbo.safetensors or checkpoints/sd-turbo; with --preset quick "
                                 "the tiny model when neither is present")
-    p.add_argument("--decode-backend", default=_default("decode_backend"), choices=[b for b in BACKENDS if b != "auto"],
+    p.add_argument("--decode-backend", default=_default("decode_backend"), choices=backend_names(),
                    help=f"backend that decodes the promptus points, one of "
-                        f"{', '.join(b for b in BACKENDS if b != 'auto')} (default: {_default('decode_backend')})")
+                        f"{', '.join(backend_names())} (default: {_default('decode_backend')})")
     p.add_argument("--threads", type=int, default=_default("threads"),
                    help="torch CPU threads per job; CPU results depend on it, so it is part of each point's "
                         f"inputs (default: {_default('threads')})")

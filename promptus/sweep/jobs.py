@@ -215,7 +215,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
     import torch
 
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, resolve_device
     from ..bitstream import file_rate, read
     from ..config import CodecConfig, TrainConfig
     from ..decoder import Decoder
@@ -249,8 +249,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         bs = read(paths["file"])
-        backend = make_backend(inputs["decode_backend"], models, device, batch=bs.header.interval,
-                               size=bs.header.width)
+        backend = backend_for_clip(bs.header, models, name=inputs["decode_backend"], device=device)
         decoded = Decoder(backend, models.identity()).decode_all(bs)
         decode_s = time.perf_counter() - t0
         if decoded.shape != reference.shape:
