@@ -216,6 +216,14 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 DISTRIBUTED_TIMEOUT_S = 600
 #: The rendezvous host of the processes of one encode (they run on this machine).
 DISTRIBUTED_HOST = "127.0.0.1"
+#: zlib level of PNG frames (0–9). 6 is PIL's default and what the writer has always written; 1 writes
+#: about 2–3× faster and about 30 % larger (docs/decoding.md, "Performance").
+PNG_LEVEL = 6
+#: Frames waiting for the PNG writer's threads, per thread: bounded, so a fast decoder cannot fill the memory.
+PNG_QUEUE_PER_THREAD = 2
+#: Video encoders of the frame writer: "auto" (NVENC where the GPU and the PyAV build offer it, else the CPU
+#: encoder, saying so), "cpu" (libx264 / libvpx-vp9), "nvenc" (NVENC or an error).
+VIDEO_ENCODERS = ("auto", "cpu", "nvenc")
 
 #: Decoder numerics. "ours": fp16 networks at the segment batch, uint8 by rounding (the
 #: default: faster, and the closer approximation of the float image). "release": the public

@@ -222,7 +222,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
     import torch
 
-    from ..backends import backend_for_clip, resolve_device
+    from ..backends import resolve_device
+    from ..startup import cached_backend
     from ..bitstream import file_rate, read
     from ..config import CodecConfig, TrainConfig
     from ..decoder import Decoder
@@ -257,7 +258,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         bs = read(paths["file"])
-        backend = backend_for_clip(bs.header, models, name=inputs["decode_backend"], device=device)
+        # Kept for the actor's next point: a compiled step or captured graph is prepared once per process.
+        backend = cached_backend(bs.header, models, name=inputs["decode_backend"], device=device)
         decoded = Decoder(backend, models.identity()).decode_all(bs)
         decode_s = time.perf_counter() - t0
         if decoded.shape != reference.shape:
