@@ -24,10 +24,11 @@ httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed
 
 from promptus.backends import resolve_devices  # noqa: E402
 from promptus.bitstream import to_bytes  # noqa: E402
+from promptus.config import ServerConfig  # noqa: E402
 from promptus.errors import PromptusError  # noqa: E402
 from promptus.streaming import AdmissionError, SchedulerPool, StreamScheduler, backend_decoders, create_app  # noqa: E402
 from promptus.streaming.devices import capacity_status, replicate_models, scheduler_pool  # noqa: E402
-from promptus.streaming.server import FRAME_HEADER  # noqa: E402
+from promptus.streaming.routes.view import FRAME_HEADER  # noqa: E402
 from promptus.streaming.viewer import encode_jpeg  # noqa: E402
 from test_streaming import ServerThread, make_clip  # noqa: E402
 
@@ -148,7 +149,8 @@ def served(tiny, tmp_path_factory):
     (root / "clip.promptus").write_bytes(to_bytes(bs))
     offline = backend_decoders(tiny, "torch", "cpu")(bs.header).decode_all(bs)
     pool = scheduler_pool(tiny, CPU2, backend="torch")
-    with ServerThread(create_app(root, scheduler=pool)) as server:  # calibrates both devices at start-up
+    limits = ServerConfig(recalibrate_idle_s=3600.0)  # the tests set capacities by hand: no remeasuring
+    with ServerThread(create_app(root, scheduler=pool, limits=limits)) as server:  # calibrates both devices
         yield server, pool, bs, offline
 
 
@@ -192,8 +194,9 @@ def test_two_viewers_land_on_different_devices_and_get_every_frame_of_the_offlin
     for msgs in (ma, mb):
         frames = [m for m in msgs if isinstance(m, bytes)]
         assert [FRAME_HEADER.unpack(f[:8])[0] for f in frames] == list(range(bs.header.frame_count))
+        quality = ServerConfig().jpeg_quality
         for i, f in enumerate(frames):  # the server's JPEG of each frame is the JPEG of the offline frame
-            assert f[8:] == encode_jpeg(offline[i].numpy(), 85), f"frame {i} differs from the offline decode"
+            assert f[8:] == encode_jpeg(offline[i].numpy(), quality), f"frame {i} differs from the offline decode"
     deadline = time.monotonic() + 10  # the server closes a session once its socket is gone
     while (after := httpx.get(server.http("/api/status"), timeout=10).json())["streams"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..backends import backend_names
-from ..config import DEFAULT_ENGINE_DIR
+from ..config import DEFAULT_ENGINE_DIR, ServerConfig
 from ..errors import PromptusError
 from .common import add_model_args, load_models
 
@@ -35,12 +35,14 @@ def register(subparsers) -> None:
                    help="load no model: serve prompt streams and files only (receivers decode themselves)")
     s.add_argument("--fast", action="store_true",
                    help="send prompt streams as fast as possible instead of at the clip's real time")
-    s.add_argument("--max-clients", type=int, default=64, help="open streams and viewers at most (default: 64)")
+    s.add_argument("--max-clients", type=int, default=ServerConfig.max_clients,
+                   help=f"open streams and viewers at most (default: {ServerConfig.max_clients})")
     s.add_argument("--webrtc-loopback", action="store_true",
                    help="keep WebRTC media on 127.0.0.1 (the browser must offer loopback candidates: Chromium "
                         "--allow-loopback-in-peer-connection; other browsers fall back to WebSocket)")
-    s.add_argument("--headroom", type=float, default=0.9,
-                   help="share of the measured decoding capacity that admission control promises (default: 0.9)")
+    s.add_argument("--headroom", type=float, default=ServerConfig.headroom,
+                   help="share of the measured decoding capacity that admission control promises "
+                        f"(default: {ServerConfig.headroom})")
     s.add_argument("--studio", action="store_true",
                    help="also serve Promptus Studio (encode, compare; needs the studio extra) at /studio")
     s.set_defaults(func=run)
@@ -55,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming import backend_decoders
     from ..streaming.devices import scheduler_pool
     from ..streaming.scheduler import StreamScheduler
-    from ..streaming.server import ServerLimits, create_app
-    from ..streaming.wire import MAX_CONTROL_BYTES
+    from ..streaming.server import create_app
 
-    limits = ServerLimits(max_clients=args.max_clients, webrtc_loopback=args.webrtc_loopback)
+    limits = ServerConfig(max_clients=args.max_clients, headroom=args.headroom, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
     if args.no_viewer and args.devices:
         raise PromptusError("--devices says where viewers are decoded, and --no-viewer loads no model: drop one")
@@ -67,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
         models = load_models(args, devices[0])
         if len(devices) == 1:
             decoders = backend_decoders(models, args.backend, devices[0], engine_dir=args.engine_dir)
-            scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients,
+            scheduler = StreamScheduler(decoders, headroom=limits.headroom, max_streams=limits.max_clients,
                                         device=devices[0])
         else:
             scheduler = scheduler_pool(models, devices, backend=args.backend, engine_dir=args.engine_dir,
-                                       headroom=args.headroom, max_streams=args.max_clients)
+                                       headroom=limits.headroom, max_streams=limits.max_clients)
             log.info("decoding viewers on %d devices: %s", len(devices), ", ".join(map(str, devices)))
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
     if args.studio:
@@ -88,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
     if args.studio:
         print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=MAX_CONTROL_BYTES,
+    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_control_bytes,
                 log_level="warning" if args.quiet else "info")
     return 0

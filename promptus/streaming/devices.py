@@ -67,11 +67,12 @@ class SchedulerPool:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3) -> float:
-        """Measure every device on this clip, one after the other (:meth:`StreamScheduler.calibrate`);
-        returns the total frames/s."""
+    def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3,
+                  again_after: float | None = None) -> float:
+        """Measure every device on this clip, one after the other (:meth:`StreamScheduler.calibrate`;
+        with ``again_after`` each device measures itself again when idle); returns the total frames/s."""
         for i, s in enumerate(self.schedulers):
-            s.calibrate(header, init, keyframes, rounds=rounds)
+            s.calibrate(header, init, keyframes, rounds=rounds, again_after=again_after)
             with self._lock:
                 self._warm.add((i, _shape(header)))
             log.info("device %d (%s): %.0f frames/s", i, s.device, s.capacity)
