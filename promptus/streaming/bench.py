@@ -195,7 +195,7 @@ def bench_streams(models, device, *, backend: str = "compile", size: int = 512, 
     return result
 
 
-def bench_stream_devices(devices, models, *, backend: str = "compile", size: int = 512, interval: int = 10,
+def bench_stream_devices(devices, models, *, backend: str = "torch", size: int = 512, interval: int = 10,
                          fps: float = 30.0, seconds: float = 6.0, headroom: float = 0.9, max_streams: int = 64,
                          engine_dir: str = DEFAULT_ENGINE_DIR) -> dict:
     """Real-time streams admitted and served by one server's decoders on ``devices`` together.
@@ -203,10 +203,11 @@ def bench_stream_devices(devices, models, *, backend: str = "compile", size: int
     ``models`` is copied to every device (:func:`~promptus.streaming.devices.replicate_models`);
     each device gets its own :class:`StreamScheduler` in a
     :class:`~promptus.streaming.devices.SchedulerPool`, exactly as ``promptus serve --devices``
-    builds it. Every device is calibrated on a clip of random prompts; then streams at ``fps``
-    are opened through the pool's admission control (least loaded device first) until it
-    refuses one, or ``max_streams`` are open; those streams run paced at real time for
-    ``seconds`` (:func:`pace_streams`; the first second is warm-up).
+    builds it, with ``backend`` on every device (default torch: CUDA graphs, nothing loaded
+    from the artifact cache). Every device is calibrated on a clip of random prompts; then
+    streams at ``fps`` are opened through the pool's admission control (least loaded device
+    first) until it refuses one, or ``max_streams`` are open; those streams run paced at real
+    time for ``seconds`` (:func:`pace_streams`; the first second is warm-up).
 
     Returns a dict with the keys:
 
