@@ -296,8 +296,9 @@ def test_the_compiled_steps_key_is_known_before_the_weights_are_read(tiny, tmp_p
     from promptus.models import tiny_configs
 
     configs = tiny_configs()
-    monkeypatch.setattr(models_mod, "sd_turbo_unet_config", lambda: dict(configs["unet"]))
-    monkeypatch.setattr(models_mod, "taesd_config", lambda: dict(configs["taesd"]))
+    for module in (models_mod, models_mod.loading):  # the name startup reads, and the one the loader reads
+        monkeypatch.setattr(module, "sd_turbo_unet_config", lambda: dict(configs["unet"]))
+        monkeypatch.setattr(module, "taesd_config", lambda: dict(configs["taesd"]))
     unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
     _save_safetensors(tiny.unet.state_dict(), unet)
     _save_safetensors(tiny.taesd.state_dict(), taesd)

@@ -164,8 +164,13 @@ class CompileKey(CacheKey):
         return (f"compiled segment step (batch {self.batch}, {self.size} px, {self.dtype}, {self.gpu}, "
                 f"torch {self.torch_version}, {self.mechanism}, model {self.model_digest[:12]})")
 
+    @property
+    def target(self) -> str:
+        """Compute capability and GPU model (just "cpu" on the CPU)."""
+        return self.compute_capability + (f" {self.gpu}" if self.gpu != self.compute_capability else "")
+
     def summary(self) -> str:
-        return f"segment, batch {self.batch}, {self.size} px, {self.dtype}, {self.compute_capability} {self.gpu}"
+        return f"segment, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}"
 
     def toolkit(self) -> str:
         triton = f", Triton {self.triton_version}" if self.triton_version != "none" else ""
@@ -194,8 +199,7 @@ class TrainerKey(CompileKey):
                 f"torch {self.torch_version}, {self.mechanism}, {self.options}, model {self.model_digest[:12]})")
 
     def summary(self) -> str:
-        return (f"trainer, batch {self.batch}, {self.size} px, {self.dtype}, {self.compute_capability} {self.gpu}, "
-                f"{self.options}")
+        return f"trainer, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}, {self.options}"
 
 
 def triton_version() -> str:

@@ -286,7 +286,7 @@ class CompileBackend(TorchBackend):
         self._force = force
         try:
             with torch.no_grad():
-                self._step_fn(z, z.clone(), self._mix_tensor(0.05, z), ctx, onestep)
+                self._step_fn(z, z.clone(), self._mix_tensor(c.mix, z), ctx, onestep)
         finally:
             self._force = False
         return self.prepared

@@ -158,22 +158,23 @@ def _num(x, spec: str, width: int, suffix: str = "") -> str:
 
 
 def format_decode_table(result: dict) -> str:
+    w = max([9] + [len(r["backend"]) for r in result["rows"]])  # registered names may be longer than "tensorrt"
     lines = [
         f"decode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
         f"{result['size']}×{result['size']}, batch {result['batch']}, {result['frames_timed']} frames, {result['dtype']}",
         f"FLOPs per batch: UNet {result['unet_tflop_per_batch']:.2f} TFLOP, TAESD decoder "
         f"{result['decoder_tflop_per_batch']:.2f} TFLOP; measured fp16 matmul ceiling "
         f"{result['matmul_ceiling_tflops']:.0f} TFLOP/s → arithmetic limit {result['arithmetic_limit_fps']:.0f} FPS",
-        f"{'backend':9} {'cold s':>7} {'warm s':>7} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} "
+        f"{'backend':{w}} {'cold s':>7} {'warm s':>7} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} "
         f"{'FPS (GPU)':>10} {'FPS (host)':>11} {'host/GPU':>9} {'peak GiB':>9} {'PSNR vs fp32':>13} {'MFU':>6} "
         f"{'speedup':>8}",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['backend']:9} {r['status']}")
+            lines.append(f"{r['backend']:{w}} {r['status']}")
             continue
         lines.append(
-            f"{r['backend']:9} {_num(r.get('cold_start_s'), '.1f', 7)} {_num(r.get('warm_start_s'), '.1f', 7)} "
+            f"{r['backend']:{w}} {_num(r.get('cold_start_s'), '.1f', 7)} {_num(r.get('warm_start_s'), '.1f', 7)} "
             f"{_num(r['unet_ms'], '.2f', 8)} {_num(r['decoder_ms'], '.2f', 9)} {r['segment_ms']:>11.2f} "
             f"{r['fps_gpu']:>10.1f} {r['fps_host']:>11.1f} {r['fps_host'] / r['fps_gpu']:>8.0%} "
             f"{_num(r['peak_gib'], '.2f', 9)} {r['psnr_vs_fp32']:>13.2f} {_num(r['mfu'], '.1%', 6)} "
