@@ -36,11 +36,11 @@ def write_folder(out, frames, **kw):
     return sorted(out.iterdir())
 
 
-@pytest.mark.parametrize("level", [6, 1])
-def test_parallel_png_writer_gives_the_serial_writers_bytes_in_order(tmp_path, level):
+@pytest.mark.parametrize("level, processes", [(6, True), (1, True), (6, False)])
+def test_parallel_png_writer_gives_the_serial_writers_bytes_in_order(tmp_path, level, processes):
     frames = grainy()
     serial = write_folder(tmp_path / "serial", frames, workers=1, png_level=level)
-    parallel = write_folder(tmp_path / "parallel", frames, workers=4, png_level=level)
+    parallel = write_folder(tmp_path / "parallel", frames, workers=4, png_level=level, png_processes=processes)
     assert [p.name for p in parallel] == [f"{i:05d}.png" for i in range(len(frames))]
     assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
     for i, p in enumerate(parallel):  # frame i is file i
@@ -86,7 +86,7 @@ def test_a_failing_worker_is_a_clear_error_and_leaves_no_output(tmp_path, monkey
     monkeypatch.setattr(video, "save_png", failing_save(3))
     out = tmp_path / "frames"
     with pytest.raises(VideoError, match=r"cannot write frame 00003.png: No space left on device"):
-        with FrameWriter(out, 30, kind="folder", workers=3) as w:
+        with FrameWriter(out, 30, kind="folder", workers=3, png_processes=False) as w:
             for f in grainy(20):
                 w.write(f)
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -98,7 +98,7 @@ def test_a_failing_worker_leaves_an_existing_folder_as_it_was(tmp_path, monkeypa
     (out / "00001.png").write_bytes(b"old frame")
     (out / "keep.txt").write_text("mine")
     monkeypatch.setattr(video, "save_png", failing_save(5))
-    w = FrameWriter(out, 30, kind="folder", workers=4, force=True)
+    w = FrameWriter(out, 30, kind="folder", workers=4, force=True, png_processes=False)
     with pytest.raises(VideoError, match="00005.png"):
         for f in grainy(8):
             w.write(f)
@@ -113,9 +113,29 @@ def test_an_encoding_bug_in_a_worker_names_the_frame(tmp_path, monkeypatch):
 
     monkeypatch.setattr(video, "save_png", broken)
     with pytest.raises(VideoError, match=r"encoding frame 00000.png failed \(ValueError: bad mode\)"):
-        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2) as w:
+        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2, png_processes=False) as w:
             for f in grainy(6):
                 w.write(f)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_worker_process_is_a_clear_error_and_leaves_no_output(tmp_path):
+    """Worker processes: a file system that fails under them, and a frame PIL cannot encode."""
+    import shutil
+
+    out = tmp_path / "frames"
+    with pytest.raises(VideoError, match=r"cannot write frame \d{5}.png: No such file or directory"):
+        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+            assert w._pngs.processes
+            for i, f in enumerate(grainy(12)):
+                if i == 4:
+                    shutil.rmtree(w._tmp)  # the folder vanishes under the workers
+                w.write(f)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(VideoError, match=r"encoding frame 00001.png failed \(TypeError"):
+        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+            w.write(grainy(1)[0])
+            w.write(np.zeros((8, 8, 3), np.float64))  # PIL has no mode for it: it fails in the worker
     assert list(tmp_path.iterdir()) == []
 
 
