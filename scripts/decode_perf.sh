@@ -14,7 +14,7 @@ start=$SECONDS
 cpu=()
 [[ -n "${PROMPTUS_PERF_CPU:-}" ]] && cpu=(--dry-run-cpu --size 64 --batch 3)
 if [[ "$mode" == autotune ]]; then
-  python scripts/compile_levers.py "${cpu[@]}" --variants default autotune --engine-dir "$engines" --budget "$total" \
+  python scripts/compile_levers.py ${cpu[@]+"${cpu[@]}"} --variants default autotune --engine-dir "$engines" --budget "$total" \
       --autotune-cap "$(( total - 150 ))" --json "benchmarks/decode_autotune_$tag.json" || true
   files=("benchmarks/decode_autotune_$tag.json")
 else
@@ -27,7 +27,7 @@ else
   fi
   left=$(( total - (SECONDS - start) ))
   echo "levers: ${left} s left of ${total}"
-  python scripts/compile_levers.py "${cpu[@]}" --variants default graph_host no_taesd_cl --engine-dir "$engines" \
+  python scripts/compile_levers.py ${cpu[@]+"${cpu[@]}"} --variants default graph_host no_taesd_cl --engine-dir "$engines" \
       --budget "$left" --json "benchmarks/decode_levers_$tag.json" || true
   files=("benchmarks/decode_command_$tag.json" "benchmarks/decode_levers_$tag.json")
 fi
