@@ -78,8 +78,10 @@ def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
               "init_precision": t.init_precision, "perceptual": t.perceptual, "vgg": cfg.vgg, "seed": cfg.codec.seed,
               "model": cfg.model, "model_digest": model_digest, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints,
               "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+    if t.compile != "off":  # compiled kernels round differently: part of the result (absent when off, as before)
+        inputs["compile"] = t.compile
     pid = point_id("promptus", rank, interval, settings_digest(inputs))
-    return {"point": pid, "inputs": inputs, "progress": cfg.progress,
+    return {"point": pid, "inputs": inputs, "progress": cfg.progress, "max_memory": t.max_memory,
             "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.promptus"),
                       "result": str(folder / f"{pid}.json")}}
 
@@ -217,7 +219,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ..backends import backend_for_clip, resolve_device
     from ..bitstream import file_rate, read
-    from ..config import CodecConfig, TrainConfig
+    from ..config import DEFAULT_ENGINE_DIR, CodecConfig, TrainConfig
     from ..decoder import Decoder
     from ..encoder import Encoder
     from ..video import read_frames
@@ -231,7 +233,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
         codec = CodecConfig(width=inputs["size"], height=inputs["size"], fps=inputs["fps"], rank=inputs["rank"],
                             interval=inputs["interval"], seed=inputs["seed"])
         train = TrainConfig(iters_first=inputs["iters_first"], iters=inputs["iters"], perceptual=inputs["perceptual"],
-                            init_latent=inputs["init_latent"], init_precision=inputs["init_precision"])
+                            init_latent=inputs["init_latent"], init_precision=inputs["init_precision"],
+                            compile=inputs.get("compile", "off"), max_memory=spec.get("max_memory", "auto"))
         reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
         devices = spec.get("devices")  # execution only (an actor with several GPUs): not part of the inputs
         worker_models = None
@@ -241,7 +244,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
             worker_models = ModelSource(inputs["model"], inputs["taesd"], inputs["checkpoints"],
                                         vae=inputs["init_latent"] == "vae")
         enc = Encoder(codec, train, models, device=None if devices else device, vgg=vgg,
-                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models)
+                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models,
+                      engine_dir=DEFAULT_ENGINE_DIR)
         t0 = time.perf_counter()
         done_before = _keyframes_done(paths["file"])  # training seconds count this run's keyframes only
         res = enc.encode(reference, paths["file"], resume=True)  # continues a killed point from its checkpoint
