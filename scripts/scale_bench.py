@@ -10,7 +10,8 @@
     of keyframe 0 (one frame, always on the first device: the serial part) from keyframe 0.
     A 141-frame clip's time at the published iterations (10 000 + 1 500 per segment) is
     projected from both, with keyframe 0's share of it.
-(b) **sweep**: ``--sweep-points`` promptus points (ranks × intervals) of one clip, run in
+(b) **sweep**: ``--sweep-points`` promptus points (ranks × intervals ``interval/2`` and ``interval``)
+    of one clip, run in
     order in this process (one device), then on Ray actors, one per device (``sweep --ray``);
     wall time, points per hour, and each point's seconds outside training as the point's
     worker reported them. Needs Ray for N > 1 (else reported as not measured).
@@ -110,7 +111,7 @@ def bench_sweep(args, devices, work: Path) -> dict:
     if not clip.exists():
         write_frames(sky_clip(args.sweep_frames, args.sweep_size), clip, 30)
     ranks = [2, 4, 8, 16, 32, 64][:max(1, math.ceil(args.sweep_points / 2))]
-    intervals = [5, 10] if args.sweep_points > 1 else [10]
+    intervals = sorted({max(1, args.interval // 2), args.interval}) if args.sweep_points > 1 else [args.interval]
     common = dict(clips=[str(clip)], ranks=ranks, intervals=intervals, baselines=[], model=args.model,
                   codec=CodecConfig(width=args.sweep_size, height=args.sweep_size),
                   train=TrainConfig(iters_first=args.sweep_iters_first, iters=args.sweep_iters, perceptual=False,
@@ -207,7 +208,7 @@ def format_table(result: dict) -> str:
         vals = [p["columns"].get(c, {}).get(key) for c in cols]
         cells = "".join(f"{(fmt.format(v) if isinstance(v, (int, float)) else 'not measured'):>14}" for v in vals)
         ratio = ""
-        if len(vals) > 1 and all(isinstance(v, (int, float)) and v for v in vals):
+        if better != "none" and len(vals) > 1 and all(isinstance(v, (int, float)) and v for v in vals):
             ratio = f"{(vals[0] / vals[1] if better == 'low' else vals[1] / vals[0]):>7.2f}×"
         lines.append(f"{label:<46}{cells}{ratio}")
 
