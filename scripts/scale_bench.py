@@ -247,7 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-iters-first", type=int, default=100)
     ap.add_argument("--sweep-iters", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1, help="(b) torch CPU threads per point")
-    ap.add_argument("--stream-backend", default=None, help="(c) decoder backend (default: compile on CUDA, torch)")
+    ap.add_argument("--stream-backend", default="torch",
+                    help="(c) decoder backend of every device (default: torch; compile builds or loads a compiled "
+                         "decoder per GPU first)")
     ap.add_argument("--stream-seconds", type=float, default=4.0)
     ap.add_argument("--stream-counts", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--stream-max", type=int, default=64)
@@ -267,7 +269,6 @@ def main(argv=None) -> int:
 
     devices = parse_devices(args.devices or ("all" if torch.cuda.is_available() else "cpu"))
     args.sweep_size = args.sweep_size or args.size
-    args.stream_backend = args.stream_backend or ("compile" if devices[0].type == "cuda" else "torch")
     parts = set(args.parts.split(","))
     result = {"devices": [str(d) for d in devices], "device_name": device_name(devices[0]), "model": args.model,
               "size": args.size, "interval": args.interval, "rank": args.rank, "torch": torch.__version__,
