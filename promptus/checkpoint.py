@@ -42,6 +42,7 @@ class KeyframeResult:
     final_lr: float
     psnr: float  # closed-loop PSNR of the segment (of its mean MSE), from the transmitted prompts
     seconds: float
+    stop: str = ""  # why training stopped (the schedule's reason; absent from checkpoints before schedules)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, frames=list(self.frames))
@@ -151,7 +152,7 @@ def read_checkpoint(ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header, 
     fields = set(KeyframeResult.__dataclass_fields__)
     for k, r in enumerate(entries):
         try:
-            if not isinstance(r, dict) or set(r) != fields:
+            if not isinstance(r, dict) or set(r) | {"stop"} != fields:
                 raise TypeError("wrong fields")
             res = KeyframeResult(**dict(r, frames=tuple(int(i) for i in r["frames"])))
             if res.keyframe != k or len(res.frames) != 2:

@@ -39,6 +39,7 @@ from .checkpoint import (CHECKPOINT_VERSION, KeyframeResult, ResumeCheckpoint, c
 from .checkpoint import mean_psnr as _mean_psnr
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
+from .encoding_schedules import Schedule
 from .distributed import DevicePool, FrameShare, ModelSource, parse_devices, runs_distributed
 from .errors import EncodeAborted, PromptusError, VideoError
 from .files import OutputLock, check_writable
@@ -261,6 +262,7 @@ class Encoder:
         self.use_scaler = self.device.type == "cuda" and self.dtype == torch.float16
         self.forced_plan = plan
         self._trainer_store = None  # the compiled trainer on disk (built with the first compiled step)
+        self.schedule = Schedule.of(train)
         self._plans: dict[int, PlanChoice] = {}
         self._step: TrainingStep | None = None
 
@@ -394,12 +396,10 @@ class Encoder:
 
     # ----------------------------------------------------------- training
 
-    def _init_factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.codec
-        g = torch.Generator().manual_seed(self.train.seed * 1_000_003 + k)
-        U = torch.rand(c.tokens, c.rank, generator=g)
-        V = torch.rand(c.rank, c.embed_dim, generator=g)
-        return U.to(self.device).requires_grad_(), V.to(self.device).requires_grad_()
+    def _init_factors(self, k: int, prev: Keyframe | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Keyframe k's starting factors on the device, and whether they are a warm start (the schedule's policy)."""
+        U, V, warm = self.schedule.initial_factors(self.codec, k, *((prev.U, prev.V) if prev is not None else ()))
+        return U.to(self.device).requires_grad_(), V.to(self.device).requires_grad_(), warm
 
     def train_keyframe(self, k: int, z: torch.Tensor, targets: torch.Tensor, prev: Keyframe | None,
                        onestep: OneStep, bar: tqdm | None = None, *, share: FrameShare | None = None
@@ -411,18 +411,20 @@ class Encoder:
         interpolated at s/T, s = 1..n; without it, one frame uses the factors as is.
         Returns the quantized best iterate and training statistics. With ``share`` this
         process runs only its frames of the segment and meets the other processes in
-        every step (:mod:`promptus.distributed`); all of them compute the same iterates.
+        every step (:mod:`promptus.distributed`); all of them compute the same iterates. The schedule
+        (``train.schedule``) sets the start and when to stop; the bar shows why it stopped.
         """
         t, c = self.train, self.codec
         first = prev is None
-        iters = t.iters_first if first else t.iters
+        rule = self.schedule.stop_rule(first)
+        iters, stopper, stop = rule.max_iters, rule.stopper(), None
         patience = t.patience_first if first else t.patience
         n = targets.shape[0]
         device, dtype = self.device, self.dtype
 
-        U, V = self._init_factors(k)
+        U, V, warm = self._init_factors(k, prev)
         rU, rV = RunningRange(), RunningRange()
-        lr = t.lr
+        lr = self.schedule.lr(warm)
         opt = torch.optim.Adam([U, V], lr=lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         z_in = z.to(device, dtype).expand(n, -1, -1, -1)
@@ -468,6 +470,7 @@ class Encoder:
             if mean_loss < best_loss:
                 best_loss, best_it = mean_loss, it
                 best = (snapshot[0], pU, snapshot[1], pV)
+            stop = stopper.observe(mean_loss)  # the loss history alone decides: every process agrees
             if n > 1:  # the worst frame gets extra weight in the next iteration
                 weights.fill_(1.0)
                 weights[int(np.argmax(frame_losses))] = t.worst_weight
@@ -481,7 +484,10 @@ class Encoder:
             psnr = psnr_from_mse(max(sum(frame_mse) / n, 1e-12), peak=2.0)  # frames in [-1, 1]
             if bar is not None:
                 bar.update(1)
-                if it % 10 == 0 or it == iters - 1:
+                if stop is not None:
+                    bar.total = it + 1
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", stop=stop, refresh=False)
+                elif it % 10 == 0:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:g}", refresh=False)
             if self.callback is not None:
                 self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr,
@@ -489,6 +495,8 @@ class Encoder:
             if self.should_stop is not None and self.should_stop():
                 raise EncodeAborted(f"encoding stopped on request during keyframe {k}; the {k} finished keyframes "
                                     "are kept in the checkpoint: resume to continue", keyframes_done=k)
+            if stop is not None:
+                break
 
         bU, bpU, bV, bpV = best
         kf = Keyframe(
@@ -496,7 +504,8 @@ class Encoder:
             U_q=QuantizedTensor(quantize(bU.cpu(), *bpU).numpy(), *bpU),
             V_q=QuantizedTensor(quantize(bV.cpu(), *bpV).numpy(), *bpV),
         )
-        return kf, {"iterations": iters, "best_iteration": best_it, "best_loss": best_loss, "final_lr": lr}
+        return kf, {"iterations": it + 1, "best_iteration": best_it, "best_loss": best_loss, "final_lr": lr,
+                    "stop": stop}
 
     # ------------------------------------------------------------- encode
 
@@ -618,8 +627,9 @@ class Encoder:
                 ckpt.log(res)
                 kbar.update(1)
                 kbar.set_postfix(psnr=f"{psnr:.2f}", refresh=False)
-                log.info("keyframe %d/%d: best loss %.5f at iteration %d, closed-loop PSNR %.2f dB (%.1f s)",
-                         k, K - 1, res.best_loss, res.best_iteration, psnr, res.seconds)
+                log.info("keyframe %d/%d: best loss %.5f at iteration %d of %d (%s), closed-loop PSNR %.2f dB "
+                         "(%.1f s)", k, K - 1, res.best_loss, res.best_iteration, res.iterations, res.stop, psnr,
+                         res.seconds)
                 if k < K - 1:
                     ckpt.save(init, keyframes, results)
         finally:

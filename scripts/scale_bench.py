@@ -84,8 +84,8 @@ def bench_encode(args, devices, models, vgg) -> dict:
             _sync(use)
             wall = time.perf_counter() - t0
         kf = res.keyframes
-        ms_first = 1000 * kf[0].seconds / args.iters_first
-        ms_segment = 1000 * (kf[2].seconds + kf[3].seconds) / (2 * args.iters)
+        ms_first = 1000 * kf[0].seconds / kf[0].iterations
+        ms_segment = 1000 * (kf[2].seconds + kf[3].seconds) / (kf[2].iterations + kf[3].iterations)
         projected = clip_seconds(ms_first, ms_segment, args.interval)
         serial = ms_first * published.iters_first / 1000
         out["columns"][str(n)] = {

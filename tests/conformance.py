@@ -23,7 +23,6 @@ Regenerate (only when the format or the decoder's numerics change on purpose)::
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import sys
 import zlib
@@ -121,18 +120,16 @@ def decode_digest(data: bytes, models=None) -> tuple[str, list[int]]:
     as ``promptus.decode`` does.
     """
     import promptus
-    from promptus.backends import make_backend
+    from promptus.backends import backend_for_clip, clip_batch
     from promptus.decoder import Decoder
 
     with torch_threads(DECODE["torch_threads"]):
         if models is None:
             frames = promptus.decode(data, model=DECODE["model"], device=DECODE["device"], backend=DECODE["backend"])
-        else:
+        else:  # what promptus.decode does after loading the models
             bs = from_bytes(data)
-            batch = bs.header.config.segment_batch(bs.header.frame_count)
-            backend = make_backend(DECODE["backend"], models, torch.device(DECODE["device"]), batch=batch,
-                                   size=bs.header.width)
-            frames = Decoder(backend, models.identity(), max_batch=batch).decode_all(bs)
+            backend = backend_for_clip(bs.header, models, name=DECODE["backend"], device=DECODE["device"])
+            frames = Decoder(backend, models.identity(), max_batch=clip_batch(bs.header)).decode_all(bs)
     frames = frames.contiguous().numpy()
     return hashlib.sha256(frames.tobytes()).hexdigest(), list(frames.shape)
 

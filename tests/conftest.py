@@ -98,3 +98,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(
             f"fast tier: {n} tests marked slow or browser were not run "
             "(PROMPTUS_TESTS=full python3 -m pytest -q runs them, as CI does)")
+
+
+def pytest_runtest_logreport(report):
+    # PROMPTUS_TEST_TIMES=FILE appends "seconds nodeid" per test as it finishes (for choosing the tiers).
+    path = os.environ.get("PROMPTUS_TEST_TIMES")
+    if path and report.when == "call":
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.2f} {report.nodeid}\n")

@@ -22,7 +22,7 @@ from promptus.distributed import ModelSource, parse_devices, runs_distributed, s
 from promptus.encoder import Encoder
 from promptus.errors import EncodeAborted, PromptusError
 from promptus.memory import MemoryPlan
-from promptus.video import synthetic_clip
+from synthetic import synthetic_clip
 
 # 12 frames at interval 4: segments of 1 (keyframe 0), 4, 4 and 3 frames; two processes run 2+2 and 2+1,
 # which the plan below reproduces in one process.

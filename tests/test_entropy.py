@@ -122,7 +122,8 @@ def test_one_registry_entry_adds_a_coder_everywhere():
     # Once it is gone, its files are refused with the list of what this promptus knows.
     assert CODERS.known_ids().startswith("0 raw, 1 zlib, 2 lzma, 3 bz2")
     with pytest.raises(BitstreamError, match=re.escape(f"unknown entropy codec id 250 (this promptus knows "
-                                                       f"{CODERS.known_ids()})")):
+                                                       f"{CODERS.known_ids()}) — a newer promptus may have "
+                                                       "written it (upgrade promptus to read it)")):
         from_bytes(data)
     assert CODERS.names == CODECS
 

@@ -164,8 +164,13 @@ class CompileKey(CacheKey):
         return (f"compiled segment step (batch {self.batch}, {self.size} px, {self.dtype}, {self.gpu}, "
                 f"torch {self.torch_version}, {self.mechanism}, model {self.model_digest[:12]})")
 
+    @property
+    def target(self) -> str:
+        """Compute capability and GPU model (just "cpu" on the CPU)."""
+        return self.compute_capability + (f" {self.gpu}" if self.gpu != self.compute_capability else "")
+
     def summary(self) -> str:
-        return f"segment, batch {self.batch}, {self.size} px, {self.dtype}, {self.compute_capability} {self.gpu}"
+        return f"segment, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}"
 
     def toolkit(self) -> str:
         triton = f", Triton {self.triton_version}" if self.triton_version != "none" else ""
@@ -194,8 +199,7 @@ class TrainerKey(CompileKey):
                 f"torch {self.torch_version}, {self.mechanism}, {self.options}, model {self.model_digest[:12]})")
 
     def summary(self) -> str:
-        return (f"trainer, batch {self.batch}, {self.size} px, {self.dtype}, {self.compute_capability} {self.gpu}, "
-                f"{self.options}")
+        return f"trainer, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}, {self.options}"
 
 
 def triton_version() -> str:
@@ -229,9 +233,11 @@ def available_mechanisms() -> tuple[str, ...]:
     return tuple(out)
 
 
-def architecture_digest(*modules: torch.nn.Module) -> str:
+def architecture_digest(*modules: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
     """16 hex digits of SHA-256 over each module's class, diffusers config and (name, shape, dtype) of
-    every parameter and buffer — what a compiled step depends on besides the weight values (milliseconds)."""
+    every parameter and buffer — what a compiled step depends on besides the weight values (milliseconds).
+    ``dtype``: the digest the modules will have once ``.to(dtype)`` casts their floating-point tensors
+    (so that a key can be made while the weights are still on their way)."""
     h = hashlib.sha256(b"promptus-architecture-v1\n")
     for module in modules:
         h.update(f"{type(module).__module__}.{type(module).__qualname__}\n".encode())
@@ -240,7 +246,8 @@ def architecture_digest(*modules: torch.nn.Module) -> str:
             public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # private keys hold sets
             h.update(json.dumps(public, sort_keys=True, default=str).encode())
         for name, t in module.state_dict(keep_vars=True).items():
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+            kind = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            h.update(f"{name}:{tuple(t.shape)}:{kind}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -459,12 +466,40 @@ def build_artifact(step: torch.nn.Module, args: tuple, mechanism: str | None,
     return compiled, None
 
 
-def load_artifact(step: torch.nn.Module, args: tuple, mechanism: str, data: bytes,
-                  options: CompileOptions) -> Callable:
-    """The callable stored in ``data``, run once on ``args`` (so that a bad artifact fails here)."""
-    if mechanism == "aot_compile":
+#: aot_compile functions loaded ahead of their first call (:func:`preload`), by key; taken by :func:`prepare`.
+_PRELOADED: dict[CompileKey, Callable] = {}
+_PRELOAD_LOCK = threading.Lock()
+
+
+def preload(key: CompileKey, engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR) -> bool:
+    """Read and deserialise the stored ``aot_compile`` artifact of ``key`` now — on a thread, while the
+    weights load: it needs no weights — so that :func:`prepare` only runs it. False when there is none
+    (or it is not an aot_compile entry); a damaged one is left for :func:`prepare` to report and rebuild."""
+    if key.mechanism != "aot_compile":
+        return False
+    data, _ = CompileCache(engine_dir).check(key)  # a damaged entry stays for prepare() to report and remove
+    if data is None:
+        return False
+    try:
         with _aot_enabled():
             fn = torch.compiler.load_compiled_function(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - prepare() loads it again and reports
+        log.debug("preloading %s failed", key.stem, exc_info=True)
+        return False
+    with _PRELOAD_LOCK:
+        _PRELOADED[key] = fn
+    return True
+
+
+def load_artifact(step: torch.nn.Module, args: tuple, mechanism: str, data: bytes,
+                  options: CompileOptions, key: CompileKey | None = None) -> Callable:
+    """The callable stored in ``data``, run once on ``args`` (so that a bad artifact fails here)."""
+    if mechanism == "aot_compile":
+        with _PRELOAD_LOCK:
+            fn = _PRELOADED.pop(key, None) if key is not None else None
+        if fn is None:
+            with _aot_enabled():
+                fn = torch.compiler.load_compiled_function(io.BytesIO(data))
         fn(step, *args)
         return lambda *a: fn(step, *a)
     if mechanism == "cache_artifacts":
@@ -522,7 +557,7 @@ def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int
         if data is None:
             continue
         try:
-            fn = load_artifact(step, args, key.mechanism, data, options)
+            fn = load_artifact(step, args, key.mechanism, data, options, key)
             secs = time.perf_counter() - t0
             log.info("%s: loaded %s in %.1f s", what, cache.artifact_path(key), secs)
             return Prepared(fn, "loaded", secs, key, cache.artifact_path(key))
@@ -556,5 +591,5 @@ __all__ = [
     "BuildProgress", "COMPILED_DECODER", "COMPILED_TRAINER", "COMPILE_FORMAT", "CompileCache", "CompileCacheError",
     "CompileKey", "CompileOptions", "CompiledEntry", "MECHANISMS", "Prepared", "TrainerKey", "architecture_digest",
     "available_mechanisms", "build_artifact", "clean_compiled", "device_identity", "list_compiled", "load_artifact",
-    "make_key", "prepare", "stale_reason", "triton_version",
+    "make_key", "prepare", "preload", "stale_reason", "triton_version",
 ]

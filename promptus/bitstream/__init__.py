@@ -20,7 +20,9 @@ The package, one job per module:
   :func:`file_rate`.
 """
 
-from ..config import ModelIdentity
+from ..config import CodecConfig, ModelIdentity  # noqa: F401  (CodecConfig: importable here before the split)
+from ..errors import BitstreamError, PromptusError  # noqa: F401  (the same)
+from ..prompts import QuantizedTensor  # noqa: F401  (the same)
 from .entropy import CODECS, CODERS, ENTROPY_CHOICES, compress_codes, entropy_code
 from .io import read, write
 from .parser import RecordInfo, StreamParser, from_bytes, iter_records, parse_record, split_records

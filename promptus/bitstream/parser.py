@@ -184,7 +184,7 @@ class StreamParser:
             try:
                 item = self._accept(rtype, payload, offset, length)
             except FormatError as e:
-                self._corrupt(name, offset, str(e))
+                self._fail(name, offset, str(e), e.advice)
             except Exception as e:  # a safety net: malformed input must only ever raise BitstreamError
                 self._corrupt(name, offset, f"unreadable payload ({type(e).__name__}: {e})")
             self._pos += length + FRAMING

@@ -53,6 +53,15 @@ U8, U16, U32 = 0xFF, 0xFFFF, 0xFFFFFFFF
 class FormatError(Exception):
     """A payload is malformed; the parser turns it into a BitstreamError naming the record."""
 
+    #: What the user should do, as the parser words it after the problem.
+    advice = "the file is corrupted; fetch or copy it again"
+
+
+class UnknownCoderError(FormatError):
+    """A keyframe names an entropy coder this promptus does not know: damage, or a newer writer."""
+
+    advice = "a newer promptus may have written it (upgrade promptus to read it), or the file is corrupted"
+
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"

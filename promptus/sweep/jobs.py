@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..config import FAST_SCHEDULE_FIELDS
 from ..errors import PromptusError
 from ..files import read_json
 from .clips import ClipInfo
@@ -64,6 +65,11 @@ def _metric_inputs(cfg: SweepConfig) -> dict[str, Any]:
             "lpips_threshold": cfg.lpips_threshold, "threads": cfg.threads}
 
 
+def _schedule_inputs(train) -> dict[str, Any]:
+    # the published schedule adds nothing: points swept before schedules existed keep their ids
+    return {k: v for k, v in train.result_dict().items() if k == "schedule" or k in FAST_SCHEDULE_FIELDS}
+
+
 def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
                   model_digest: str | None = None) -> dict[str, Any]:
     """The job of one promptus point. ``inputs`` decide the result; ``paths`` say where files go.
@@ -77,7 +83,8 @@ def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
               "iters_first": t.iters_first, "iters": t.iters, "init_latent": t.init_latent,
               "init_precision": t.init_precision, "perceptual": t.perceptual, "vgg": cfg.vgg, "seed": cfg.codec.seed,
               "model": cfg.model, "model_digest": model_digest, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints,
-              "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+              "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg),
+              **_schedule_inputs(t)}
     if t.compile != "off":  # compiled kernels round differently: part of the result (absent when off, as before)
         inputs["compile"] = t.compile
     pid = point_id("promptus", rank, interval, settings_digest(inputs))
@@ -217,7 +224,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
     import torch
 
-    from ..backends import backend_for_clip, resolve_device
+    from ..backends import resolve_device
+    from ..startup import cached_backend
     from ..bitstream import file_rate, read
     from ..config import DEFAULT_ENGINE_DIR, CodecConfig, TrainConfig
     from ..decoder import Decoder
@@ -234,7 +242,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
                             interval=inputs["interval"], seed=inputs["seed"])
         train = TrainConfig(iters_first=inputs["iters_first"], iters=inputs["iters"], perceptual=inputs["perceptual"],
                             init_latent=inputs["init_latent"], init_precision=inputs["init_precision"],
-                            compile=inputs.get("compile", "off"), max_memory=spec.get("max_memory", "auto"))
+                            compile=inputs.get("compile", "off"), max_memory=spec.get("max_memory", "auto"),
+                            **{k: inputs[k] for k in ("schedule", *FAST_SCHEDULE_FIELDS) if k in inputs})
         reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
         devices = spec.get("devices")  # execution only (an actor with several GPUs): not part of the inputs
         worker_models = None
@@ -253,7 +262,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         bs = read(paths["file"])
-        backend = backend_for_clip(bs.header, models, name=inputs["decode_backend"], device=device)
+        # Kept for the actor's next point: a compiled step or captured graph is prepared once per process.
+        backend = cached_backend(bs.header, models, name=inputs["decode_backend"], device=device)
         decoded = Decoder(backend, models.identity()).decode_all(bs)
         decode_s = time.perf_counter() - t0
         if decoded.shape != reference.shape:

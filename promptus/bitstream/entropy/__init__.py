@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ...errors import PromptusError
 from ..spec import FormatError
-from .base import AUTO, NONE, CoderRegistry, EntropyCoder, EntropyContext, StreamCoder
+from .base import AUTO, CoderRegistry, EntropyCoder, EntropyContext, StreamCoder
 from .stdlib import Bz2Coder, LzmaCoder, RawCoder, ZlibCoder
 
 __all__ = [

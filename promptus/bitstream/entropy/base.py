@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from ...errors import PromptusError
-from ..spec import FormatError
+from ..spec import FormatError, UnknownCoderError
 
 #: ``entropy=`` values that name no coder: try every coder ("auto"), or store raw ("none").
 AUTO, NONE = "auto", "none"
@@ -155,7 +155,8 @@ class CoderRegistry:
         try:
             return self._by_id[coder_id]
         except KeyError:
-            raise FormatError(f"unknown entropy codec id {coder_id} (this promptus knows {self.known_ids()})") from None
+            raise UnknownCoderError(f"unknown entropy codec id {coder_id} "
+                                    f"(this promptus knows {self.known_ids()})") from None
 
     def by_name(self, name: str) -> EntropyCoder:
         try:
