@@ -54,6 +54,8 @@ VIDEO_OUTPUTS = {
 #: NVENC stand-ins for the CPU encoders: encoder → (NVENC encoder, options). Constant quality ``cq`` plays the
 #: part of the CPU encoder's crf (filled in from it); VP9 has no NVENC encoder.
 NVENC_ENCODERS = {"libx264": ("h264_nvenc", {"preset": "p4", "tune": "hq", "rc": "vbr", "b": "0"})}
+#: Datacenter GPUs without an NVENC unit (NVIDIA's encode/decode support matrix).
+NO_NVENC_GPUS = ("A100", "A800", "H100", "H800", "H200", "H20")
 
 
 def _natural_key(path: Path) -> list:
@@ -306,6 +308,9 @@ def nvenc_problem(suffix: str) -> str | None:
         return f"{codec} has no NVENC encoder"
     if not torch.cuda.is_available():
         return "no CUDA GPU"
+    name = torch.cuda.get_device_name()
+    if any(chip in name for chip in NO_NVENC_GPUS):  # known: no probe (it would open a second CUDA context)
+        return f"the {name} has no NVENC unit"
     nvenc, options = NVENC_ENCODERS[codec]
     if nvenc not in av.codecs_available:
         return f"this PyAV build has no {nvenc}"
