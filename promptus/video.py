@@ -372,6 +372,19 @@ def _worker_ready() -> int:
     return os.getpid()
 
 
+def _save_png_in_worker(frame: np.ndarray, path: Path, level: int, umask: int) -> None:
+    """:func:`save_png` in a worker process, with the writer's umask (the forkserver kept the one it started
+    with), so the files get the permissions the serial writer gives them."""
+    os.umask(umask)
+    save_png(frame, path, level)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class PngPool:
     """PNG files encoded by ``workers`` processes (threads with ``processes=False`` or where processes are
     not available), at most ``depth`` frames in flight. Processes, because PIL holds the GIL while it
@@ -391,12 +404,17 @@ class PngPool:
         else:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
         self._pending: collections.deque = collections.deque()
+        self._umask = _current_umask()
 
     def submit(self, frame: np.ndarray, path: Path) -> None:
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         # A copy: the caller may reuse its buffer (the pipelined decoder's pinned host memory) at once.
-        self._pending.append((path, self._pool.submit(save_png, np.array(frame), path, self.level)))
+        if self.processes:  # an absolute path: the workers keep the forkserver's working folder
+            job = self._pool.submit(_save_png_in_worker, np.array(frame), path.absolute(), self.level, self._umask)
+        else:
+            job = self._pool.submit(save_png, np.array(frame), path, self.level)
+        self._pending.append((path, job))
 
     def _wait_oldest(self) -> None:
         path, future = self._pending.popleft()

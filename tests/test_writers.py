@@ -332,3 +332,15 @@ def test_the_compiled_steps_key_is_known_before_the_weights_are_read(tiny, tmp_p
     assert seen == [loaded] and ahead == architecture_digest(loaded.unet, loaded.taesd.decoder)
     assert startup.architecture_skeleton("tiny") is None  # made in code: nothing to read, no skeleton
     startup.clear()
+
+
+def test_png_workers_follow_the_writers_working_folder(tmp_path, monkeypatch):
+    """The worker processes fork from a server started elsewhere: relative outputs still land here."""
+    frames = grainy(4)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for sub in ("a", "b"):
+        monkeypatch.chdir(tmp_path / sub)
+        with FrameWriter("frames", 30, kind="folder", workers=2) as w:
+            w.write_batch(frames)
+        assert sorted(p.name for p in (tmp_path / sub / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
