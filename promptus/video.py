@@ -398,15 +398,40 @@ class PngPool:
         self.level, self.depth = level, max(1, depth)
         ctx = _png_processes() if processes else None
         self.processes = ctx is not None
+        self._workers = workers
+        self._ready = None
+        self._pool = None
         if ctx is not None:
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
-            self._pool.submit(_worker_ready)  # the server and a first worker start now, before frames come
-        else:
+            try:
+                self._ready = self._pool.submit(_worker_ready)  # the server and a first worker start now
+            except Exception as e:  # noqa: BLE001 - no processes here: threads write the same files
+                log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
+                            type(e).__name__, e)
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self.processes = None, False
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
         self._pending: collections.deque = collections.deque()
         self._umask = _current_umask()
 
+    def _check_processes(self) -> None:
+        """At the first frame: the worker processes started, else threads (a host without forkserver support)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ready, self._ready = self._ready, None
+        try:
+            ready.result(timeout=120)
+        except Exception as e:  # noqa: BLE001 - any failure to start: threads still write the same files
+            log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
+                        type(e).__name__, e)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="promptus-png")
+            self.processes = False
+
     def submit(self, frame: np.ndarray, path: Path) -> None:
+        if self._ready is not None:
+            self._check_processes()
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         # A copy: the caller may reuse its buffer (the pipelined decoder's pinned host memory) at once.

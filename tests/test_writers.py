@@ -344,3 +344,25 @@ def test_png_workers_follow_the_writers_working_folder(tmp_path, monkeypatch):
         with FrameWriter("frames", 30, kind="folder", workers=2) as w:
             w.write_batch(frames)
         assert sorted(p.name for p in (tmp_path / sub / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+
+
+def test_png_writer_falls_back_to_threads_when_processes_do_not_start(tmp_path, monkeypatch, caplog):
+    import multiprocessing
+
+    real = multiprocessing.get_context
+
+    def no_forkserver(method=None):
+        ctx = real("spawn")
+
+        class Broken(type(ctx)):
+            def Process(self, *a, **k):  # noqa: N802 - the context's own name
+                raise OSError("no process for you")
+
+        return Broken() if method == "forkserver" else real(method)
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_forkserver)
+    frames = grainy(5)
+    with caplog.at_level("WARNING", logger="promptus.video"):
+        files = write_folder(tmp_path / "f", frames, workers=2)
+    assert "encoding on threads" in caplog.text
+    assert [np.array_equal(np.asarray(Image.open(p)), f) for p, f in zip(files, frames)] == [True] * 5
