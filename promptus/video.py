@@ -185,6 +185,11 @@ def _frame_count_hint(source: Path, max_frames: int | None) -> int:
     return min(n, max_frames) if max_frames is not None else n
 
 
+def frame_count_hint(source: str | os.PathLike, max_frames: int | None = None) -> int:
+    """How many frames ``source`` holds (at most ``max_frames``), as far as its container says (0: unknown)."""
+    return _frame_count_hint(Path(source), max_frames)
+
+
 def read_frames(source: str | os.PathLike, width: int = CodecConfig.width, height: int = CodecConfig.height,
                 max_frames: int | None = None) -> torch.Tensor:
     """All frames of ``source`` as a uint8 tensor N×H×W×3.

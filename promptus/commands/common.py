@@ -74,8 +74,9 @@ def add_encode_args(p: argparse.ArgumentParser, *, rate: bool = True,
     add("--init-latent", "init latent from the SD VAE encoder (published) or TAESD's (cheaper)",
         choices=INIT_LATENT_SOURCES, default=train.init_latent)
     add("--init-precision", "storage of the init latent", choices=INIT_PRECISIONS, default=train.init_precision)
-    add("--perceptual", "VGG-19 perceptual loss; off needs no VGG weights but gives lower quality",
-        choices=["on", "off"], default="on" if train.perceptual else "off")
+    add("--perceptual", "VGG-19 perceptual loss; off needs no VGG weights but gives lower quality; auto: on when "
+        "the weights are found, else off with a note", choices=["auto", "on", "off"],
+        default="on" if train.perceptual else "off")
     p.add_argument("--vgg", default=None, help="local VGG-19 weights (torchvision's vgg19-dcbb9e9d.pth)")
     add("--seed", "latent noise seed", type=int, default=codec.seed, note=f"default: {codec.seed}, as published")
     add("--max-memory", "memory budget of a training step: a size such as 12GB or 11.5GiB (GB = 10^9 bytes, "
@@ -99,7 +100,7 @@ def codec_from_args(args, fps: float = CodecConfig.fps, **changes) -> CodecConfi
 
 def train_from_args(args) -> TrainConfig:
     """The trainer settings of the encoder options."""
-    return TrainConfig(iters_first=args.iters_first, iters=args.iters, perceptual=args.perceptual == "on",
+    return TrainConfig(iters_first=args.iters_first, iters=args.iters, perceptual=args.perceptual != "off",
                        init_latent=args.init_latent, init_precision=args.init_precision,
                        max_memory=args.max_memory, compile=args.compile_step)
 
@@ -127,21 +128,137 @@ def model_for_header(args, header, command: str) -> str:
     return BUILT_IN_MODELS[name]
 
 
-def cpu_threads(models, device) -> None:
-    """One torch thread for the tiny model on the CPU, until the command ends: its layers are so small that a
-    second thread's synchronisation costs more than it saves (measured: 20× the CPU time on a loaded 2-core
-    machine). Only the demo, which encodes and decodes in one process, uses it: CPU results depend on the
-    thread count, and decode/encode must give the bytes the library gives in the same process."""
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for CPU work (default: $PROMPTUS_THREADS, else $OMP_NUM_THREADS, else the "
+                        "fastest measured: 1 for the tiny model, one per core otherwise). CPU results are the same "
+                        "bytes only for the same thread count: decode with the count you encoded with")
+
+
+def use_threads(args, model_name: str, device) -> None:
+    """Set torch's thread count for this command (``--threads``, the environment or the model's measured
+    best: :func:`promptus.threads.cpu_thread_count`), until the command ends."""
     import torch
 
-    if models.name == "tiny" and torch.device(device).type == "cpu" and torch.get_num_threads() != 1:
-        log.debug("tiny model on the CPU: 1 torch thread")
+    from ..threads import cpu_thread_count
+
+    requested = getattr(args, "threads", None)
+    if requested is None and torch.device(device).type != "cpu":
+        return  # a GPU does the work; torch's default is fine for the host side
+    n, why = cpu_thread_count(model_name, requested)
+    if n is None or n == torch.get_num_threads():
+        log.debug("%d torch thread(s): %s", torch.get_num_threads(), why)
+        return
+    log.debug("%d torch thread(s): %s", n, why)
+    if not _restore_threads:
         _restore_threads.append(torch.get_num_threads())
-        torch.set_num_threads(1)
+    torch.set_num_threads(n)
 
 
-# Thread counts that cpu_threads changed, put back when the command ends (commands also run inside other programs).
+# The thread count before use_threads changed it, put back when the command ends (commands also run inside
+# other programs).
 _restore_threads: list[int] = []
+
+
+def resolve_perceptual(args, command: str) -> None:
+    """``--perceptual auto`` (the default): on when VGG-19 weights can be had, else off, saying so — before any
+    model loads. An explicit ``on`` keeps the error that says where to get the weights."""
+    if args.perceptual != "auto":
+        return
+    from ..losses import vgg19_weights_available
+
+    if args.vgg is not None or vgg19_weights_available():
+        args.perceptual = "on"
+    else:
+        print(f"{command}: no VGG-19 weights here — perceptual loss off (lower quality; pass --vgg PATH or "
+              "--perceptual on to use it)", flush=True)
+        args.perceptual = "off"
+
+
+def resolve_encoder_defaults(args, device, model_name: str, command: str) -> None:
+    """Fill in --size/--iters-first/--iters left unset: the published values, or on a CPU the quick ones
+    (:data:`promptus.config.CPU_ITERS_FIRST`, …), saying so."""
+    import torch
+
+    from ..config import CPU_ITERS, CPU_ITERS_FIRST, TINY_SIZE
+
+    cpu = torch.device(device).type == "cpu"
+    published = {"size": CodecConfig.width, "iters_first": TrainConfig.iters_first, "iters": TrainConfig.iters}
+    quick = {"size": TINY_SIZE if model_name == "tiny" else CodecConfig.width, "iters_first": CPU_ITERS_FIRST,
+             "iters": CPU_ITERS}
+    chosen = []
+    for name, value in (quick if cpu else published).items():
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
+            if value != published[name]:
+                chosen.append(f"--{name.replace('_', '-')} {value}")
+    if chosen:
+        print(f"{command}: on the CPU, a quick run: {' '.join(chosen)} (the published {CodecConfig.width} px and "
+              f"{TrainConfig.iters_first}/{TrainConfig.iters} iterations take hours here; pass them to change)",
+              flush=True)
+
+
+class EncodeForecast:
+    """An encoder callback that times the first iterations and warns when the whole encode is projected to take
+    longer than :data:`promptus.config.SLOW_ENCODE_WARNING_S`.
+
+    Keyframe 0 trains one frame per iteration, every later keyframe a segment of up to T frames; on a CPU
+    an iteration's time grows about linearly with its frames, so the projection is
+    ``t₁ · (iters_first + iters · Σ segment frames)`` from ``t₁``, the measured time of a one-frame iteration.
+    """
+
+    WARMUP, TIMED = 1, 3  # the first iteration allocates; the next three are timed
+
+    def __init__(self, codec: CodecConfig, train: TrainConfig, frame_count: int, command: str,
+                 limit_s: float | None = None):
+        from ..config import SLOW_ENCODE_WARNING_S
+
+        self.codec, self.train, self.frames, self.command = codec, train, frame_count, command
+        self.limit_s = SLOW_ENCODE_WARNING_S if limit_s is None else limit_s
+        self._t0: float | None = None
+        self.projected_s: float | None = None
+
+    def projection(self, s_per_frame_iteration: float) -> float:
+        later_frames = max(0, self.frames - 1)  # every frame after frame 0 is trained in some later segment
+        return s_per_frame_iteration * (self.train.iters_first + self.train.iters * later_frames)
+
+    def __call__(self, m: dict) -> None:
+        if m["keyframe"] != 0 or self.projected_s is not None:
+            return
+        it = m["iteration"]
+        if it == self.WARMUP - 1:
+            self._t0 = time.perf_counter()
+        elif it == self.WARMUP + self.TIMED - 1 and self._t0 is not None:
+            per = (time.perf_counter() - self._t0) / self.TIMED
+            self.projected_s = self.projection(per)
+            if self.projected_s > self.limit_s:
+                log.warning(
+                    "%s: this encode is projected to take about %s (%.2f s per iteration of one frame; %d "
+                    "iterations for keyframe 0, %d for each of the later ones over %d frames). For a quick run "
+                    "use fewer --iters-first/--iters or a smaller --size; Ctrl-C keeps the finished keyframes "
+                    "and --resume continues", self.command, describe_duration(self.projected_s), per,
+                    self.train.iters_first, self.train.iters, self.frames - 1)
+
+
+def describe_duration(seconds: float) -> str:
+    """``"3 h 12 min"``, ``"14 min"``, ``"45 s"``."""
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h} h {m} min"
+    return f"{m} min" if m >= 10 or (m and not s) else f"{m} min {s} s" if m else f"{s} s"
+
+
+def honour_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) stop a server however it was started: a shell script's ``cmd &`` starts it with
+    SIGINT ignored, which Python keeps, and a server would then only stop on SIGTERM or SIGKILL."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        log.debug("SIGINT was ignored (started in the background): Ctrl-C stops the server again")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def setup_logging(args) -> None:

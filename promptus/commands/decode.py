@@ -13,7 +13,7 @@ from ..backends.engine_cache import DEFAULT_ENGINE_DIR
 from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
 from ..errors import BitstreamError, PromptusError
 from ..video import VIDEO_OUTPUTS
-from .common import add_model_args, load_models, model_for_header
+from .common import add_model_args, add_threads_arg, load_models, model_for_header, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
+    add_threads_arg(d)
     d.add_argument("--backend", default="auto", choices=BACKENDS,
                    help=f"network backend, one of {', '.join(BACKENDS)}: auto takes tensorrt where it can run, "
                         "else compile on CUDA, else torch (default: auto)")
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
             models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
+            use_threads(args, models.name, device)
             models.geometry().check(header.config)  # before anything is sized from the header
             batch = header.config.segment_batch(header.frame_count)
             identity = models.identity()  # before the backend may move the networks off the GPU

@@ -6,7 +6,17 @@ import argparse
 from pathlib import Path
 
 from ..backends import BACKENDS
-from .common import add_encode_args, add_model_args, codec_from_args, load_models, train_from_args
+from ..config import CPU_ITERS, CPU_ITERS_FIRST, TINY_SIZE, CodecConfig, TrainConfig
+from .common import (EncodeForecast, add_encode_args, add_model_args, add_threads_arg, codec_from_args, load_models,
+                     resolve_encoder_defaults, resolve_perceptual, train_from_args, use_threads)
+
+#: The defaults ``encode`` resolves when it knows the device and the model (``--help`` says which).
+ENCODE_DEFAULTS = {
+    "size": (None, f"default: {CodecConfig.width}; {TINY_SIZE} on a CPU with the tiny model"),
+    "iters_first": (None, f"default: {TrainConfig.iters_first}, as published; {CPU_ITERS_FIRST} on a CPU"),
+    "iters": (None, f"default: {TrainConfig.iters}, as published; {CPU_ITERS} on a CPU"),
+    "perceptual": ("auto", "default: auto"),
+}
 
 # The closed loop needs a concrete backend: 'auto' could differ between encoder and decoder.
 CLOSED_LOOP_BACKENDS = tuple(b for b in reversed(BACKENDS) if b != "auto")  # eager first
@@ -19,8 +29,9 @@ def register(subparsers) -> None:
                                           "--resume continues an interrupted run.")
     e.add_argument("input", help="a folder of frames (00000.png, ...) or a video file")
     e.add_argument("-o", "--output", required=True, help="the .promptus file to write")
-    add_encode_args(e)
+    add_encode_args(e, defaults=ENCODE_DEFAULTS)
     add_model_args(e)
+    add_threads_arg(e)
     e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     e.add_argument("--closed-loop-backend", default="eager", choices=CLOSED_LOOP_BACKENDS,
                    help="decoder backend the closed loop regenerates segments with; decoding with the same "
@@ -30,19 +41,27 @@ def register(subparsers) -> None:
 
 def run_encode(args: argparse.Namespace, source, output, models=None):
     """Encode ``source`` to ``output`` with the encoder options in ``args``; returns the EncodeResult."""
+    import torch
+
     from ..backends import make_backend, resolve_device
     from ..config import CodecConfig
     from ..encoder import Encoder
-    from ..video import video_fps
+    from ..video import frame_count_hint, video_fps
 
     fps = args.fps or video_fps(source) or CodecConfig.fps
     codec, train = codec_from_args(args, fps), train_from_args(args)
     device = resolve_device(args.device)
     if models is None:
         models = load_models(args, device, need_vae=train.init_latent == "vae")
+    use_threads(args, models.name, device)
+    forecast = None
+    if device.type == "cpu" and not isinstance(source, torch.Tensor):
+        command = getattr(args, "command", None) or "encode"
+        forecast = EncodeForecast(codec, train, frame_count_hint(source, args.max_frames), command)
     backend = make_backend(getattr(args, "closed_loop_backend", "eager"), models, device, batch=codec.interval,
                            size=codec.width)
-    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend)
+    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend,
+                  callback=forecast)
     return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 
@@ -64,6 +83,10 @@ def print_encode_summary(res) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..files import check_output_path
 
+    from ..backends import resolve_device
+
     check_output_path(args.output, "file")  # before the models load and the training starts
+    resolve_perceptual(args, "encode")
+    resolve_encoder_defaults(args, resolve_device(args.device), args.model, "encode")
     print_encode_summary(run_encode(args, args.input, args.output))
     return 0

@@ -11,7 +11,7 @@ import time
 from ..backends import BACKENDS
 from ..backends.engine_cache import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
-from .common import add_model_args, load_models
+from .common import add_model_args, add_threads_arg, load_models, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -30,6 +30,7 @@ def register(subparsers) -> None:
                                                         "regenerated unseen)")
     p.add_argument("--fast", action="store_true", help="ask the server for the stream as fast as possible")
     add_model_args(p)
+    add_threads_arg(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend (default: auto)")
     p.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     p.set_defaults(func=run)
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     models = load_models(args, device)
+    use_threads(args, models.name, device)
     url = stream_url(args.url, args.start, args.fast)
     rx = Receiver(url, decoder_for=backend_decoders(models, args.backend, device, engine_dir=args.engine_dir))
     writer = None

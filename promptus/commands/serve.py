@@ -8,7 +8,7 @@ import logging
 from ..backends import BACKENDS
 from ..backends.engine_cache import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
-from .common import add_model_args, load_models
+from .common import add_model_args, add_threads_arg, honour_ctrl_c, load_models, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     add_model_args(s)
+    add_threads_arg(s)
     s.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend for the viewer (default: auto)")
     s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     s.add_argument("--no-viewer", action="store_true",
@@ -42,6 +43,33 @@ def register(subparsers) -> None:
     s.set_defaults(func=run)
 
 
+def model_for_folder(args, root) -> str:
+    """The ``--model`` for serving ``root``: with ``--model auto``, the built-in model that every file's header
+    names (as ``decode`` takes it from one file), saying so; else ``args.model``."""
+    from ..bitstream import Header, iter_records
+    from ..errors import BitstreamError
+    from ..streaming.library import ClipLibrary
+    from .common import BUILT_IN_MODELS
+
+    if args.model != "auto":
+        return args.model
+    names = set()
+    library = ClipLibrary(root)
+    for name in library.names():
+        try:
+            with open(library.resolve(name), "rb") as f:
+                header = next(iter_records(f))
+        except (BitstreamError, OSError, StopIteration):
+            continue  # the listing reports a damaged file; it says nothing about the model
+        if isinstance(header, Header):
+            names.add(header.model.name)
+    if len(names) == 1 and (name := names.pop()) in BUILT_IN_MODELS:
+        log.info("serve: the files under %s were made with the built-in %s model; using it (--model chooses other "
+                 "weights)", root, name)
+        return BUILT_IN_MODELS[name]
+    return args.model
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -53,11 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming.server import ServerLimits, create_app
     from ..streaming.wire import MAX_CONTROL_BYTES
 
+    honour_ctrl_c()
     limits = ServerLimits(max_clients=args.max_clients, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
     if not args.no_viewer:
         device = resolve_device(args.device)
+        args.model = model_for_folder(args, args.root)
         models = load_models(args, device)
+        use_threads(args, models.name, device)
         decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
         scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients)
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)

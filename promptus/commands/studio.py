@@ -8,7 +8,7 @@ import signal
 
 from ..errors import PromptusError
 from ..studio.uploads import DEFAULT_MAX_UPLOAD_MB, MB, UploadLimits
-from .common import add_model_args
+from .common import add_model_args, honour_ctrl_c
 
 
 def register(subparsers) -> None:
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
           "(Ctrl-C stops it)", flush=True)
     # A service manager stops servers with SIGTERM: close as on Ctrl-C, removing the sessions' files.
     signal.signal(signal.SIGTERM, _interrupt)
+    honour_ctrl_c()
     try:
         studio.launch(args.host, args.port, quiet=True)
     finally:
