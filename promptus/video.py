@@ -318,11 +318,13 @@ class FrameWriter:
     frame files written here (00000.png, ...) replace their namesakes, one by one, and
     every other file in it is kept. ``size=(width, height)``: refuse frames of another
     size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
+    ``first``: the number of the first PNG (``00020.png`` for a clip played from frame 20).
     """
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
-                 size: tuple[int, int] | None = None, kind: str | None = None):
+                 size: tuple[int, int] | None = None, kind: str | None = None, first: int = 0):
         self.out = Path(out)
+        self.first = first  # the number of the first PNG: a stream played from a seek point keeps the clip's
         self.fps = fps
         self.count = 0
         self.size = size
@@ -382,7 +384,7 @@ class FrameWriter:
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
         else:
-            Image.fromarray(frame).save(self._tmp / f"{self.count:05d}.png")
+            Image.fromarray(frame).save(self._tmp / f"{self.first + self.count:05d}.png")
         self.count += 1
 
     def write_batch(self, frames: torch.Tensor | np.ndarray) -> None:
@@ -401,7 +403,7 @@ class FrameWriter:
             os.replace(self._tmp, self.out)
         elif self._into_existing:
             # Only our own frame files replace their namesakes; nothing else in the folder is touched.
-            for i in range(self.count):
+            for i in range(self.first, self.first + self.count):
                 name = f"{i:05d}.png"
                 try:
                     os.replace(self._tmp / name, self.out / name)
@@ -412,7 +414,7 @@ class FrameWriter:
             with contextlib.suppress(OSError):
                 os.rmdir(self._tmp)
             stale = [p.name for p in self.out.glob("[0-9][0-9][0-9][0-9][0-9].png")
-                     if int(p.stem) >= self.count]
+                     if int(p.stem) >= self.first + self.count]
             if stale:
                 log.warning("%s still holds %d older frame files after the %d written now (%s...); they were "
                             "kept", self.out, len(stale), self.count, min(stale))

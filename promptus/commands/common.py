@@ -207,7 +207,7 @@ class EncodeForecast:
     ``t₁ · (iters_first + iters · Σ segment frames)`` from ``t₁``, the measured time of a one-frame iteration.
     """
 
-    WARMUP, TIMED = 1, 3  # the first iteration allocates; the next three are timed
+    WARMUP, TIMED = 3, 5  # the first iterations allocate and warm caches; the next five are timed
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, frame_count: int, command: str,
                  limit_s: float | None = None):

@@ -62,7 +62,10 @@ def run_encode(args: argparse.Namespace, source, output, models=None):
                            size=codec.width)
     enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend,
                   callback=forecast)
-    return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines between the progress bars, not inside them
+        return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 
 def encode_summary(res) -> str:
