@@ -297,3 +297,49 @@ def test_serve_started_in_the_background_stops_on_ctrl_c_and_play_from_a_seek_po
             server.kill()
             server.communicate()
     assert server.returncode is not None and "made with the built-in tiny model" in printed, printed
+
+
+def test_ctrl_c_is_honoured_again_when_inherited_as_ignored():
+    """A shell script's `promptus studio &` starts with SIGINT ignored; the servers reinstall Python's handler."""
+    code = ("import os, signal, time\n"
+            "from promptus.commands.common import honour_ctrl_c\n"
+            "assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN\n"
+            "honour_ctrl_c()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert run.stdout.strip() == "interrupted", run.stderr
+
+
+def test_studio_started_in_the_background_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "promptus", "studio", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port), "--workdir", str(tmp_path)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+                time.sleep(0.5)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == []  # closed as on Ctrl-C: the sessions' files are gone
