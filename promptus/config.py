@@ -297,8 +297,10 @@ class TrainConfig:
 THREADS_ENV = "PROMPTUS_THREADS"
 #: Torch threads of CPU work per model name when neither ``--threads``, $PROMPTUS_THREADS nor
 #: $OMP_NUM_THREADS says; models not listed keep torch's default (one per core). The tiny
-#: model's layers are too small for a second thread to pay: on a 2-core machine one thread
-#: encoded 20× and decoded 14× faster than two (benchmarks/cpu_threads.py, cpu_threads_2core.json).
+#: model's layers are too small for a second thread to pay: on a loaded 2-core machine one thread
+#: encoded 17× and decoded 10× faster than two (benchmarks/cpu_threads.py, cpu_threads_2core.json).
+#: The full-size model keeps one per core: its layers use every core of an idle machine (one thread
+#: won there too, 2.8×, but at a load average of 10; PROMPTUS_THREADS=1 on a busy machine).
 CPU_THREADS = {"tiny": 1}
 
 #: Encoder settings on a CPU where the command line gives none of --size/--iters-first/--iters:
