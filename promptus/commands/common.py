@@ -261,9 +261,23 @@ def honour_ctrl_c() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class _Prefix(logging.Formatter):
+    """``promptus: message`` for our loggers; other libraries' messages keep their own name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = "promptus" if record.name.split(".")[0] == "promptus" else record.name
+        return f"{name}: {super().format(record)}"
+
+
 def setup_logging(args) -> None:
+    """Our messages at the chosen level; other libraries' (matplotlib, aiortc, …) only from warnings on, unless
+    --verbose."""
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="promptus: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(_Prefix("%(message)s"))
+    logging.getLogger("promptus").setLevel(level)
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -273,6 +287,8 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argp
     (a full disk, a permission, a vanished file) — becomes ``PROG: error: …`` and exit
     status 1. Anything else is a bug in promptus and keeps its traceback.
     """
+    ours = logging.getLogger("promptus")
+    level_before = ours.level
     setup_logging(args)
     try:
         return func(args)
@@ -288,6 +304,7 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int], args: argp
               file=sys.stderr)
         return 130
     finally:
+        ours.setLevel(level_before)  # commands also run inside other programs (and tests)
         if _restore_threads:
             import torch
 

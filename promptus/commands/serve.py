@@ -43,6 +43,31 @@ def register(subparsers) -> None:
     s.set_defaults(func=run)
 
 
+#: Requests the viewer repeats every second or so: not worth a line of the access log each.
+POLLED_PATHS = ("/api/status", "/api/streams", "/favicon")
+
+
+class QuietPolls(logging.Filter):
+    """Drops the access-log lines of the viewer's periodic polls (``GET /api/status`` every second)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = str(args[2]) if len(args) > 2 else ""
+        return not path.startswith(POLLED_PATHS)
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's own logging set-up, with the viewer's polls left out of the access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["quiet_polls"] = {"()": QuietPolls}
+    config["handlers"]["access"]["filters"] = ["quiet_polls"]
+    return config
+
+
 def model_for_folder(args, root) -> str:
     """The ``--model`` for serving ``root``: with ``--model auto``, the built-in model that every file's header
     names (as ``decode`` takes it from one file), saying so; else ``args.model``."""
@@ -91,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         use_threads(args, models.name, device)
         decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
         scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients)
+        scheduler.device_kind = "GPU" if device.type == "cuda" else "CPU"
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
     if args.studio:
         try:
@@ -107,5 +133,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=MAX_CONTROL_BYTES,
-                log_level="warning" if args.quiet else "info")
+                log_level="warning" if args.quiet else "info", log_config=uvicorn_log_config())
     return 0

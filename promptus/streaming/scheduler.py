@@ -235,6 +235,7 @@ class StreamScheduler:
         self.min_rate_fraction = min_rate_fraction
         self.smoothing = smoothing
         self.capacity = math.nan  # frames/s the device sustains, measured
+        self.device_kind: str | None = None  # "GPU" or "CPU", for people: the viewer says where decoding runs
         self.busy_s = 0.0  # device time spent in segment steps
         self.frames = 0
         self._streams: list[StreamHandle] = []

@@ -82,7 +82,7 @@ class StreamingState:
                 "viewer": s is not None, "streams": s.streams if s else 0,
                 "capacity": None if s is None or s.capacity != s.capacity else s.capacity,
                 "load": s.load if s else 0.0, "headroom": s.headroom if s else None,
-                "webrtc": _webrtc_available()[1]}
+                "webrtc": _webrtc_available()[1], "device": getattr(s, "device_kind", None)}
 
 
 def _webrtc_available() -> tuple[bool, str]:
