@@ -539,7 +539,8 @@ class Encoder:
         for p in (ckpt_bs, ckpt_json):
             p.unlink(missing_ok=True)
         result = EncodeResult(out, nbytes, N, results, recon, c.fps)
-        log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
+        # debug: the commands print their own summary of the file
+        log.debug("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
         return result
 
     # -------------------------------------------------------- checkpoints

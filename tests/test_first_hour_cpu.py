@@ -343,3 +343,99 @@ def test_studio_started_in_the_background_stops_on_ctrl_c(tmp_path):
             proc.communicate()
     assert "Traceback" not in out, out
     assert list(tmp_path.iterdir()) == []  # closed as on Ctrl-C: the sessions' files are gone
+
+
+# ------------------------------------------------------------------ 10. noise
+
+
+def test_other_libraries_info_messages_stay_out_and_ours_keep_the_prefix():
+    code = ("import argparse, logging\n"
+            "from promptus.commands.common import setup_logging\n"
+            "setup_logging(argparse.Namespace(verbose=False, quiet=False))\n"
+            "logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+            "logging.getLogger('aiortc.rtcrtpsender').info('RTCRtpSender(video) > sending')\n"
+            "logging.getLogger('promptus.encoder').info('ours')\n"
+            "logging.getLogger('aioice.ice').warning('theirs')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.stderr == "promptus: ours\naioice.ice: theirs\n", run.stderr
+
+
+def test_the_viewers_status_polls_stay_out_of_the_access_log():
+    def record(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", 200), None)
+
+    f = serve_cmd.QuietPolls()
+    assert not f.filter(record("/api/status")) and f.filter(record("/files/clip.promptus"))
+    config = serve_cmd.uvicorn_log_config()
+    assert config["handlers"]["access"]["filters"] == ["quiet_polls"]
+
+
+def test_demo_prints_the_rate_once_and_bench_on_a_cpu_has_no_gpu_words(tmp_path, tiny):
+    from promptus.commands.bench import format_decode_table
+    from promptus.commands.encode import encode_summary
+
+    class Res:
+        path, frame_count, keyframes, bytes, mean_psnr = tiny_file(tmp_path, tiny), 9, [0, 1, 2], 1, 10.0
+
+    assert "bitrate" in encode_summary(Res()) and "bitrate" not in encode_summary(Res(), rate=False)
+    nan = float("nan")
+    table = format_decode_table(dict(device="cpu", torch="2", model="tiny", size=64, batch=4, frames_timed=8,
+                                     dtype="float32", unet_tflop_per_batch=0.01, decoder_tflop_per_batch=0.01,
+                                     matmul_ceiling_tflops=nan, arithmetic_limit_fps=nan, rows=[]))
+    assert "nan" not in table and "GPU" not in table and "fp16" not in table.split("PSNR")[0]
+
+
+# ------------------------------------------------------------------ 5, 11. the viewer
+
+
+def test_viewer_falls_back_within_seconds_and_says_so_on_the_page(tiny, tmp_path):
+    """A peer connection that never connects (as where ICE cannot get through) is given up after ~3 s from its
+    connection state, the page says why and shows the WebSocket frames; a short clip's chart spans the width;
+    the server names its device (CPU) and has a favicon."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) is not installed")
+    pytest.importorskip("aiortc", reason="aiortc (serve extra) is not installed")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("no /usr/bin/chromium on this machine (CI installs Debian's chromium)")
+    from test_streaming import ServerThread, make_clip
+
+    from promptus.bitstream import to_bytes
+    from promptus.streaming import backend_decoders
+    from promptus.streaming.scheduler import StreamScheduler
+    from promptus.streaming.server import ServerLimits, create_app
+
+    (tmp_path / "short.promptus").write_bytes(to_bytes(make_clip(tiny, frame_count=21, interval=10, fps=24.0)))
+    scheduler = StreamScheduler(backend_decoders(tiny, "torch", "cpu"))
+    scheduler.device_kind = "CPU"
+    missing = []
+    with ServerThread(create_app(tmp_path, scheduler=scheduler, limits=ServerLimits(webrtc_loopback=True))) as s, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("response", lambda r: r.status == 404 and missing.append(r.url))
+            page.add_init_script("RTCPeerConnection.prototype.setRemoteDescription = async function () {};")
+            page.goto(s.http("/?clip=short.promptus"))
+            try:
+                page.wait_for_function("() => window.promptusViewer.framesShown > 0 && window.promptusViewer.ended"
+                                       " && window.promptusViewer.statsUpdates > 0", timeout=90_000)
+            except Exception:
+                print(page.evaluate("() => ({...window.promptusViewer})"))
+                raise
+            state = page.evaluate("() => ({...window.promptusViewer})")
+            notice = page.inner_text("#notice")
+            status = page.inner_text("#server-status")
+            # the chart's last drawn point sits at the right edge, not in its first pixels
+            right = page.evaluate("() => { const c = document.getElementById('rate-chart');"
+                                  " const d = c.getContext('2d').getImageData(c.width - 12, 0, 8, c.height).data;"
+                                  " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i + 3] > 0 &&"
+                                  " (d[i] > 120 || d[i + 2] > 120); return n; }")
+            page.screenshot(path=str(tmp_path / "viewer_fallback.png"))
+        finally:
+            browser.close()
+    assert state["transport"] == "websocket" and state["webrtcFailedAfterMs"] < 6000, state
+    assert "WebRTC did not connect" in notice and "WebSocket" in notice, notice
+    assert "on the CPU" in status and "GPU" not in status and "stream(s)" not in status, status
+    assert right > 0
+    assert not missing, missing

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if decoded.shape[0] != res.frame_count:
         raise PromptusError(f"decoded {decoded.shape[0]} frames but the clip has {res.frame_count}")
     original = read_frames(clip, args.size, args.size, max_frames=res.frame_count)
-    print_encode_summary(res)
+    print_encode_summary(res, rate=False)  # the layout above gave the bitrate
     print(f"demo: decoded {decoded.shape[0]} frames with {backend.describe()} in {dt:.2f} s → {out / 'decoded'}/, "
           f"{out / 'decoded.mp4'}")
     print(f"demo: PSNR of the clip's mean MSE: decoded frames against the originals "

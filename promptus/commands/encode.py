@@ -68,19 +68,20 @@ def run_encode(args: argparse.Namespace, source, output, models=None):
         return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 
-def encode_summary(res) -> str:
-    """The lines ``encode`` prints: bytes, both bitrates (as ``info`` prints them) and the closed-loop PSNR."""
+def encode_summary(res, *, rate: bool = True) -> str:
+    """The lines ``encode`` prints: bytes, both bitrates (as ``info`` prints them; ``rate=False`` leaves them
+    out for a caller that printed the file's layout) and the closed-loop PSNR."""
     from ..bitstream import file_rate
 
-    rate = file_rate(Path(res.path).read_bytes())
+    rates = f"bitrate: {file_rate(Path(res.path).read_bytes()).describe()}\n" if rate else ""
     return (f"wrote {res.path}: {res.frame_count} frames, {len(res.keyframes)} keyframes, {res.bytes} bytes\n"
-            f"bitrate: {rate.describe()}\n"
+            f"{rates}"
             f"mean closed-loop PSNR {res.mean_psnr:.2f} dB (segments' PSNR of their mean MSE, weighted by frame "
             f"count)")
 
 
-def print_encode_summary(res) -> None:
-    print(encode_summary(res))
+def print_encode_summary(res, *, rate: bool = True) -> None:
+    print(encode_summary(res, rate=rate))
 
 
 def run(args: argparse.Namespace) -> int:
