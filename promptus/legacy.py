@@ -56,6 +56,9 @@ def _check_archive(data: bytes, path: Path) -> None:
             infos = z.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
         raise PromptusError(f"cannot read {path}: a damaged zip archive ({e})") from None
+    except NotImplementedError as e:  # zipfile's word for a zip feature (version, method) it cannot read
+        raise PromptusError(f"cannot read {path}: its zip archive needs a feature torch.save never uses ({e}); "
+                            "it is not a Promptus prompt file") from None
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
         raise PromptusError(f"cannot read {path}: its archive holds compressed entries, which torch.save never "
                             "writes; it is not a Promptus prompt file")

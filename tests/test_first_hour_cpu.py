@@ -403,13 +403,12 @@ def test_viewer_falls_back_within_seconds_and_says_so_on_the_page(tiny, tmp_path
     from promptus.bitstream import to_bytes
     from promptus.streaming import backend_decoders
     from promptus.streaming.scheduler import StreamScheduler
-    from promptus.streaming.server import ServerLimits, create_app
+    from promptus.streaming.server import ServerConfig, create_app
 
-    (tmp_path / "short.promptus").write_bytes(to_bytes(make_clip(tiny, frame_count=21, interval=10, fps=24.0)))
-    scheduler = StreamScheduler(backend_decoders(tiny, "torch", "cpu"))
-    scheduler.device_kind = "CPU"
+    (tmp_path / "short.promptus").write_bytes(to_bytes(make_clip(tiny, frame_count=21, interval=10, fps=8.0)))
+    scheduler = StreamScheduler(backend_decoders(tiny, "torch", "cpu"), device="cpu")
     missing = []
-    with ServerThread(create_app(tmp_path, scheduler=scheduler, limits=ServerLimits(webrtc_loopback=True))) as s, \
+    with ServerThread(create_app(tmp_path, scheduler=scheduler, limits=ServerConfig(webrtc_loopback=True))) as s, \
             sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
         try:

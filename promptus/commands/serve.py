@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR, ServerConfig
 from ..errors import PromptusError
 from .common import add_model_args, add_threads_arg, honour_ctrl_c, load_models, use_threads
 
@@ -26,18 +26,24 @@ def register(subparsers) -> None:
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     add_model_args(s)
     add_threads_arg(s)
-    s.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend for the viewer (default: auto)")
+    s.add_argument("--devices", default=None, metavar="LIST",
+                   help="decode viewers on several devices: 'all' (every CUDA GPU) or a list such as cuda:0,cuda:1; "
+                        "one decoder and scheduler per device, a new viewer goes to the least loaded device with "
+                        "room (default: the one --device; see docs/serving.md)")
+    s.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend for the viewer (default: auto)")
     s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     s.add_argument("--no-viewer", action="store_true",
                    help="load no model: serve prompt streams and files only (receivers decode themselves)")
     s.add_argument("--fast", action="store_true",
                    help="send prompt streams as fast as possible instead of at the clip's real time")
-    s.add_argument("--max-clients", type=int, default=64, help="open streams and viewers at most (default: 64)")
+    s.add_argument("--max-clients", type=int, default=ServerConfig.max_clients,
+                   help=f"open streams and viewers at most (default: {ServerConfig.max_clients})")
     s.add_argument("--webrtc-loopback", action="store_true",
                    help="keep WebRTC media on 127.0.0.1 (the browser must offer loopback candidates: Chromium "
                         "--allow-loopback-in-peer-connection; other browsers fall back to WebSocket)")
-    s.add_argument("--headroom", type=float, default=0.9,
-                   help="share of the measured decoding capacity that admission control promises (default: 0.9)")
+    s.add_argument("--headroom", type=float, default=ServerConfig.headroom,
+                   help="share of the measured decoding capacity that admission control promises "
+                        f"(default: {ServerConfig.headroom})")
     s.add_argument("--studio", action="store_true",
                    help="also serve Promptus Studio (encode, compare; needs the studio extra) at /studio")
     s.set_defaults(func=run)
@@ -100,23 +106,30 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise PromptusError("promptus serve needs the serve extra: pip install 'promptus[serve]'") from None
-    from ..backends import resolve_device
+    from ..backends import resolve_device, resolve_devices
     from ..streaming import backend_decoders
+    from ..streaming.devices import scheduler_pool
     from ..streaming.scheduler import StreamScheduler
-    from ..streaming.server import ServerLimits, create_app
-    from ..streaming.wire import MAX_CONTROL_BYTES
+    from ..streaming.server import create_app
 
     honour_ctrl_c()
-    limits = ServerLimits(max_clients=args.max_clients, webrtc_loopback=args.webrtc_loopback)
+    limits = ServerConfig(max_clients=args.max_clients, headroom=args.headroom, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
+    if args.no_viewer and args.devices:
+        raise PromptusError("--devices says where viewers are decoded, and --no-viewer loads no model: drop one")
     if not args.no_viewer:
-        device = resolve_device(args.device)
+        devices = resolve_devices(args.devices) if args.devices else [resolve_device(args.device)]
         args.model = model_for_folder(args, args.root)
-        models = load_models(args, device)
-        use_threads(args, models.name, device)
-        decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
-        scheduler = StreamScheduler(decoders, headroom=args.headroom, max_streams=args.max_clients)
-        scheduler.device_kind = "GPU" if device.type == "cuda" else "CPU"
+        models = load_models(args, devices[0])
+        use_threads(args, models.name, devices[0])
+        if len(devices) == 1:
+            decoders = backend_decoders(models, args.backend, devices[0], engine_dir=args.engine_dir)
+            scheduler = StreamScheduler(decoders, headroom=limits.headroom, max_streams=limits.max_clients,
+                                        device=devices[0])
+        else:
+            scheduler = scheduler_pool(models, devices, backend=args.backend, engine_dir=args.engine_dir,
+                                       headroom=limits.headroom, max_streams=limits.max_clients)
+            log.info("decoding viewers on %d devices: %s", len(devices), ", ".join(map(str, devices)))
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
     if args.studio:
         try:
@@ -132,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     if args.studio:
         print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=MAX_CONTROL_BYTES,
+    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_control_bytes,
                 log_level="warning" if args.quiet else "info", log_config=uvicorn_log_config())
     return 0

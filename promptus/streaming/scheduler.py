@@ -13,12 +13,15 @@ first ones of :meth:`StreamScheduler.calibrate`) and admits a new stream at its
 real-time rate only while the rates already promised plus this one stay under
 ``headroom × capacity``. Otherwise the viewer is refused and told the rate that is
 left, which it may accept (the clip then plays slower than real time) instead of
-every stream stalling.
+every stream stalling. A capacity measured under load (other work on the machine)
+would refuse viewers long after the load is gone: with no stream open, the worker
+measures the device again once the last measurement is ``again_after`` seconds old.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -31,10 +34,13 @@ import numpy as np
 import torch
 
 from ..bitstream import Header, InitLatent, Keyframe
+from ..config import ServerConfig
 from ..decoder import ClipState, Decoder
 from ..errors import PromptusError
 
 log = logging.getLogger(__name__)
+
+_SERVER = ServerConfig()
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class Admission:
     ``rate`` is what it may have (0 when refused); ``capacity`` the measured frames/s
     of the device (``nan`` before any measurement), ``load`` the frames/s already
     promised to ``streams`` open streams and ``offer`` the frames/s still free for one
-    more stream (at a lower rate than asked, when refused).
+    more stream (at a lower rate than asked, when refused). ``device``: the index of the
+    device that took the stream, on a server with several (None with one).
     """
 
     admitted: bool
@@ -55,6 +62,7 @@ class Admission:
     streams: int
     reason: str
     offer: float = 0.0
+    device: int | None = None
 
     @property
     def realtime(self) -> bool:
@@ -63,7 +71,7 @@ class Admission:
     def to_dict(self) -> dict:
         return {"admitted": self.admitted, "rate": self.rate, "requested": self.requested, "realtime": self.realtime,
                 "capacity": None if math.isnan(self.capacity) else self.capacity, "load": self.load,
-                "streams": self.streams, "offer": self.offer, "reason": self.reason}
+                "streams": self.streams, "offer": self.offer, "reason": self.reason, "device": self.device}
 
 
 class AdmissionError(PromptusError):
@@ -220,11 +228,14 @@ class StreamScheduler:
 
     ``decoder_for(header)`` returns the :class:`Decoder` for a clip (backends are
     specialised for the clip's interval and size; return the same one for equal
-    headers). Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    headers). Use as a context manager, or call :meth:`start` / :meth:`stop`. ``device``
+    (the decoders' device) is made the current CUDA device of the worker thread.
     """
 
-    def __init__(self, decoder_for: Callable[[Header], Decoder], *, headroom: float = 0.9, max_streams: int = 64,
-                 max_queued: int = 3, max_pending: int = 64, min_rate_fraction: float = 0.25, smoothing: float = 0.2):
+    def __init__(self, decoder_for: Callable[[Header], Decoder], *, headroom: float = _SERVER.headroom,
+                 max_streams: int = _SERVER.max_clients,
+                 max_queued: int = 3, max_pending: int = 64, min_rate_fraction: float = 0.25, smoothing: float = 0.2,
+                 device: torch.device | str | None = None):
         if not 0 < headroom <= 1:
             raise PromptusError(f"headroom={headroom} must lie in (0, 1]")
         self.decoder_for = decoder_for
@@ -234,8 +245,8 @@ class StreamScheduler:
         self.max_pending = max_pending
         self.min_rate_fraction = min_rate_fraction
         self.smoothing = smoothing
+        self.device = None if device is None else torch.device(device)
         self.capacity = math.nan  # frames/s the device sustains, measured
-        self.device_kind: str | None = None  # "GPU" or "CPU", for people: the viewer says where decoding runs
         self.busy_s = 0.0  # device time spent in segment steps
         self.frames = 0
         self._streams: list[StreamHandle] = []
@@ -243,6 +254,9 @@ class StreamScheduler:
         self._device = threading.Lock()  # one segment step on the device at a time
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._calibration: tuple | None = None  # (header, init, keyframes, rounds) to measure with again
+        self.again_after = math.inf  # seconds; see calibrate()
+        self.measured_at = -math.inf  # time.monotonic() of the last measurement
 
     # -- lifecycle
 
@@ -275,19 +289,28 @@ class StreamScheduler:
         self.busy_s += seconds
         self.frames += frames
         if full and seconds > 0:
+            self.measured_at = time.monotonic()
             fps = frames / seconds
             self.capacity = fps if math.isnan(self.capacity) else (
                 (1 - self.smoothing) * self.capacity + self.smoothing * fps)
 
-    def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3) -> float:
+    def calibrate(self, header: Header, init: InitLatent, keyframes: list[Keyframe], *, rounds: int = 3,
+                  again_after: float | None = None) -> float:
         """Decode ``rounds`` full segments of a clip (warming up the backend) and set ``capacity``
-        to the median frames/s of all but the first; returns it."""
-        decoder = self.decoder_for(header)
+        to the median frames/s of all but the first; returns it.
+
+        ``again_after`` (seconds): the worker repeats this measurement whenever no stream is
+        open and the last measurement is older, so that capacity recovers after a load.
+        """
+        if again_after is not None:
+            self._calibration, self.again_after = (header, init, keyframes, rounds), again_after
+        with on_device(self.device):  # backends are built on the current CUDA device
+            decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]
         if not keyframes or not full:
             raise PromptusError("calibration needs a clip with at least one full segment")
         rates = []
-        with self._device:
+        with self._device, on_device(self.device):
             for r in range(max(2, rounds)):
                 if r % len(full) == 0:  # (re)start the clip: frame 0 first
                     state = decoder.start(header, init)
@@ -296,6 +319,7 @@ class StreamScheduler:
                 n = _host(state.push(full[r % len(full)]).frames).shape[0]
                 rates.append(n / (time.perf_counter() - t0))
         self.capacity = float(np.median(rates[1:]))  # the first round warms up (graph capture, compilation)
+        self.measured_at = time.monotonic()
         log.info("scheduler: the device sustains %.0f frames/s (%s)", self.capacity, decoder.backend.describe())
         return self.capacity
 
@@ -330,7 +354,7 @@ class StreamScheduler:
         if load + rate <= budget:
             return Admission(True, rate, rate, cap, load, n, "admitted in real time", left)
         return Admission(False, 0.0, rate, cap, load, n,
-                         f"the GPU is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s it sustains "
+                         f"the {"GPU" if self.device is not None and self.device.type == "cuda" else "decoding device"} is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s it sustains "
                          f"({100 * self.headroom:.0f}% usable); one more at {rate:g} frames/s would make every "
                          f"stream late. {left:.1f} frames/s are free: watch at that rate (slower than real time) "
                          "or try again later", left)
@@ -345,7 +369,8 @@ class StreamScheduler:
         benchmark uses it to show what overload does).
         """
         rate = float(rate or header.fps)
-        decoder = self.decoder_for(header)
+        with on_device(self.device):
+            decoder = self.decoder_for(header)
         with self._cv:
             adm = self._admit(rate)
             if not adm.admitted and not force:
@@ -359,7 +384,8 @@ class StreamScheduler:
             elif not adm.admitted:
                 adm = Admission(True, rate, rate, adm.capacity, adm.load, adm.streams, "forced past admission control",
                                 adm.offer)
-        state = decoder.start(header, init)  # checks the model identity, uploads the init latent
+        with on_device(self.device):
+            state = decoder.start(header, init)  # checks the model identity, uploads the init latent
         handle = StreamHandle(self, state, adm.rate, adm, self.max_pending, self.max_queued)
         with self._cv:
             self._streams.append(handle)
@@ -380,17 +406,41 @@ class StreamScheduler:
         ready = [s for s in self._streams if s.runnable()]
         return min(ready, key=StreamHandle.deadline) if ready else None
 
+    def _stale(self) -> bool:
+        """Idle, and the capacity is older than ``again_after``: time to measure again."""
+        return (self._calibration is not None and not self._streams
+                and time.monotonic() - self.measured_at > self.again_after)
+
+    def _remeasure(self) -> None:
+        header, init, keyframes, rounds = self._calibration
+        before = self.capacity
+        try:
+            self.calibrate(header, init, keyframes, rounds=rounds)
+        except Exception as e:  # noqa: BLE001 - the old measurement stays; try again later
+            log.warning("scheduler: measuring the device again failed: %s", e)
+            self.measured_at = time.monotonic()
+            return
+        log.info("scheduler: idle, measured the device again: %.0f frames/s (was %.0f)", self.capacity, before)
+
     def _run(self) -> None:
+        with on_device(self.device):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 job = self._next()
-                while job is None and not self._stop:
-                    self._cv.wait(0.5)
+                while job is None and not self._stop and not self._stale():
+                    self._cv.wait(min(0.5, max(0.01, self.again_after / 4)))
                     job = self._next()
                 if self._stop:
                     return
-                keyframe, arrived, concealed = job.pending.popleft()
-                job.busy = True
+                if job is not None:
+                    keyframe, arrived, concealed = job.pending.popleft()
+                    job.busy = True
+            if job is None:  # idle and stale: measure again (streams opened meanwhile wait one calibration)
+                self._remeasure()
+                continue
             try:
                 with self._device:
                     t0 = time.perf_counter()
@@ -417,6 +467,11 @@ class StreamScheduler:
                         self._streams.remove(job)
                     self._cv.notify_all()
             job._wake()
+
+
+def on_device(device: torch.device | None):
+    """``device`` as the current CUDA device of this thread (CUDA graphs and streams follow it); else no-op."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
 
 
 def _host(frames: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 
 from ..bitstream import Header, InitLatent, Keyframe, parse_record
+from ..config import ServerConfig
 from ..errors import BitstreamError, PromptusError
 
 log = logging.getLogger(__name__)
 
 #: Largest client → server message the server reads (a seek is a few dozen bytes).
-MAX_CONTROL_BYTES = 4096
+MAX_CONTROL_BYTES = ServerConfig.max_control_bytes
+#: Deepest JSON nesting a client may send (a control message is one flat object).
+MAX_JSON_DEPTH = ServerConfig.max_json_depth
 #: Largest server → client message a receiver accepts by default: an fp32 init latent
 #: of a 2048² frame (1 MiB) plus room; raise it for larger frames.
 MAX_PIECE_BYTES = 4 << 20
@@ -173,15 +177,53 @@ def control(message: dict) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
-def parse_control(text: str | bytes | None) -> dict:
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply ``text`` nests JSON arrays and objects (brackets inside strings do not count).
+
+    Linear in the text and without recursion, so that it can run before a parser that
+    recurses (and raises RecursionError thousands of levels down).
+    """
+    depth = deepest = 0
+    for b in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if b in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_client_json(text: str | bytes, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, what: str = "message"):
+    """Parse JSON from a client: at most ``max_bytes`` and ``max_depth`` deep, no NaN or Infinity.
+
+    Raises PromptusError saying which bound was passed (never RecursionError or OverflowError).
+    """
+    if len(text) > max_bytes:
+        raise PromptusError(f"{what} of {len(text)} bytes; the limit is {max_bytes}")
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise PromptusError(f"{what} is not UTF-8 JSON text") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise PromptusError(f"{what} nests JSON {depth} levels deep; the limit is {max_depth}")
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def parse_control(text: str | bytes | None, *, max_bytes: int = MAX_CONTROL_BYTES,
+                  max_depth: int = MAX_JSON_DEPTH) -> dict:
     """A client's control message as a dict; PromptusError saying what is wrong otherwise."""
     if text is None:
         raise PromptusError("binary data is not accepted from clients; send JSON text such as "
                             '{"type": "seek", "keyframe": 3}')
-    if len(text) > MAX_CONTROL_BYTES:
-        raise PromptusError(f"control message of {len(text)} bytes; the limit is {MAX_CONTROL_BYTES}")
     try:
-        msg = json.loads(text)
+        msg = load_client_json(text, max_bytes=max_bytes, max_depth=max_depth, what="control message")
     except (ValueError, UnicodeDecodeError):
         raise PromptusError('control messages are JSON objects such as {"type": "seek", "keyframe": 3}') from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):

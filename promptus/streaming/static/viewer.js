@@ -46,9 +46,11 @@ async function loadClips() {
 async function pollStatus() {
   try {
     const s = await (await fetch("/api/status")).json();
-    state.device = s.device || "server";
+    const kinds = new Set((s.devices || []).map((d) => String(d.device || "").startsWith("cuda") ? "GPU"
+                                                     : d.device === "cpu" ? "CPU" : "server"));
+    state.device = kinds.size === 1 ? [...kinds][0] : "server";
     $("server-status").textContent = s.viewer
-      ? `${plural(s.streams, "stream")} decoding on the ${state.device}` +
+      ? `${plural(s.streams, "stream")} decoding on ${s.devices.length > 1 ? `${s.devices.length} devices` : `the ${state.device}`}` +
         (s.capacity ? ` · capacity ${fmt(s.capacity)} frames/s` : "") + ` · WebRTC ${s.webrtc}`
       : "this server streams prompts only (no model loaded)";
     $("device-label").textContent = `decoding on the ${state.device}`;
