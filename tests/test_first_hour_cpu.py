@@ -438,3 +438,29 @@ def test_viewer_falls_back_within_seconds_and_says_so_on_the_page(tiny, tmp_path
     assert "on the CPU" in status and "GPU" not in status and "stream(s)" not in status, status
     assert right > 0
     assert not missing, missing
+
+
+# ------------------------------------------------------------------ 9. the studio's words
+
+
+def test_studio_counts_keyframes_from_one_and_offers_no_gpu_backends_on_a_cpu():
+    app = pytest.importorskip("promptus.studio.app", reason="the studio needs gradio")
+    from promptus.studio.jobs import Progress
+
+    text = app.progress_html(Progress("encoding", keyframe=1, keyframes=2, iteration=3, iterations=40))
+    assert "keyframe 2 of 2" in text
+    assert "keyframe 1 of 7" in app.progress_html(Progress("encoding", keyframe=0, keyframes=7, iterations=150))
+    assert not set(app.offered_backends("cpu")) & {"compile", "tensorrt"}
+    assert "eager" in app.offered_backends("cpu")
+    assert set(app.GPU_ONLY_BACKENDS) <= set(app.offered_backends("cuda"))
+    theme = app.offline_theme()  # no web font: an offline page renders every letter in one typeface
+    assert "googleapis" not in str(theme._stylesheets) and "#studio-abort:disabled" in app.STUDIO_CSS
+
+
+def test_an_upload_error_names_no_errno_and_no_temporary_path(tmp_path):
+    uploads = pytest.importorskip("promptus.studio.uploads", reason="the studio needs gradio")
+    (tmp_path / "fake.mp4").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(uploads.UploadError) as e:
+        uploads.prepare_clip(tmp_path / "fake.mp4", tmp_path / "s")
+    assert "Errno" not in str(e.value) and str(tmp_path) not in str(e.value), str(e.value)
+    assert "not a readable video" in str(e.value)
