@@ -371,6 +371,10 @@ TINY_SIZE = 128
 SLOW_ENCODE_WARNING_S = 600
 
 
+#: Names of the built-in models with random weights: their pictures say nothing about real quality.
+RANDOM_WEIGHT_MODELS = ("tiny", "sd-turbo-random")
+
+
 #: Bytes of a model digest (:class:`ModelIdentity`; the bitstream header stores it as is).
 MODEL_DIGEST_SIZE = 16
 #: Longest model name, in UTF-8 bytes (the header stores its length as a u16).

@@ -464,3 +464,19 @@ def test_an_upload_error_names_no_errno_and_no_temporary_path(tmp_path):
         uploads.prepare_clip(tmp_path / "fake.mp4", tmp_path / "s")
     assert "Errno" not in str(e.value) and str(tmp_path) not in str(e.value), str(e.value)
     assert "not a readable video" in str(e.value)
+
+
+# ------------------------------------------------------------------ 12. the sweep's plot
+
+
+@pytest.mark.parametrize("model, says", [("tiny", True), ("sd-turbo-random", True), ("sd_turbo.safetensors", False)])
+def test_the_rd_plot_says_when_promptus_comes_from_random_weights(model, says):
+    pytest.importorskip("matplotlib", reason="matplotlib (eval extra) is not installed")
+    from promptus.plots import describe_figure, rd_figure
+
+    rows = [{"clip": "c", "codec": codec, "rank": r, "interval": 4, "kbps_all_bytes": 10.0 * r, "psnr": 20.0 + r,
+             "model": model if codec == "promptus" else None} for codec in ("promptus", "x264") for r in (2, 4)]
+    fig = rd_figure(rows, "c")
+    labels = [c["label"] for c in describe_figure(fig)[0]["curves"]]
+    assert ("random weights" in labels[0]) == says and labels[1] == "x264"
+    assert ("random weights" in fig._suptitle.get_text()) == says
