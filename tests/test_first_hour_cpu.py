@@ -129,26 +129,32 @@ def test_encode_help_states_the_cpu_defaults():
     assert f"{CPU_ITERS_FIRST} on a CPU" in text and "--perceptual {auto,on,off}" in text
 
 
-def forecast_calls(forecast, seconds_per_iteration, monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+def forecast_calls(forecast, keyframe, seconds_per_iteration, clock):
     for it in range(10):
-        forecast({"keyframe": 0, "iteration": it})
+        forecast({"keyframe": keyframe, "iteration": it})
         clock[0] += seconds_per_iteration
 
 
-@pytest.mark.parametrize("per_it, warns", [(0.5, True), (0.001, False)])
-def test_a_long_cpu_encode_is_announced_with_its_projected_time(per_it, warns, monkeypatch, caplog):
+@pytest.mark.parametrize("kf0, kf1, warns, says", [
+    (0.5, None, True, "at least 1 h 35 min"),  # 0.5 · (10 000 + 1 500 · 1): too long whatever keyframe 1 costs
+    (0.01, 0.5, True, "about 12 min"),  # keyframe 0 quick, but a segment's iteration is slow
+    (0.01, 0.02, False, ""),
+])
+def test_a_long_cpu_encode_is_announced_with_its_projected_time(kf0, kf1, warns, says, monkeypatch, caplog):
     codec = promptus.CodecConfig(width=64, height=64)
-    train = promptus.TrainConfig(iters_first=10_000, iters=1_500, perceptual=False)
+    train = promptus.TrainConfig(iters_first=10_000 if kf1 is None else 150, iters=1_500, perceptual=False)
     forecast = common.EncodeForecast(codec, train, frame_count=11, command="encode")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
     with caplog.at_level(logging.WARNING, logger="promptus"):
-        forecast_calls(forecast, per_it, monkeypatch)
-    assert forecast.projected_s == pytest.approx(per_it * (10_000 + 1_500 * 10))
-    assert ("projected to take about" in caplog.text) == warns
+        forecast_calls(forecast, 0, kf0, clock)
+        if kf1 is not None:
+            clock[0] += kf0 * 140
+            forecast_calls(forecast, 1, kf1, clock)
+    assert ("projected to take" in caplog.text) == warns and forecast.warned == warns
+    assert says in caplog.text
     if warns:
-        assert "3 h 28 min" in caplog.text and "--resume" in caplog.text
-    assert (forecast.projected_s > SLOW_ENCODE_WARNING_S) == warns
+        assert "--resume" in caplog.text and forecast.projected_s > SLOW_ENCODE_WARNING_S
 
 
 def test_describe_duration():

@@ -206,9 +206,10 @@ class EncodeForecast:
     """An encoder callback that times the first iterations and warns when the whole encode is projected to take
     longer than :data:`promptus.config.SLOW_ENCODE_WARNING_S`.
 
-    Keyframe 0 trains one frame per iteration, every later keyframe a segment of up to T frames; on a CPU
-    an iteration's time grows about linearly with its frames, so the projection is
-    ``t₁ · (iters_first + iters · Σ segment frames)`` from ``t₁``, the measured time of a one-frame iteration.
+    Keyframe 0 trains one frame per iteration, every later keyframe a segment of up to T frames. After a few
+    timed iterations of keyframe 0 (``t₀`` each) the encode takes at least ``t₀ · (iters_first + iters · (K − 1))``
+    (a segment's iteration costs no less than one frame's): when even that is too long, it warns at once. Else it
+    times keyframe 1's iterations (``t₁``) and projects ``elapsed + t₁ · (iterations left)``.
     """
 
     WARMUP, TIMED = 3, 5  # the first iterations allocate and warm caches; the next five are timed
@@ -218,30 +219,39 @@ class EncodeForecast:
         from ..config import SLOW_ENCODE_WARNING_S
 
         self.codec, self.train, self.frames, self.command = codec, train, frame_count, command
+        self.later = codec.keyframe_count(frame_count) - 1 if frame_count > 0 else 0  # keyframes after 0
         self.limit_s = SLOW_ENCODE_WARNING_S if limit_s is None else limit_s
+        self._start: float | None = None
         self._t0: float | None = None
-        self.projected_s: float | None = None
-
-    def projection(self, s_per_frame_iteration: float) -> float:
-        later_frames = max(0, self.frames - 1)  # every frame after frame 0 is trained in some later segment
-        return s_per_frame_iteration * (self.train.iters_first + self.train.iters * later_frames)
+        self.projected_s: float | None = None  # the last projection
+        self.warned = False
 
     def __call__(self, m: dict) -> None:
-        if m["keyframe"] != 0 or self.projected_s is not None:
+        k, it = m["keyframe"], m["iteration"]
+        if self.warned or k > 1 or (k == 1 and self.later == 0):
             return
-        it = m["iteration"]
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = now
         if it == self.WARMUP - 1:
-            self._t0 = time.perf_counter()
+            self._t0 = now
         elif it == self.WARMUP + self.TIMED - 1 and self._t0 is not None:
-            per = (time.perf_counter() - self._t0) / self.TIMED
-            self.projected_s = self.projection(per)
+            per = (now - self._t0) / self.TIMED
+            if k == 0:  # a lower bound: later iterations train whole segments
+                self.projected_s = per * (self.train.iters_first + self.train.iters * self.later)
+                what = f"{per:.2f} s per iteration of keyframe 0"
+            else:
+                left = self.train.iters * self.later - (it + 1)
+                self.projected_s = (now - self._start) + per * left
+                what = f"{per:.2f} s per iteration of a {self.codec.interval}-frame segment"
             if self.projected_s > self.limit_s:
+                self.warned = True
                 log.warning(
-                    "%s: this encode is projected to take about %s (%.2f s per iteration of one frame; %d "
-                    "iterations for keyframe 0, %d for each of the later ones over %d frames). For a quick run "
-                    "use fewer --iters-first/--iters or a smaller --size; Ctrl-C keeps the finished keyframes "
-                    "and --resume continues", self.command, describe_duration(self.projected_s), per,
-                    self.train.iters_first, self.train.iters, self.frames - 1)
+                    "%s: this encode is projected to take %s%s (%s; %d iterations for keyframe 0, %d for each of "
+                    "%d later keyframes). For a quick run use fewer --iters-first/--iters or a smaller --size; "
+                    "Ctrl-C keeps the finished keyframes and --resume continues", self.command,
+                    "at least " if k == 0 else "about ", describe_duration(self.projected_s), what,
+                    self.train.iters_first, self.train.iters, self.later)
 
 
 def describe_duration(seconds: float) -> str:
