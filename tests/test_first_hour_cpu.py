@@ -71,7 +71,7 @@ def test_thread_count_precedence_flag_env_omp_model():
 
 def test_every_model_command_takes_threads():
     parser = build_parser()
-    for command in ("encode", "decode", "demo", "serve", "play"):
+    for command in ("encode", "decode", "demo", "serve", "play", "studio"):
         args = parser.parse_args([command, "x", "-o", "y", "--threads", "2"] if command in ("encode", "decode")
                                  else [command, "x", "--threads", "2"] if command in ("serve", "play")
                                  else [command, "--threads", "2"])
