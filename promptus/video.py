@@ -195,6 +195,11 @@ def _frame_count_hint(source: Path, max_frames: int | None) -> int:
     return min(n, max_frames) if max_frames is not None else n
 
 
+def frame_count_hint(source: str | os.PathLike, max_frames: int | None = None) -> int:
+    """How many frames ``source`` holds (at most ``max_frames``), as far as its container says (0: unknown)."""
+    return _frame_count_hint(Path(source), max_frames)
+
+
 def read_frames(source: str | os.PathLike, width: int = CodecConfig.width, height: int = CodecConfig.height,
                 max_frames: int | None = None) -> torch.Tensor:
     """All frames of ``source`` as a uint8 tensor N×H×W×3.
@@ -495,6 +500,7 @@ class FrameWriter:
     frame files written here (00000.png, ...) replace their namesakes, one by one, and
     every other file in it is kept. ``size=(width, height)``: refuse frames of another
     size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
+    ``first``: the number of the first PNG (``00020.png`` for a clip played from frame 20).
 
     PNG frames are encoded by ``workers`` processes (default: one per core; 1: on the calling
     thread; ``png_processes=False``: threads, which PIL's GIL-holding PNG writer keeps from running
@@ -507,8 +513,10 @@ class FrameWriter:
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
                  size: tuple[int, int] | None = None, kind: str | None = None, png_level: int = PNG_LEVEL,
-                 workers: int | None = None, video_encoder: str = "cpu", png_processes: bool = True):
+                 workers: int | None = None, video_encoder: str = "cpu", png_processes: bool = True,
+                 first: int = 0):
         self.out = Path(out)
+        self.first = first  # the number of the first PNG: a stream played from a seek point keeps the clip's
         self.fps = fps
         self.count = 0
         self.size = size
@@ -582,9 +590,9 @@ class FrameWriter:
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
         elif self._pngs is not None:
-            self._pngs.submit(frame, self._tmp / f"{self.count:05d}.png")
+            self._pngs.submit(frame, self._tmp / f"{self.first + self.count:05d}.png")
         else:
-            save_png(frame, self._tmp / f"{self.count:05d}.png", self.png_level)
+            save_png(frame, self._tmp / f"{self.first + self.count:05d}.png", self.png_level)
         self.count += 1
 
     def write_batch(self, frames: torch.Tensor | np.ndarray) -> None:
@@ -609,7 +617,7 @@ class FrameWriter:
             os.replace(self._tmp, self.out)
         elif self._into_existing:
             # Only our own frame files replace their namesakes; nothing else in the folder is touched.
-            for i in range(self.count):
+            for i in range(self.first, self.first + self.count):
                 name = f"{i:05d}.png"
                 try:
                     os.replace(self._tmp / name, self.out / name)
@@ -620,7 +628,7 @@ class FrameWriter:
             with contextlib.suppress(OSError):
                 os.rmdir(self._tmp)
             stale = [p.name for p in self.out.glob("[0-9][0-9][0-9][0-9][0-9].png")
-                     if int(p.stem) >= self.count]
+                     if int(p.stem) >= self.first + self.count]
             if stale:
                 log.warning("%s still holds %d older frame files after the %d written now (%s...); they were "
                             "kept", self.out, len(stale), self.count, min(stale))

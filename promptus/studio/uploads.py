@@ -137,9 +137,15 @@ def _probe_video(path: Path, name: str, limits: UploadLimits, default_fps: float
     except UploadError:
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
-        raise UploadError(f"{name} is not a readable video ({e}); upload an mp4 (H.264) or a zip of frames") from e
+        raise UploadError(f"{name} is not a readable video ({_reason(e)}); upload an mp4 (H.264) or a zip of frames") from e
     fps = video_fps(path) or default_fps
     return ClipInfo(path, name, int(count), first.width, first.height, fps)
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in words: no errno and no server-side temporary path (the person uploaded a file of theirs)."""
+    text = getattr(e, "strerror", None) or str(e)
+    return text.split(": '/")[0].strip() or type(e).__name__
 
 
 def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
@@ -152,7 +158,7 @@ def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
         with Image.open(files[0]) as im:
             width, height = im.size
     except (UnidentifiedImageError, OSError) as e:
-        raise UploadError(f"{files[0].name} of {name} is not a readable image ({e})") from e
+        raise UploadError(f"{files[0].name} of {name} is not a readable image ({_reason(e)})") from e
     _check_size(name, width, height, limits)
     return ClipInfo(folder, name, len(files), width, height, default_fps)
 
@@ -161,7 +167,7 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
     try:
         zf = zipfile.ZipFile(src)
     except (zipfile.BadZipFile, OSError) as e:
-        raise UploadError(f"{src.name} is not a readable zip ({e}); zip a folder of frames "
+        raise UploadError(f"{src.name} is not a readable zip ({_reason(e)}); zip a folder of frames "
                           "(00000.png, 00001.png, ...)") from e
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES
@@ -181,7 +187,7 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
                 with zf.open(m) as f:
                     data = f.read(budget + 1)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as e:
-                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({e})") from e
+                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({_reason(e)})") from e
             budget -= len(data)
             if budget < 0:
                 raise UploadError(f"{src.name} unpacks to more than {human_bytes(limits.max_unpacked_bytes)}; "
