@@ -298,6 +298,7 @@ class StreamScheduler:
         """
         if again_after is not None:
             self._calibration, self.again_after = (header, init, keyframes, rounds), again_after
+            self.measured_at = time.monotonic()  # measuring now: the worker need not
         decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]
         if not keyframes or not full:
