@@ -137,15 +137,18 @@ class CodecConfig:
             raise PromptusError(f"a clip needs at least one frame, got {frame_count}")
         return -(-(frame_count - 1) // self.interval) + 1
 
-    def segment_batch(self, frame_count: int) -> int:
+    def segment_batch(self, frame_count: int | None = None) -> int:
         """Frames a decoder generates in one batch for a clip of ``frame_count`` frames.
 
         The interval T, but no more than the clip's longest segment (a 3-frame clip
-        never needs a batch of T) and no more than :data:`MAX_BATCH_PIXELS` allow at
-        this frame size (longer segments are generated in several batches).
+        never needs a batch of T; ``None``: length unknown yet) and no more than
+        :data:`MAX_BATCH_PIXELS` allow at this frame size (longer segments are generated
+        in several batches). The one formula for the batch a backend is prepared for
+        (:func:`promptus.backends.backend_for_clip`) and the decoder's batches.
         """
         by_memory = max(1, MAX_BATCH_PIXELS // (self.width * self.height))
-        return max(1, min(self.interval, frame_count - 1, by_memory))
+        longest = self.interval if frame_count is None else frame_count - 1
+        return max(1, min(self.interval, longest, by_memory))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,6 +210,21 @@ INIT_PRECISIONS = ("fp32", "fp16", "int8")
 #: torch.compile modes of the training step ("off": eager; "reduce-overhead" adds CUDA graphs on a GPU).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
+#: Several devices for one encode (promptus.distributed): seconds a collective (or the rendezvous) may
+#: wait for the other processes before the encode fails with an error instead of hanging. Long enough
+#: for a first compiled iteration on every device; a process that dies is noticed sooner on the CPU.
+DISTRIBUTED_TIMEOUT_S = 600
+#: The rendezvous host of the processes of one encode (they run on this machine).
+DISTRIBUTED_HOST = "127.0.0.1"
+#: zlib level of PNG frames (0–9). 6 is PIL's default and what the writer has always written; 1 writes
+#: about 2–3× faster and about 30 % larger (docs/decoding.md, "Performance").
+PNG_LEVEL = 6
+#: Frames waiting for the PNG writer's threads, per thread: bounded, so a fast decoder cannot fill the memory.
+PNG_QUEUE_PER_THREAD = 2
+#: Video encoders of the frame writer: "auto" (NVENC where the GPU and the PyAV build offer it, else the CPU
+#: encoder, saying so), "cpu" (libx264 / libvpx-vp9), "nvenc" (NVENC or an error).
+VIDEO_ENCODERS = ("auto", "cpu", "nvenc")
+
 #: Decoder numerics. "ours": fp16 networks at the segment batch, uint8 by rounding (the
 #: default: faster, and the closer approximation of the float image). "release": the public
 #: release's generation script (fp32 weights under CUDA autocast, one frame per UNet call,
@@ -214,6 +232,19 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 PARITY_OURS = "ours"
 PARITY_RELEASE = "release"
 PARITIES = (PARITY_OURS, PARITY_RELEASE)
+
+#: Encoding schedules (promptus/encoding_schedules.py). "published": random start, fixed counts, as
+#: released. "fast": keyframe k starts from keyframe k−1's transmitted factors and stops on a plateau.
+SCHEDULE_PUBLISHED = "published"
+SCHEDULE_FAST = "fast"
+SCHEDULES = (SCHEDULE_PUBLISHED, SCHEDULE_FAST)
+#: TrainConfig fields that only the fast schedule reads.
+FAST_SCHEDULE_FIELDS = ("min_iters_first", "min_iters", "plateau_window_first", "plateau_window",
+                        "plateau_tolerance", "warm_lr")
+
+#: Folder of the artifact cache: TensorRT engines, compiled decoder and trainer steps
+#: (promptus.backends.artifact_cache; ``promptus engines``).
+DEFAULT_ENGINE_DIR = "engines"
 
 
 @dataclass(frozen=True)
@@ -239,6 +270,13 @@ class TrainConfig:
         compile: torch.compile mode of the training step, or "off" (eager). Execution
             only, like ``max_memory``; off by default because compiled kernels round
             differently from eager ones.
+        schedule: "published" (random start, ``iters_first``/``iters`` iterations) or
+            "fast" (warm start from the previous keyframe's transmitted factors, stop on a
+            plateau; ``iters_first``/``iters`` are then the maxima); docs/encoding-schedules.md.
+        min_iters_first, min_iters: fast: iterations before a plateau may stop keyframe 0 / later ones.
+        plateau_window_first, plateau_window: fast: a keyframe stops when its last window of
+            iterations improved the best loss by at most ``plateau_tolerance`` of it.
+        warm_lr: fast: starting learning rate of a warm-started keyframe (a small step keeps the start).
     """
 
     iters_first: int = 10_000
@@ -257,6 +295,13 @@ class TrainConfig:
     seed: int = 0
     max_memory: int | str = "auto"
     compile: str = "off"
+    schedule: str = SCHEDULE_PUBLISHED
+    min_iters_first: int = 1_000
+    min_iters: int = 100
+    plateau_window_first: int = 300
+    plateau_window: int = 50
+    plateau_tolerance: float = 1e-3
+    warm_lr: float = 0.01
 
     #: Settings that change how training runs, not what it computes (a resumed run may change them).
     EXECUTION = ("max_memory", "compile")
@@ -265,7 +310,10 @@ class TrainConfig:
         object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
         if self.compile not in COMPILE_MODES:
             raise PromptusError(f"compile={self.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
-        for name in ("iters_first", "iters", "patience_first", "patience"):
+        if self.schedule not in SCHEDULES:
+            raise PromptusError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        for name in ("iters_first", "iters", "patience_first", "patience", "min_iters_first", "min_iters",
+                     "plateau_window_first", "plateau_window"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise PromptusError(f"{name}={v!r} must be an integer ≥ 1")
@@ -275,6 +323,10 @@ class TrainConfig:
             raise PromptusError(f"init_latent={self.init_latent!r}: choose {' or '.join(INIT_LATENT_SOURCES)}")
         if self.init_precision not in INIT_PRECISIONS:
             raise PromptusError(f"init_precision={self.init_precision!r}: choose one of {', '.join(INIT_PRECISIONS)}")
+        if not (0 <= self.plateau_tolerance < 1):
+            raise PromptusError(f"plateau_tolerance={self.plateau_tolerance!r} must lie in [0, 1)")
+        if not (self.lr_floor <= self.warm_lr):
+            raise PromptusError(f"warm_lr={self.warm_lr!r} must be at least lr_floor={self.lr_floor!r}")
         if self.worst_weight < 1:
             raise PromptusError(f"worst_weight={self.worst_weight!r} must be ≥ 1")
 
@@ -282,8 +334,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def result_dict(self) -> dict[str, Any]:
-        """The settings that determine the result (all but :attr:`EXECUTION`)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION}
+        """The settings that determine the result (all but :attr:`EXECUTION`).
+
+        The published schedule reads none of the schedule fields: they are left out, so
+        its checkpoints and sweep points match those made before schedules existed.
+        """
+        skip = set(self.EXECUTION)
+        if self.schedule == SCHEDULE_PUBLISHED:
+            skip |= {"schedule", *FAST_SCHEDULE_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

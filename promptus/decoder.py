@@ -248,7 +248,7 @@ def decode(source, model: str = "auto", *, device: str | torch.device | None = N
     ``parity="release"`` reproduces the public release's generation script (fp32
     weights; slower: one frame per UNet call).
     """
-    from .backends import default_dtype, make_backend, resolve_device
+    from .backends import backend_for_clip, clip_batch, default_dtype, resolve_device
     from .bitstream import from_bytes, read
     from .models import load_models
 
@@ -261,9 +261,6 @@ def decode(source, model: str = "auto", *, device: str | torch.device | None = N
     dev = resolve_device(device)
     dtype = torch.float32 if parity == PARITY_RELEASE else default_dtype(dev)
     models = load_models(model, device=dev, dtype=dtype, taesd=taesd, vae=False)
-    models.geometry().check(bs.header.config)  # before the backend sizes anything from the header
-    h = bs.header
-    batch = h.config.segment_batch(h.frame_count)
     identity = models.identity()  # before the backend may move the networks off the GPU
-    backend = make_backend(backend, models, dev, batch=batch, size=h.width, offload_models=True, parity=parity)
-    return Decoder(backend, identity, parity=parity, max_batch=batch).decode_all(bs)
+    backend = backend_for_clip(bs.header, models, name=backend, device=dev, offload_models=True, parity=parity)
+    return Decoder(backend, identity, parity=parity, max_batch=clip_batch(bs.header)).decode_all(bs)

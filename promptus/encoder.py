@@ -16,8 +16,8 @@ writes a byte-identical file.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -33,41 +33,22 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from .backends.base import Backend
-from .bitstream import Bitstream, Header, InitLatent, Keyframe, from_bytes, to_bytes, write
+from .bitstream import Bitstream, Header, InitLatent, Keyframe, write
+from .checkpoint import (CHECKPOINT_VERSION, KeyframeResult, ResumeCheckpoint, checkpoint_paths,  # noqa: F401
+                         frames_digest, read_checkpoint)
+from .checkpoint import mean_psnr as _mean_psnr
 from .config import CodecConfig, TrainConfig
 from .decoder import ClipState
+from .encoding_schedules import Schedule
+from .distributed import DevicePool, FrameShare, ModelSource, parse_devices, runs_distributed
 from .errors import EncodeAborted, PromptusError, VideoError
-from .files import OutputLock, atomic_write, check_writable, open_append, read_regular
+from .files import OutputLock, check_writable
 from .memory import MemoryPlan, PlanChoice, choose_plan, estimate, resolve_budget
 from .metrics.frames import clip_psnr, psnr_from_mse
 from .prompts import QuantizedTensor, RunningRange, embedding, fake_quantize, interpolate_factors, kbps, quantize
 from .schedule import OneStep, to_model_range
 
 log = logging.getLogger(__name__)
-
-#: Version 2 records the SHA-256 of the checkpoint bitstream in the checkpoint JSON.
-CHECKPOINT_VERSION = 2
-#: A checkpoint JSON holds a few hundred bytes per keyframe; anything far larger is not ours.
-MAX_CHECKPOINT_JSON_BYTES = 64 << 20
-
-
-@dataclass
-class KeyframeResult:
-    """What training one keyframe produced (also the per-keyframe JSON log entry)."""
-
-    keyframe: int
-    index: int
-    frames: tuple[int, int]  # first and last frame index of the segment it closes
-    iterations: int
-    best_iteration: int
-    best_loss: float
-    final_lr: float
-    psnr: float  # closed-loop PSNR of the segment (of its mean MSE), from the transmitted prompts
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, frames=list(self.frames))
-
 
 @dataclass
 class EncodeResult:
@@ -91,24 +72,6 @@ class EncodeResult:
     def mean_psnr(self) -> float:
         """The segments' closed-loop PSNRs averaged with their frame counts as weights (finite ones only)."""
         return _mean_psnr(self.keyframes)
-
-
-def _mean_psnr(results: list[KeyframeResult]) -> float:
-    w = [r.frames[1] - r.frames[0] + 1 for r in results]
-    finite = [(p, n) for p, n in zip((r.psnr for r in results), w) if math.isfinite(p)]
-    if not finite:
-        return float("inf")
-    return sum(p * n for p, n in finite) / sum(n for _, n in finite)
-
-
-def frames_digest(frames: torch.Tensor) -> str:
-    """SHA-256 (32 hex digits) of the frames' bytes, hashed in place (no copy of the clip)."""
-    arr = frames.contiguous().numpy()
-    h = hashlib.sha256()
-    flat = arr.reshape(-1)
-    for i in range(0, flat.size, 1 << 24):  # 16 MiB at a time: views, never a copy
-        h.update(flat[i:i + (1 << 24)])
-    return h.hexdigest()[:32]
 
 
 class TrainingStep:
@@ -157,12 +120,20 @@ class TrainingStep:
             per_frame = self.loss_fn(image, targets, ctx, target_feats=target_feats, checkpoint="loss" in checkpoint)
         return image, per_frame
 
-    def __call__(self, plan: MemoryPlan, z, timestep, ctx, targets, target_feats, weights, scale):
+    def __call__(self, plan: MemoryPlan, z, timestep, ctx, targets, target_feats, weights, scale,
+                 share: FrameShare | None = None):
+        """One iteration. With ``share`` (several processes, :mod:`promptus.distributed`) this process
+        runs only the frames ``share.bounds(n)`` (``plan`` is the plan for that many frames and
+        ``target_feats`` holds their features), and the processes sum their embedding gradients,
+        losses and MSEs before the gradient goes back through the factors: the micro-batch path
+        below with the groups spread over processes, so the same bits as one process whose plan
+        splits the frames the same way."""
         n = z.shape[0]
-        mb = plan.micro(n)
         if self.compile == "reduce-overhead" and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's graph outputs are dead
-        if mb >= n:  # one pass: the gradient flows straight from the loss into the factors
+        a, b = share.bounds(n) if share is not None else (0, n)
+        mb = plan.micro(max(b - a, 1))
+        if share is None and mb >= n:  # one pass: the gradient flows straight from the loss into the factors
             if target_feats is None:
                 target_feats = self.target_features(targets)
             image, per_frame = self.forward(z, timestep, ctx, targets, target_feats, plan.checkpoint)
@@ -176,9 +147,9 @@ class TrainingStep:
         leaf = ctx.detach().requires_grad_()
         total = weights.sum()
         losses, mses, images = [], [], []
-        for i in range(0, n, mb):
-            sl = slice(i, i + mb)
-            feats = ([f[sl] for f in target_feats] if target_feats is not None
+        for i in range(a, b, mb):
+            sl = slice(i, min(i + mb, b))
+            feats = ([f[i - a:sl.stop - a] for f in target_feats] if target_feats is not None
                      else self.target_features(targets[sl]))
             image, per_frame = self.forward(z[sl], timestep[sl], leaf[sl], targets[sl], feats, plan.checkpoint)
             scale((per_frame * weights[sl]).sum() / total).backward()
@@ -187,8 +158,13 @@ class TrainingStep:
             losses.append(per_frame.detach().clone())  # a CUDA graph's output is overwritten by its next replay
             images.append(image.detach().clone())
             del image, per_frame, feats
-        ctx.backward(leaf.grad)
-        return torch.cat(losses), torch.cat(mses), torch.cat(images)
+        if share is None:
+            ctx.backward(leaf.grad)
+            return torch.cat(losses), torch.cat(mses), torch.cat(images)
+        grad, per_frame, mse, image = share.sum_over_processes(leaf, n, (a, b), losses, mses, images,
+                                                               like=(targets, z.device))
+        ctx.backward(grad)
+        return per_frame, mse, image
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         # outputs of a CUDA-graph replay are overwritten by the next one: copy what outlives the step
@@ -200,6 +176,13 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
         return fn(*args)
     # Non-reentrant: the frozen networks' inputs need not require grad; nothing random to replay.
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+#: Compiled training steps of this process, by (models, loss, timestep, precision, device, mode): a step
+#: holds strong references to its networks, so an id in a key cannot be reused while the entry lives.
+_COMPILED_STEPS: dict[tuple, TrainingStep] = {}
+#: Compiled steps kept at once (each holds its compiled graphs and references its models).
+MAX_COMPILED_STEPS = 4
 
 
 class Encoder:
@@ -223,24 +206,40 @@ class Encoder:
     that fits is chosen and logged ("auto": the GPU's free memory, no limit on the
     CPU). ``plan`` forces one plan instead. Every plan gives the same gradients up to
     floating-point rounding; without a limit the default plan runs, as before.
+
+    Several devices: ``devices=["cuda:0", "cuda:1"]`` (or ``"all"``; ``["cpu", "cpu"]``
+    with gloo) spreads each segment's frames over one process per device, which sum
+    their gradients before every step (:mod:`promptus.distributed`): the same bits as
+    one process whose plan splits the frames the same way. This process trains on the
+    first device; ``models`` must be there (or are moved there). Each worker loads
+    ``worker_models`` (a :class:`~promptus.distributed.ModelSource`) on its device, or
+    else receives a copy of ``models``; ``train.max_memory`` applies to each device.
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
                  backend: Backend | None = None, should_stop: Callable[[], bool] | None = None,
-                 plan: MemoryPlan | None = None):
-        from .backends import default_dtype, make_backend, resolve_device
+                 plan: MemoryPlan | None = None, devices: str | list | None = None,
+                 worker_models: ModelSource | None = None):
+        from .backends import BASELINE, backend_for_clip, default_dtype, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
+        self.devices = parse_devices(devices) if devices is not None else None
+        if self.devices is not None:
+            if device is not None and resolve_device(device) != self.devices[0]:
+                raise PromptusError(f"device={device} but devices starts with {self.devices[0]}: this process "
+                                    "trains on the first of the devices; give one of the two")
+            device = self.devices[0]
         if device is None and backend is not None:
             device = backend.device
         self.device = resolve_device(device)
+        self._vgg, self.worker_models = vgg, worker_models
         self.dtype = default_dtype(self.device)
         self.callback = callback
         self.should_stop = should_stop
         self.progress = progress
         if backend is None:
-            backend = make_backend("eager", models, self.device, self.dtype, batch=codec.interval, size=codec.width)
+            backend = backend_for_clip(codec, models, name=BASELINE, device=self.device, dtype=self.dtype)
         elif not isinstance(backend, Backend):
             raise PromptusError(f"backend must be a promptus Backend (promptus.backends.make_backend), "
                                 f"got {type(backend).__name__}")
@@ -258,6 +257,7 @@ class Encoder:
         # fp16 gradients through a UNet underflow without loss scaling.
         self.use_scaler = self.device.type == "cuda" and self.dtype == torch.float16
         self.forced_plan = plan
+        self.schedule = Schedule.of(train)
         self._plans: dict[int, PlanChoice] = {}
         self._step: TrainingStep | None = None
 
@@ -292,11 +292,32 @@ class Encoder:
         return choice
 
     def step_for(self, onestep: OneStep) -> TrainingStep:
-        """The training step (built once, so that a compiled step is compiled once per shape)."""
-        if self._step is None or self._step.onestep != onestep:
+        """The training step (built once, so that a compiled step is compiled once per shape).
+
+        A compiled step is also kept for the life of the process (:data:`_COMPILED_STEPS`): a later
+        Encoder of the same models, loss and precision (the next point of a sweep on the same worker)
+        reuses it and its compiled graphs instead of compiling again."""
+        if self._step is not None and self._step.onestep == onestep:
+            return self._step
+        if self.train.compile == "off":
             self._step = TrainingStep(self.models.unet, self.models.taesd.decoder, self.loss_fn, onestep, self.dtype,
-                                      self._loss_autocast, compile=self.train.compile)
-        return self._step
+                                      self._loss_autocast, compile="off")
+            return self._step
+        t = self.train
+        net = getattr(self.loss_fn.perceptual, "vgg", None)  # the VGG module, shared by a sweep's points
+        key = (id(self.models.unet), id(self.models.taesd.decoder), id(net) if net is not None else None,
+               (t.mse_weight, t.perceptual_weight, t.reg_weight), onestep, self.dtype, str(self.device), t.compile)
+        step = _COMPILED_STEPS.pop(key, None)
+        if step is None:
+            step = TrainingStep(self.models.unet, self.models.taesd.decoder, self.loss_fn, onestep, self.dtype,
+                                self._loss_autocast, compile=t.compile)
+        else:
+            log.info("reusing this process's compiled training step (no new compilation for known shapes)")
+        _COMPILED_STEPS[key] = step  # most recently used last
+        while len(_COMPILED_STEPS) > MAX_COMPILED_STEPS:
+            _COMPILED_STEPS.pop(next(iter(_COMPILED_STEPS)))
+        self._step = step
+        return step
 
     def _make_loss(self, vgg):
         from .losses import InversionLoss, PerceptualLoss, load_vgg19
@@ -351,41 +372,45 @@ class Encoder:
 
     # ----------------------------------------------------------- training
 
-    def _init_factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.codec
-        g = torch.Generator().manual_seed(self.train.seed * 1_000_003 + k)
-        U = torch.rand(c.tokens, c.rank, generator=g)
-        V = torch.rand(c.rank, c.embed_dim, generator=g)
-        return U.to(self.device).requires_grad_(), V.to(self.device).requires_grad_()
+    def _init_factors(self, k: int, prev: Keyframe | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Keyframe k's starting factors on the device, and whether they are a warm start (the schedule's policy)."""
+        U, V, warm = self.schedule.initial_factors(self.codec, k, *((prev.U, prev.V) if prev is not None else ()))
+        return U.to(self.device).requires_grad_(), V.to(self.device).requires_grad_(), warm
 
     def train_keyframe(self, k: int, z: torch.Tensor, targets: torch.Tensor, prev: Keyframe | None,
-                       onestep: OneStep, bar: tqdm | None = None) -> tuple[Keyframe, dict]:
+                       onestep: OneStep, bar: tqdm | None = None, *, share: FrameShare | None = None
+                       ) -> tuple[Keyframe, dict]:
         """Fit keyframe ``k``: its factors such that the frames generated from ``z``
         (1×4×h×w, float32) match ``targets`` (n×3×H×W in [-1, 1]).
 
         With ``prev`` (keyframe k−1, transmitted) the n frames use factors
         interpolated at s/T, s = 1..n; without it, one frame uses the factors as is.
-        Returns the quantized best iterate and training statistics.
+        Returns the quantized best iterate and training statistics. With ``share`` this
+        process runs only its frames of the segment and meets the other processes in
+        every step (:mod:`promptus.distributed`); all of them compute the same iterates. The schedule
+        (``train.schedule``) sets the start and when to stop; the bar shows why it stopped.
         """
         t, c = self.train, self.codec
         first = prev is None
-        iters = t.iters_first if first else t.iters
+        rule = self.schedule.stop_rule(first)
+        iters, stopper, stop = rule.max_iters, rule.stopper(), None
         patience = t.patience_first if first else t.patience
         n = targets.shape[0]
         device, dtype = self.device, self.dtype
 
-        U, V = self._init_factors(k)
+        U, V, warm = self._init_factors(k, prev)
         rU, rV = RunningRange(), RunningRange()
-        lr = t.lr
+        lr = self.schedule.lr(warm)
         opt = torch.optim.Adam([U, V], lr=lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         z_in = z.to(device, dtype).expand(n, -1, -1, -1)
         timestep = torch.full((n,), c.timestep, device=device, dtype=torch.long)
         if prev is not None:
             U0, V0 = prev.U.to(device), prev.V.to(device)
-        plan = self.plan_for(n).plan
+        a, b = share.bounds(n) if share is not None else (0, n)
+        plan = self.plan_for(max(b - a, 1)).plan
         step = self.step_for(onestep)
-        target_feats = step.target_features(targets) if plan.cache_targets else None
+        target_feats = step.target_features(targets[a:b]) if plan.cache_targets and b > a else None
         weights = torch.ones(n, device=device)
 
         best_loss, best_it, best = math.inf, -1, None
@@ -405,7 +430,8 @@ class Encoder:
                 ctx = embedding(u[:n], v[:n])
             snapshot = (U.detach().clone(), V.detach().clone())  # the iterate this loss belongs to
             opt.zero_grad(set_to_none=True)
-            per_frame, mse, image = step(plan, z_in, timestep, ctx, targets, target_feats, weights, scaler.scale)
+            per_frame, mse, image = step(plan, z_in, timestep, ctx, targets, target_feats, weights, scaler.scale,
+                                         share)
             scaler.step(opt)
             scaler.update()
             stats = torch.cat([per_frame, mse]).tolist()  # one host sync per iteration
@@ -414,6 +440,7 @@ class Encoder:
             if mean_loss < best_loss:
                 best_loss, best_it = mean_loss, it
                 best = (snapshot[0], pU, snapshot[1], pV)
+            stop = stopper.observe(mean_loss)  # the loss history alone decides: every process agrees
             if n > 1:  # the worst frame gets extra weight in the next iteration
                 weights.fill_(1.0)
                 weights[int(np.argmax(frame_losses))] = t.worst_weight
@@ -427,7 +454,10 @@ class Encoder:
             psnr = psnr_from_mse(max(sum(frame_mse) / n, 1e-12), peak=2.0)  # frames in [-1, 1]
             if bar is not None:
                 bar.update(1)
-                if it % 10 == 0 or it == iters - 1:
+                if stop is not None:
+                    bar.total = it + 1
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", stop=stop, refresh=False)
+                elif it % 10 == 0:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:g}", refresh=False)
             if self.callback is not None:
                 self.callback({"keyframe": k, "iteration": it, "loss": mean_loss, "psnr": psnr, "lr": lr,
@@ -435,6 +465,8 @@ class Encoder:
             if self.should_stop is not None and self.should_stop():
                 raise EncodeAborted(f"encoding stopped on request during keyframe {k}; the {k} finished keyframes "
                                     "are kept in the checkpoint: resume to continue", keyframes_done=k)
+            if stop is not None:
+                break
 
         bU, bpU, bV, bpV = best
         kf = Keyframe(
@@ -442,7 +474,8 @@ class Encoder:
             U_q=QuantizedTensor(quantize(bU.cpu(), *bpU).numpy(), *bpU),
             V_q=QuantizedTensor(quantize(bV.cpu(), *bpV).numpy(), *bpV),
         )
-        return kf, {"iterations": iters, "best_iteration": best_it, "best_loss": best_loss, "final_lr": lr}
+        return kf, {"iterations": it + 1, "best_iteration": best_it, "best_loss": best_loss, "final_lr": lr,
+                    "stop": stop}
 
     # ------------------------------------------------------------- encode
 
@@ -469,34 +502,67 @@ class Encoder:
         c = self.codec
         K = c.keyframe_count(N)
         header = Header(c, N, self.identity)
-        ckpt_bs, ckpt_json = checkpoint_paths(out)
-        log_path = out.with_name(out.name + ".log.jsonl")
-        digest = frames_digest(frames)
-        state_meta = {"version": CHECKPOINT_VERSION, "codec": c.to_dict(), "train": self.train.result_dict(),
-                      "frame_count": N, "frames": digest, "model": self.identity.hexdigest,
-                      "precision": str(self.dtype), "device": self.device.type}
+        ckpt = ResumeCheckpoint(out, {"version": CHECKPOINT_VERSION, "codec": c.to_dict(),
+                                      "train": self.train.result_dict(), "frame_count": N,
+                                      "frames": frames_digest(frames), "model": self.identity.hexdigest,
+                                      "precision": str(self.dtype), "device": self.device.type}, header)
 
         keyframes: list[Keyframe] = []
         results: list[KeyframeResult] = []
         init: InitLatent | None = None
-        if resume and ckpt_json.exists():
-            init, keyframes, results = self._load_checkpoint(ckpt_bs, ckpt_json, state_meta, header)
+        if resume and ckpt.exists():
+            init, keyframes, results = ckpt.load(self.train.init_precision)
             log.info("resuming %s after keyframe %d of %d", out, len(keyframes) - 1, K - 1)
         elif resume:
             log.info("no checkpoint for %s: starting from the beginning", out)
-        elif ckpt_json.exists():
+        elif ckpt.exists():
             log.warning("an earlier run of %s left a checkpoint; starting over (use --resume to continue it)", out)
         if not keyframes:
-            log_path.unlink(missing_ok=True)
+            ckpt.clear_log()
         if init is None:
             init = self.init_latent(frames[0])
 
-        # Memory plans now, before any training: a budget that nothing fits fails here, and the log says
-        # which plan each step length gets before the progress bars start.
-        for n in sorted({1} | {min(k * c.interval, N - 1) - (k - 1) * c.interval for k in range(1, K)}):
-            self.plan_for(n)
-        targets_all = frames  # uint8 on the CPU; moved per segment
-        state = ClipState(self.backend, header, init)
+        lengths = sorted({1} | {min(k * c.interval, N - 1) - (k - 1) * c.interval for k in range(1, K)})
+        with self._device_pool() as pool:
+            # Memory plans now, before any training: a budget that nothing fits fails here, and the log says
+            # which plan each step length gets before the progress bars start.
+            share = pool.share if pool is not None else None
+            for n in lengths:
+                a, b = share.bounds(n) if share is not None and runs_distributed(n, share.world) else (0, n)
+                self.plan_for(max(b - a, 1))
+            if pool is not None:
+                pool.prepare([n for n in lengths if runs_distributed(n, pool.world)])
+            recon = self._train_segments(frames, header, init, keyframes, results, ckpt, pool)
+
+        nbytes = write(out, Bitstream(header, init, keyframes))
+        ckpt.remove()
+        result = EncodeResult(out, nbytes, N, results, recon, c.fps)
+        log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
+        if self.devices is not None and len(self.devices) > 1 and results and results[0].keyframe == 0:
+            total = sum(r.seconds for r in results)
+            log.info("keyframe 0 (one frame, on %s alone: the serial part) took %.1f s of %.1f s of training "
+                     "(%.0f %%)", self.device, results[0].seconds, total, 100 * results[0].seconds / max(total, 1e-9))
+        return result
+
+    def _device_pool(self):
+        """The worker processes of a multi-device encode (a context manager), or a null context."""
+        if self.devices is None or len(self.devices) < 2:
+            return contextlib.nullcontext(None)
+        setup = {"codec": self.codec, "train": self.train, "plan": self.forced_plan,
+                 "vgg": self._vgg if self.loss_fn.uses_perceptual else None,
+                 "models": self.worker_models if self.worker_models is not None else self.models}
+        return DevicePool(self.devices, functools.partial(_worker_trainer, setup), self.identity,
+                          gather_frames=self.callback is not None)
+
+    def _train_segments(self, frames: torch.Tensor, header: Header, init: InitLatent, keyframes: list[Keyframe],
+                        results: list[KeyframeResult], ckpt: ResumeCheckpoint, pool: DevicePool | None
+                        ) -> torch.Tensor:
+        """Train every keyframe after those in ``keyframes`` (appending to it and to ``results``), checkpointing
+        after each; returns the closed loop's reconstruction of the whole clip."""
+        c, N = self.codec, frames.shape[0]
+        K = c.keyframe_count(N)
+        # The decoder's batches (one formula, MAX_BATCH_PIXELS): the closed loop sees the decoder's frames.
+        state = ClipState(self.backend, header, init, max_batch=header.config.segment_batch(header.frame_count))
         recon = torch.empty_like(frames)  # filled segment by segment: never a list plus a concatenation
         for kf in keyframes:  # replay the closed loop up to where the checkpoint stopped
             seg = state.push(kf)
@@ -509,109 +575,41 @@ class Encoder:
                 t0 = time.perf_counter()
                 start = 0 if k == 0 else (k - 1) * c.interval + 1
                 stop = min(k * c.interval, N - 1)
-                targets = to_model_range(targets_all[start:stop + 1]).to(self.device)
+                targets = to_model_range(frames[start:stop + 1]).to(self.device)
                 z = state.z()
+                prev = keyframes[-1] if keyframes else None
+                share = None
+                if pool is not None and runs_distributed(stop + 1 - start, pool.world):
+                    pool.train(k, z, frames[start:stop + 1], prev, state.onestep)
+                    share = pool.share
                 iters = self.train.iters_first if k == 0 else self.train.iters
                 with tqdm(total=iters, desc=f"keyframe {k} (frame {k * c.interval})", unit="it", leave=False,
                           disable=not self.progress, position=1) as ibar:
-                    kf, stats = self.train_keyframe(k, z, targets, keyframes[-1] if keyframes else None,
-                                                    state.onestep, ibar)
+                    kf, stats = self.train_keyframe(k, z, targets, prev, state.onestep, ibar, share=share)
                 seg = state.push(kf)  # closed loop: regenerate from what is transmitted
                 assert (seg.start, seg.stop - 1) == (start, stop)
                 recon[start:stop + 1] = seg.frames.cpu()
-                psnr = clip_psnr(targets_all[start:stop + 1], recon[start:stop + 1])
+                psnr = clip_psnr(frames[start:stop + 1], recon[start:stop + 1])
                 keyframes.append(kf)
                 res = KeyframeResult(keyframe=k, index=kf.index, frames=(start, stop), psnr=psnr,
                                      seconds=time.perf_counter() - t0, **stats)
                 results.append(res)
-                with open_append(log_path) as f:
-                    f.write(json.dumps(res.to_dict()) + "\n")
+                ckpt.log(res)
                 kbar.update(1)
                 kbar.set_postfix(psnr=f"{psnr:.2f}", refresh=False)
-                log.info("keyframe %d/%d: best loss %.5f at iteration %d, closed-loop PSNR %.2f dB (%.1f s)",
-                         k, K - 1, res.best_loss, res.best_iteration, psnr, res.seconds)
+                log.info("keyframe %d/%d: best loss %.5f at iteration %d of %d (%s), closed-loop PSNR %.2f dB "
+                         "(%.1f s)", k, K - 1, res.best_loss, res.best_iteration, res.iterations, res.stop, psnr,
+                         res.seconds)
                 if k < K - 1:
-                    self._save_checkpoint(ckpt_bs, ckpt_json, state_meta, header, init, keyframes, results)
+                    ckpt.save(init, keyframes, results)
         finally:
             kbar.close()
-
-        nbytes = write(out, Bitstream(header, init, keyframes))
-        for p in (ckpt_bs, ckpt_json):
-            p.unlink(missing_ok=True)
-        result = EncodeResult(out, nbytes, N, results, recon, c.fps)
-        log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
-        return result
-
-    # -------------------------------------------------------- checkpoints
-
-    def _save_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header, init: InitLatent,
-                         keyframes: list[Keyframe], results: list[KeyframeResult]) -> None:
-        # The finished keyframes form a complete bitstream of a shorter clip: our own format, no pickle.
-        partial = Header(header.config, (len(keyframes) - 1) * header.interval + 1, header.model)
-        data = to_bytes(Bitstream(partial, init, list(keyframes)), entropy="none")
-        atomic_write(ckpt_bs, data)
-        state = dict(meta, keyframes_done=len(keyframes), bitstream_sha256=hashlib.sha256(data).hexdigest(),
-                     results=[r.to_dict() for r in results])
-        atomic_write(ckpt_json, json.dumps(state, indent=1))
-
-    def _load_checkpoint(self, ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header):
-        return read_checkpoint(ckpt_bs, ckpt_json, meta, header, self.train.init_precision)
+        return recon
 
 
-def read_checkpoint(ckpt_bs: Path, ckpt_json: Path, meta: dict, header: Header, init_precision: str
-                    ) -> tuple[InitLatent, list[Keyframe], list[KeyframeResult]]:
-    """(init latent, keyframes, results) of a checkpoint that belongs to this very run.
-
-    ``meta``: this run's options, which the JSON must repeat; ``header``: this run's header.
-
-    Everything is checked before it is used: the JSON's shape and types, its options
-    against this run's, the bitstream's SHA-256 against the one the JSON recorded,
-    and the bitstream's header against this run's header.
-    """
-    def refuse(problem: str) -> PromptusError:
-        return PromptusError(f"cannot resume from checkpoint {ckpt_json}: {problem}; delete {ckpt_json.name} "
-                             f"and {ckpt_bs.name} to start over")
-
-    try:
-        state = json.loads(read_regular(ckpt_json, what="checkpoint", limit=MAX_CHECKPOINT_JSON_BYTES))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
-        raise refuse(f"it is not valid JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise refuse(f"it holds a JSON {type(state).__name__}, not an object")
-    for key in ("version", "codec", "train", "frame_count", "frames", "model", "precision"):
-        if state.get(key) != meta[key]:
-            raise PromptusError(
-                f"checkpoint {ckpt_json} was made with different {key} ({state.get(key)!r:.200} vs {meta[key]!r}); "
-                "resume with the same input and options, or delete the checkpoint to start over"
-            )
-    done, digest, entries = state.get("keyframes_done"), state.get("bitstream_sha256"), state.get("results")
-    if type(done) is not int or not 1 <= done < header.keyframe_count:
-        raise refuse(f"keyframes_done={done!r:.100} is not a count in 1..{header.keyframe_count - 1}")
-    if not isinstance(digest, str) or not isinstance(entries, list) or len(entries) != done:
-        raise refuse("its bitstream digest or its per-keyframe results are missing or malformed")
-    data = read_regular(ckpt_bs, what="checkpoint bitstream")
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise refuse(f"{ckpt_bs.name} is not the bitstream this checkpoint recorded (another run's, or changed)")
-    bs = from_bytes(data)
-    want = Header(header.config, (done - 1) * header.interval + 1, header.model)
-    if bs.header != want or len(bs.keyframes) != done or bs.init.precision != init_precision:
-        raise refuse(f"{ckpt_bs.name} holds {len(bs.keyframes)} keyframes of another clip or other settings")
-    results = []
-    fields = set(KeyframeResult.__dataclass_fields__)
-    for k, r in enumerate(entries):
-        try:
-            if not isinstance(r, dict) or set(r) != fields:
-                raise TypeError("wrong fields")
-            res = KeyframeResult(**dict(r, frames=tuple(int(i) for i in r["frames"])))
-            if res.keyframe != k or len(res.frames) != 2:
-                raise ValueError("out of order")
-            for name in ("psnr", "best_loss", "final_lr", "seconds"):
-                float(getattr(res, name))
-        except (TypeError, ValueError, OverflowError) as e:
-            raise refuse(f"its result for keyframe {k} is malformed ({e})") from None
-        results.append(res)
-    return bs.init, list(bs.keyframes), results
-
-
-def checkpoint_paths(out: Path) -> tuple[Path, Path]:
-    return out.with_name(out.name + ".ckpt.promptus"), out.with_name(out.name + ".ckpt.json")
+def _worker_trainer(setup: dict, device: torch.device) -> Encoder:
+    """The trainer of a worker process of a multi-device encode (:class:`promptus.distributed.DevicePool`)."""
+    models = setup["models"]
+    models = models.load(device) if isinstance(models, ModelSource) else models
+    return Encoder(setup["codec"], setup["train"], models, device=device, vgg=setup["vgg"], progress=False,
+                   plan=setup["plan"])

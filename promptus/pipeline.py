@@ -102,6 +102,12 @@ class PipelinedDecoder:
                 if buf is not None:
                     buffers.put(buf)
 
+        backend = self.decoder.backend
+        # The graph-host-copy lever: the segment graph itself copies to pinned host buffers, in a ring longer
+        # than the frames this pipeline can hold at once (queue + writer + the segment being made).
+        in_graph = cuda and self.to_host and getattr(backend, "graph_host_copy", False)
+        if in_graph:
+            backend.host_ring = self.depth + 3
         reader = _Worker(read, "promptus-reader")
         writer = _Worker(write, "promptus-writer") if self.to_host else None
         copy_stream = torch.cuda.Stream(self.device) if cuda and self.to_host else None
@@ -133,6 +139,8 @@ class PipelinedDecoder:
                 writer.join()
             stop.set()
             reader.join()
+            if in_graph:
+                backend.host_ring = 0
         for w in (reader, writer):
             if w is not None and w.error is not None:
                 raise w.error
@@ -144,6 +152,8 @@ class PipelinedDecoder:
         frames = seg.frames
         if copy_stream is None:  # CPU: nothing to copy
             return seg.start, frames, None, None
+        if frames.device.type == "cpu":  # the segment graph copied them (graph_host_copy): wait for its event
+            return seg.start, frames, self.decoder.backend.host_ready, None
         buf = None
         while not buffers.empty():
             cand = buffers.get_nowait()

@@ -180,12 +180,6 @@ def interpolate_factors(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor, V1
     return u, v
 
 
-def segment_embeddings(U0, V0, U1, V1, interval: int) -> torch.Tensor:
-    """Embeddings (T×tokens×dim) of the T frames of one segment."""
-    u, v = interpolate_factors(U0, V0, U1, V1, interval)
-    return embedding(u, v)
-
-
 def release_frame_embedding(U0: torch.Tensor, V0: torch.Tensor, U1: torch.Tensor, V1: torch.Tensor,
                             step: int, interval: int) -> torch.Tensor:
     """Embedding (tokens×dim) of frame ``step`` (1..T) of a segment, as the public release computes it.

@@ -12,6 +12,7 @@ even then only the frame files this writer makes are replaced.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import MAX_FPS, MIN_FPS, CodecConfig
+from .config import MAX_FPS, MIN_FPS, PNG_LEVEL, PNG_QUEUE_PER_THREAD, CodecConfig
 from .errors import VideoError
 from .files import check_output_path, temp_sibling
 
@@ -37,15 +38,22 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 #: Largest input frame in pixels (8K UHD is 33 M); larger ones are refused before decoding.
 MAX_INPUT_PIXELS = 40_000_000
-#: Video files the frame writer makes: suffix → (PyAV container format, encoder, encoder options).
+#: x264's preset: "veryfast" keeps up with the decoder on a many-core host (medium: 4× slower for files
+#: within 1 % of the size at CRF 12, measured on the sky clip; docs/decoding.md).
+_X264 = {"preset": "veryfast"}
+#: Video files the frame writer makes: suffix → (PyAV container format, CPU encoder, encoder options).
+#: VP9: b=0 takes the quality from the crf alone; the realtime deadline encodes ~20× faster than "good".
 VIDEO_OUTPUTS = {
-    ".mp4": ("mp4", "libx264", {"preset": "medium"}),
-    ".m4v": ("mp4", "libx264", {"preset": "medium"}),
-    ".mov": ("mov", "libx264", {"preset": "medium"}),
-    ".mkv": ("matroska", "libx264", {"preset": "medium"}),
-    ".avi": ("avi", "libx264", {"preset": "medium"}),
-    ".webm": ("webm", "libvpx-vp9", {"b": "0", "row-mt": "1"}),  # b=0: constant quality from the crf alone
+    ".mp4": ("mp4", "libx264", _X264),
+    ".m4v": ("mp4", "libx264", _X264),
+    ".mov": ("mov", "libx264", _X264),
+    ".mkv": ("matroska", "libx264", _X264),
+    ".avi": ("avi", "libx264", _X264),
+    ".webm": ("webm", "libvpx-vp9", {"b": "0", "row-mt": "1", "deadline": "realtime", "cpu-used": "6"}),
 }
+#: NVENC stand-ins for the CPU encoders: encoder → (NVENC encoder, options). Constant quality ``cq`` plays the
+#: part of the CPU encoder's crf (filled in from it); VP9 has no NVENC encoder.
+NVENC_ENCODERS = {"libx264": ("h264_nvenc", {"preset": "p4", "tune": "hq", "rc": "vbr", "b": "0"})}
 
 
 def _natural_key(path: Path) -> list:
@@ -232,10 +240,6 @@ def video_fps(source: str | os.PathLike) -> float | None:
 # ------------------------------------------------------------------ writers
 
 
-def is_video_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_OUTPUTS
-
-
 def _video_outputs_text() -> str:
     return ", ".join(VIDEO_OUTPUTS)
 
@@ -263,6 +267,21 @@ def output_kind(path: str | os.PathLike, kind: str | None = None) -> str:
     return "folder"
 
 
+def _encode_probe(fmt: str, codec: str, options: dict, side: int) -> None:
+    """Encode one ``side``×``side`` frame in memory with ``codec`` in ``fmt``; raises what PyAV raises."""
+    import av
+
+    with av.open(io.BytesIO(), "w", format=fmt) as c:
+        stream = c.add_stream(codec, rate=30)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        stream.options = dict(options)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((side, side, 3), np.uint8), format="rgb24")):
+            c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+
+
 @functools.lru_cache(maxsize=None)
 def _check_encoder(suffix: str) -> None:
     """Encode one small frame in memory: the container and encoder work in this PyAV build."""
@@ -270,18 +289,107 @@ def _check_encoder(suffix: str) -> None:
 
     fmt, codec, options = VIDEO_OUTPUTS[suffix]
     try:
-        with av.open(io.BytesIO(), "w", format=fmt) as c:
-            stream = c.add_stream(codec, rate=30)
-            stream.width = stream.height = 16
-            stream.pix_fmt = "yuv420p"
-            stream.options = dict(options)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
-                c.mux(packet)
-            for packet in stream.encode():
-                c.mux(packet)
+        _encode_probe(fmt, codec, options, 16)
     except (av.FFmpegError, ValueError, OSError) as e:
         raise VideoError(f"this PyAV build cannot write {suffix} files ({codec} in {fmt}: {e}); "
                          f"choose another of {_video_outputs_text()} or a folder") from None
+
+
+@functools.lru_cache(maxsize=None)
+def nvenc_problem(suffix: str) -> str | None:
+    """Why NVENC cannot encode ``suffix`` files here (``None`` when it can): no NVENC stand-in for its
+    encoder, no CUDA GPU, or the PyAV build or the GPU (H100/H200 have no NVENC unit) refuses a test frame."""
+    import av
+
+    fmt, codec, _ = VIDEO_OUTPUTS[suffix]
+    if codec not in NVENC_ENCODERS:
+        return f"{codec} has no NVENC encoder"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    nvenc, options = NVENC_ENCODERS[codec]
+    if nvenc not in av.codecs_available:
+        return f"this PyAV build has no {nvenc}"
+    try:
+        _encode_probe(fmt, nvenc, options, 256)  # NVENC refuses frames below about 145 pixels
+    except (av.FFmpegError, ValueError, OSError) as e:
+        return f"{nvenc} does not open here ({str(e)[:120]})"
+    return None
+
+
+def choose_video_encoder(suffix: str, choice: str = "cpu", crf: int = 12) -> tuple[str, str, dict[str, str]]:
+    """(container format, encoder, options) for a ``suffix`` file: ``choice`` is one of
+    :data:`promptus.config.VIDEO_ENCODERS`; "auto" falls back from NVENC to the CPU encoder with a message."""
+    from .config import VIDEO_ENCODERS
+
+    if choice not in VIDEO_ENCODERS:
+        raise VideoError(f"unknown video encoder {choice!r}; choose one of {', '.join(VIDEO_ENCODERS)}")
+    fmt, codec, options = VIDEO_OUTPUTS[suffix]
+    cpu = (fmt, codec, {"crf": str(crf), **options})
+    if choice == "cpu":
+        return cpu
+    why = nvenc_problem(suffix)
+    if why is None:
+        nvenc, nv_options = NVENC_ENCODERS[codec]
+        return fmt, nvenc, {"cq": str(max(crf, 1)), **nv_options}
+    if choice == "nvenc":
+        raise VideoError(f"NVENC cannot write {suffix} files here: {why}; use --video-encoder cpu")
+    log.info("video: NVENC not used (%s); encoding with %s on the CPU", why, codec)
+    return cpu
+
+
+def _png_workers() -> int:
+    """Threads for PNG encoding: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def save_png(frame: np.ndarray, path: Path, level: int) -> None:
+    """One PNG file, as the serial writer has always written it (PIL, ``compress_level``)."""
+    Image.fromarray(frame).save(path, format="PNG", compress_level=level)
+
+
+class PngPool:
+    """PNG files encoded on a pool of threads, at most ``depth`` frames in flight; PIL's encoder and zlib
+    release the GIL. A worker's failure is raised as a VideoError by the next :meth:`submit` or :meth:`drain`."""
+
+    def __init__(self, workers: int, level: int, depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.level, self.depth = level, max(1, depth)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, frame: np.ndarray, path: Path) -> None:
+        while len(self._pending) >= self.depth:
+            self._wait_oldest()
+        # A copy: the caller may reuse its buffer (the pipelined decoder's pinned host memory) at once.
+        self._pending.append((path, self._pool.submit(save_png, np.array(frame), path, self.level)))
+
+    def _wait_oldest(self) -> None:
+        path, future = self._pending.popleft()
+        try:
+            future.result()
+        except OSError as e:
+            self.cancel()
+            raise VideoError(f"cannot write frame {path.name}: {e.strerror or e}") from None
+        except Exception as e:
+            self.cancel()
+            raise VideoError(f"encoding frame {path.name} failed ({type(e).__name__}: {e})") from e
+
+    def drain(self) -> None:
+        """Wait for every frame submitted; then the pool is shut down."""
+        while self._pending:
+            self._wait_oldest()
+        self._pool.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        """Drop the frames not started and wait for those running (so nothing writes after this returns)."""
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_frames_output(path: str | os.PathLike, kind: str | None = None) -> str:
@@ -313,14 +421,28 @@ class FrameWriter:
     frame files written here (00000.png, ...) replace their namesakes, one by one, and
     every other file in it is kept. ``size=(width, height)``: refuse frames of another
     size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
+
+    PNG frames are encoded by ``workers`` threads (default: one per core; 1: on the calling
+    thread), at most two per thread waiting, each to its own numbered file, so the bytes do not
+    depend on the thread count; ``png_level`` is the zlib level (:data:`promptus.config.PNG_LEVEL`).
+    A worker's failure surfaces as a VideoError from the next :meth:`write` or :meth:`close` and
+    leaves no output. ``video_encoder`` (:data:`promptus.config.VIDEO_ENCODERS`): "cpu" (the
+    default here), "auto" (NVENC where it opens, else the CPU encoder, saying so) or "nvenc".
     """
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
-                 size: tuple[int, int] | None = None, kind: str | None = None):
+                 size: tuple[int, int] | None = None, kind: str | None = None, png_level: int = PNG_LEVEL,
+                 workers: int | None = None, video_encoder: str = "cpu"):
         self.out = Path(out)
         self.fps = fps
         self.count = 0
         self.size = size
+        if not (isinstance(png_level, int) and 0 <= png_level <= 9):
+            raise VideoError(f"PNG level {png_level!r}: choose a zlib level from 0 (fastest) to 9 (smallest)")
+        self.png_level = png_level
+        self.workers = _png_workers() if workers is None else max(1, int(workers))
+        self._pngs: PngPool | None = None
+        self.video_encoder = video_encoder
         try:
             rate_ok = MIN_FPS <= float(fps) <= MAX_FPS
         except (TypeError, ValueError):
@@ -329,6 +451,9 @@ class FrameWriter:
             raise VideoError(f"fps={fps!r}: frames per second must lie in [{MIN_FPS:g}, {MAX_FPS:g}]")
         self._video = check_frames_output(out, kind) == "video"  # format and place, before any work
         self._into_existing = False
+        if self._video:  # NVENC or the CPU encoder, chosen (and said) before any work
+            self._codec = choose_video_encoder(self.out.suffix.lower(), video_encoder, crf)
+            log.debug("video: %s in %s, %s", self._codec[1], self._codec[0], self._codec[2])
         try:
             if self._video:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,13 +479,14 @@ class FrameWriter:
     def _open_video(self, h: int, w: int) -> None:
         import av
 
-        fmt, codec, options = VIDEO_OUTPUTS[self.out.suffix.lower()]
+        fmt, codec, options = self._codec
         self._container = av.open(str(self._tmp), mode="w", format=fmt)
         rate = Fraction(self.fps).limit_denominator(1001)
         stream = self._container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(self._crf), **options}
+        stream.options = dict(options)
+        stream.codec_context.thread_count = 0  # the encoder's own threads, as many as it finds cores
         self._stream = stream
 
     def write(self, frame: np.ndarray) -> None:
@@ -376,8 +502,12 @@ class FrameWriter:
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
+        elif self.workers > 1:
+            if self._pngs is None:
+                self._pngs = PngPool(self.workers, self.png_level, self.workers * PNG_QUEUE_PER_THREAD)
+            self._pngs.submit(frame, self._tmp / f"{self.count:05d}.png")
         else:
-            Image.fromarray(frame).save(self._tmp / f"{self.count:05d}.png")
+            save_png(frame, self._tmp / f"{self.count:05d}.png", self.png_level)
         self.count += 1
 
     def write_batch(self, frames: torch.Tensor | np.ndarray) -> None:
@@ -386,6 +516,12 @@ class FrameWriter:
             self.write(f)
 
     def close(self) -> Path:
+        if self._pngs is not None:
+            try:
+                self._pngs.drain()  # every frame on disk (or the first failure raised) before anything moves
+            except BaseException:
+                self.abort()
+                raise
         if self._video:
             if self._container is None:
                 self.abort()
@@ -416,6 +552,8 @@ class FrameWriter:
         return self.out
 
     def abort(self) -> None:
+        if self._pngs is not None:
+            self._pngs.cancel()  # no worker writes into the temporary folder after it is removed
         if self._video:
             if self._container is not None:
                 try:
@@ -443,26 +581,6 @@ def write_frames(frames: Iterable[np.ndarray], out: str | os.PathLike, fps: floa
         for f in frames:
             w.write(f)
     return w.count
-
-
-def synthetic_clip(frame_count: int, width: int = 64, height: int = 64, seed: int = 0) -> torch.Tensor:
-    """A small deterministic test clip (uint8 N×H×W×3): a sky gradient with a drifting disc.
-
-    Made in code so that tests and demos need no video files.
-    """
-    rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([60 + 100 * yy / height, 120 + 80 * yy / height, 200 + 40 * xx / width], -1)
-    cx0, cy0 = rng.uniform(0.2, 0.4) * width, rng.uniform(0.3, 0.7) * height
-    r = 0.18 * min(width, height)
-    frames = []
-    for t in range(frame_count):
-        cx, cy = cx0 + 0.02 * width * t, cy0 + 0.01 * height * np.sin(t / 4)
-        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
-        img = base.copy()
-        img[disc] = (240, 200, 80)
-        frames.append(np.clip(img, 0, 255).astype(np.uint8))
-    return torch.from_numpy(np.stack(frames))
 
 
 def _smooth_noise(rng: np.random.RandomState, h: int, w: int, scale: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from promptus.backends import default_dtype, make_backend, resolve_device
+from promptus.backends import backend_for_clip, default_dtype, resolve_device
 from promptus.bitstream import read
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
@@ -49,13 +49,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "c.promptus"
         t0 = time.perf_counter()
-        closed_loop = make_backend(a.encoder_backend, models, dev, batch=codec.interval, size=codec.width)
+        closed_loop = backend_for_clip(codec, models, name=a.encoder_backend, device=dev)
         res = Encoder(codec, train, models, device=dev, progress=False, backend=closed_loop).encode(clip, out)
         t_enc = time.perf_counter() - t0
         bs = read(out)
         per_backend = {}
         for name in a.backends:
-            backend = make_backend(name, models, dev, batch=bs.header.interval, size=bs.header.width)
+            backend = backend_for_clip(bs.header, models, name=name, device=dev)
             t0 = time.perf_counter()
             decoded = Decoder(backend, models.identity()).decode_all(bs)
             per_backend[name] = {"psnr_vs_encoder": clip_psnr(res.reconstruction, decoded),

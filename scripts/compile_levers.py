@@ -3,9 +3,20 @@
 Each lever is a :class:`promptus.backends.compile_cache.CompileOptions` variant of the
 segment step, compiled in this process one after the other (full-size architecture,
 random weights, fp16, batch 10, 512²) and timed by CUDA-graph replay of the segment;
-PSNR is against the fp32 eager pipeline on a 21-frame clip. Variants stored with a
-mechanism are then started again in fresh processes whose inductor and Triton caches
-are empty, so only the engine folder can help ("warm start").
+PSNR is against the fp32 eager pipeline on a 21-frame clip, and every variant decodes that
+clip twice to check that it is deterministic (what a bit-identical closed loop on one
+backend needs). End to end, each variant also decodes a 301-frame clip through the
+pipelined decoder to host memory (``fps_host``). Variants stored with a mechanism are
+then started again in fresh processes whose inductor and Triton caches are empty, so
+only the engine folder can help ("warm start").
+
+Decoder levers of issue 24 (``--variants default no_taesd_cl graph_host autotune``):
+``default`` is the backend as shipped (shared prefix, channels-last UNet and TAESD);
+``no_taesd_cl`` leaves TAESD contiguous (the channels-last TAESD lever, measured by its
+absence); ``graph_host`` captures the whole segment — uint8 conversion and the
+device-to-host copy included — in the CUDA graph (``TorchBackend.graph_host_copy``);
+``autotune`` is inductor's max-autotune at build time, stored with the step, run in a child
+process capped at ``--autotune-cap`` seconds (a build that does not finish is reported).
 
     python scripts/compile_levers.py --json benchmarks/compile_levers_h100.json
 """
@@ -50,10 +61,18 @@ VARIANTS = {
                 "prefix + 1×1 convolutions as matmuls"),
     "cudnn_bench": (PREFIX, None, 60, "prefix + cudnn.benchmark (algorithm search per process)"),
     "fused_qkv": (PREFIX, None, 60, "prefix + fused QKV projections (diffusers fuse_qkv_projections)"),
-    "autotune": (dataclasses.replace(PREFIX, autotune=True), "aot_compile", 240,
-                 "prefix + max-autotune at build time"),
+    "autotune": (dataclasses.replace(CompileOptions(), autotune=True), "aot_compile", 240,
+                 "default + max-autotune at build time, stored with the step"),
+    "default": (CompileOptions(), "aot_compile", 60, "the backend as shipped: shared prefix, channels-last UNet "
+                                                     "and TAESD"),
+    "no_taesd_cl": (dataclasses.replace(CompileOptions(), taesd_channels_last=False), None, 60,
+                    "default with TAESD contiguous (the channels-last TAESD lever, by its absence)"),
+    "graph_host": (CompileOptions(), "aot_compile", 20, "default + uint8 and device-to-host copy inside the "
+                                                        "CUDA graph (graph_host_copy)"),
 }
 WARM = ("step", "taesd_cl", "prefix", "autotune")
+#: Variants built in a child process with a time cap (a build that overruns is killed and reported).
+CAPPED = ("autotune",)
 
 
 class OldCompileBackend(TorchBackend):
@@ -116,9 +135,27 @@ def make(name, models, digest, engine_dir, batch):
     if opts is None:
         return OldCompileBackend(models.unet, models.taesd.decoder, DEVICE, dtype, batch)
     opts = dataclasses.replace(opts, backend=COMPILE_BACKEND)
-    return CompileBackend(models.unet, models.taesd.decoder, DEVICE, dtype, cuda_graph=True, batch=batch,
-                          options=opts, engine_dir=engine_dir if mech else None,
-                          mechanism=mech, progress=False)
+    backend = CompileBackend(models.unet, models.taesd.decoder, DEVICE, dtype, cuda_graph=DEVICE == "cuda",
+                             batch=batch, options=opts, engine_dir=engine_dir if mech else None,
+                             mechanism=mech, progress=False)
+    backend.graph_host_copy = name == "graph_host"
+    return backend
+
+
+def time_host(backend, batch, size, keyframes=31) -> float:
+    """Frames per second of a (keyframes−1)·batch+1-frame clip through the pipelined decoder to host memory."""
+    from promptus.pipeline import PipelinedDecoder
+
+    clip = random_bitstream(CodecConfig(width=size, height=size, interval=batch), keyframes, seed=2)
+    items = [clip.header, clip.init, *clip.keyframes]
+    dec = Decoder(backend)
+    got = []
+    PipelinedDecoder(dec, to_host=True).run(items[:4], lambda s, f: got.append(f.sum().item()))  # warm: capture
+    sync()
+    t0 = time.perf_counter()
+    n = PipelinedDecoder(dec, to_host=True).run(items, lambda s, f: got.append(int(f[-1, 0, 0, 0])))
+    sync()
+    return n / (time.perf_counter() - t0)
 
 
 def child_start(name: str, engine_dir: str, batch: int, size: int) -> dict:
@@ -152,7 +189,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--engine-dir", default=None)
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny model on the CPU, aot_eager (checks the script)")
+    p.add_argument("--autotune-cap", type=float, default=300.0,
+                   help="seconds the max-autotune variant may take in its child process (build + measurement)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEVICE, COMPILE_BACKEND
     if args.dry_run_cpu:
@@ -160,6 +200,8 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child_start(args.child, args.engine_dir, args.batch, args.size)), flush=True)
         return 0
+    if args.child_variant:  # one variant measured in this process (the parent caps its time)
+        args.variants, args.json, args.budget = [args.child_variant], None, 1e9
 
     t_start = time.perf_counter()
     engine_dir = args.engine_dir or tempfile.mkdtemp(prefix="levers-engines-")
@@ -189,8 +231,33 @@ def main() -> int:
     result["digest_s"] = time.perf_counter() - t0
     left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
 
+    def run_capped(name):
+        """``name`` in a child process with this script's engine folder, killed after ``--autotune-cap`` s."""
+        opts, mech, expect, what = VARIANTS[name]
+        cap = min(args.autotune_cap, left() - 20)
+        row = {"variant": name, "what": what, "mechanism": mech, "options": opts.describe(), "cap_s": cap}
+        if cap < 60:
+            row["status"] = f"skipped: {left():.0f} s left"
+        else:
+            cmd = [sys.executable, __file__, "--child-variant", name, "--engine-dir", engine_dir,
+                   "--batch", str(args.batch), "--size", str(args.size)] + (["--dry-run-cpu"] if args.dry_run_cpu
+                                                                              else [])
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+                row = json.loads(line[4:]) if line else {**row, "status": f"failed: {proc.stderr[-300:]}"}
+            except subprocess.TimeoutExpired:
+                row["status"] = f"not finished within the {cap:.0f} s cap (build with max-autotune)"
+            row["child_wall_s"] = time.perf_counter() - t0
+        result["rows"].append(row)
+        print(f"{name:10} {row.get('status')[:70]}", flush=True)
+        save()
+
     def run_variant(name):
         opts, mech, expect, what = VARIANTS[name]
+        if name in CAPPED and not args.child_variant:
+            return run_capped(name)
         if left() < expect * 1.3:
             print(f"{name}: skipped ({left():.0f} s left, expect {expect} s)", flush=True)
             result["rows"].append({"variant": name, "status": f"skipped: {left():.0f} s left"})
@@ -210,8 +277,18 @@ def main() -> int:
             row["stored_mechanism"] = getattr(getattr(getattr(backend, "prepared", None), "key", None),
                                               "mechanism", None)
             row["psnr_vs_fp32"] = clip_psnr(reference, frames)
+            row["deterministic"] = bool(torch.equal(frames, Decoder(backend).decode_all(clip)))
             row["segment_ms"] = time_segment(backend, args.batch, args.size)
             row["fps_segment"] = 1000 * args.batch / row["segment_ms"]
+            if opts is not None:
+                row["fps_host"] = time_host(backend, args.batch, args.size, keyframes=31 if DEVICE == "cuda" else 3)
+            if name == "graph_host":  # the frames copied inside the graph are the frames of the plain replay
+                from promptus.pipeline import PipelinedDecoder
+
+                parts = []
+                PipelinedDecoder(Decoder(backend), to_host=True).run(
+                    [clip.header, clip.init, *clip.keyframes], lambda st, f: parts.append(f.clone()))
+                row["host_frames_identical"] = bool(torch.equal(torch.cat(parts), frames))
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
             row["status"] = "ok"
             del backend
@@ -221,6 +298,8 @@ def main() -> int:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if args.child_variant:
+            print("ROW " + json.dumps(row), flush=True)
         result["rows"].append(row)
         print(f"{name:10} {row.get('status')[:60]:12} build {row.get('build_s', float('nan')):6.1f} s  "
               f"segment {row.get('segment_ms', float('nan')):6.2f} ms  PSNR {row.get('psnr_vs_fp32', float('nan')):6.2f}"
@@ -252,15 +331,17 @@ def main() -> int:
 
     for name in args.variants:  # in the order given; a stored variant is started again right after
         run_variant(name)
-        if name in WARM:
+        if name in WARM and not args.child_variant:
             warm(name)
     result["wall_s"] = time.perf_counter() - t_start
     save()
-    print(f"\n{'variant':10} {'segment ms':>10} {'FPS':>7} {'PSNR':>7} {'build s':>8}  what")
+    print(f"\n{'variant':11} {'segment ms':>10} {'FPS':>7} {'FPS host':>9} {'PSNR':>7} {'determ.':>7} {'build s':>8}  "
+          "what")
     for r in result["rows"]:
         if r.get("status") == "ok":
-            print(f"{r['variant']:10} {r['segment_ms']:>10.2f} {r['fps_segment']:>7.1f} {r['psnr_vs_fp32']:>7.2f} "
-                  f"{r['build_s']:>8.1f}  {r['what']}")
+            print(f"{r['variant']:11} {r['segment_ms']:>10.2f} {r['fps_segment']:>7.1f} "
+                  f"{r.get('fps_host', float('nan')):>9.1f} {r['psnr_vs_fp32']:>7.2f} "
+                  f"{str(r.get('deterministic')):>7} {r['build_s']:>8.1f}  {r['what']}")
         else:
             print(f"{r['variant']:10} {r.get('status')}")
     for w in result["warm"]:

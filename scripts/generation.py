@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 def generate(args) -> int:
     import torch
 
-    from promptus.backends import default_dtype, make_backend, resolve_device
+    from promptus.backends import backend_for_clip, default_dtype, resolve_device
     from promptus.bitstream import read
     from promptus.decoder import Decoder
     from promptus.metrics import clip_psnr
@@ -53,7 +53,7 @@ def generate(args) -> int:
     dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
     models = load_models(args.model, device=device, dtype=dtype, taesd=args.taesd, vae=False,
                          checkpoints_dir=args.checkpoints)
-    backend = make_backend(args.backend, models, device, batch=h.interval, size=h.width, parity=args.parity)
+    backend = backend_for_clip(h, models, name=args.backend, device=device, parity=args.parity)
     decoder = Decoder(backend, models.identity(), parity=args.parity)
     originals = read_frames(args.frame_path, h.width, h.height, max_frames=h.frame_count)
     out = folder / "frames"

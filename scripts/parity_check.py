@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from promptus.backends import ReleaseParityBackend, make_backend, resolve_device
+from promptus.backends import ReleaseParityBackend, backend_for_clip, resolve_device
 from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe
 from promptus.config import CodecConfig
 from promptus.decoder import Decoder
@@ -116,7 +116,7 @@ def main() -> int:
     ours_models = copy.deepcopy(models)  # the torch backend casts its modules to fp16 in place
 
     frames, times = {}, {}
-    ours = Decoder(make_backend("torch", ours_models, dev, batch=bs.header.interval, size=a.size))
+    ours = Decoder(backend_for_clip(bs.header, ours_models, name="torch", device=dev))
     frames["ours"], times["ours"] = decode(ours, bs, dev)
     for cls in (ReleaseParityBackend, ReleaseRounding, ReleaseWithoutGroupNorm32):
         backend = cls(models.unet, models.taesd.decoder, dev)

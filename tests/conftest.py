@@ -53,3 +53,56 @@ def legacy_folder(tmp_path):
 
 def np_equal(a, b):
     return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- test tiers -------------------------------------------------------------------------------
+# A plain `python3 -m pytest -q` runs the fast tier (a few minutes on 2 cores); PROMPTUS_TESTS=full
+# (what CI sets) or `--tier full` runs everything. Deselected tests are counted in the summary,
+# never reported as passed.
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+FULL_ONLY = ("slow", "browser")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("fast", "full"), default=None,
+                     help="fast: leave out tests marked slow or browser (default); full: everything "
+                          "(also PROMPTUS_TESTS=full, as CI runs it)")
+
+
+def _tier(config):
+    return config.getoption("--tier") or os.environ.get("PROMPTUS_TESTS", "fast")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU here (marked gpu)"))
+        if "ffmpeg" in item.keywords and shutil.which("ffmpeg") is None:
+            item.add_marker(pytest.mark.skip(reason="ffmpeg is not installed here (apt-get install ffmpeg; CI does)"))
+    if _tier(config) == "full" or config.getoption("-m"):
+        return  # an explicit -m expression chooses for itself
+    kept, left = [], []
+    for item in items:
+        (left if any(m in item.keywords for m in FULL_ONLY) else kept).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
+        config._promptus_left_out = len(left)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_promptus_left_out", 0)
+    if n:
+        terminalreporter.write_line(
+            f"fast tier: {n} tests marked slow or browser were not run "
+            "(PROMPTUS_TESTS=full python3 -m pytest -q runs them, as CI does)")
+
+
+def pytest_runtest_logreport(report):
+    # PROMPTUS_TEST_TIMES=FILE appends "seconds nodeid" per test as it finishes (for choosing the tiers).
+    path = os.environ.get("PROMPTUS_TEST_TIMES")
+    if path and report.when == "call":
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.2f} {report.nodeid}\n")

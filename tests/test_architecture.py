@@ -120,7 +120,7 @@ def test_the_import_reader_sees_lazy_and_typing_imports():
     kinds = dict(GRAPH["promptus.backends.tensorrt"])
     assert kinds.get("promptus.models") in ("lazy", "typing")
     assert ("promptus.backends.base", "top") in GRAPH["promptus.decoder"]
-    assert ("promptus.bitstream", "lazy") in GRAPH["promptus.bench"]
+    assert ("promptus.bitstream", "lazy") in GRAPH["promptus.bench.clips"]
     assert "promptus.commands.common" in imported_by("promptus.commands.main")
 
 

@@ -121,3 +121,134 @@ def test_realtime_demo_published_flags(tiny, tmp_path):
     r = subprocess.run([sys.executable, str(script), "-prompt_dir", str(folder), "-batch", "10", "--model", "tiny",
                         "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "use -batch 4" in r.stderr
+
+
+# ----------------------------------------------------------------- registry and the clip → backend function
+
+
+def test_registry_gives_every_list_and_choice():
+    from promptus import backends
+    from promptus.commands import bench as bench_cmd
+    from promptus.commands.encode import CLOSED_LOOP_BACKENDS
+    from promptus.studio.settings import STUDIO_BACKENDS
+
+    names = backends.backend_names()
+    assert backends.BACKENDS == ("auto", *names)
+    assert [e.name for e in backends.auto_order()] == ["tensorrt", "compile", "torch"]
+    assert STUDIO_BACKENDS == CLOSED_LOOP_BACKENDS == tuple(reversed(names)) and STUDIO_BACKENDS[0] == "eager"
+    assert list(bench_cmd.BENCH_BACKENDS) == backends.bench_defaults("cuda") == ["eager", "torch", "compile", "tensorrt"]
+    assert bench_cmd.CPU_DEFAULTS["backends"] == ["eager", "torch"]
+    assert backends.quick_backends("cuda") == ["torch", "compile"] and backends.quick_backends("cpu") == ["torch"]
+    assert {e.name for e in backends.backend_entries() if e.keeps_artifacts} == {"tensorrt", "compile"}
+    with pytest.raises(PromptusError, match="unknown backend 'fast'.*auto, tensorrt"):
+        backends.backend_entry("fast")
+
+
+def test_a_registered_backend_is_one_entry_away(tiny, clip, reference, monkeypatch):
+    """One entry: make_backend, auto, the bench's defaults and the commands' choices all see it."""
+    from promptus import backends
+    from promptus.backends import registry
+    from promptus.commands.main import build_parser
+
+    made = []
+
+    def factory(models, device, dtype, *, batch, size, engine_dir, offload_models, auto):
+        made.append((batch, size, auto))
+        b = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
+        b.name = "plain"
+        return b
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    backends.register_backend(backends.BackendEntry("plain", factory, auto_priority=-1, bench_cpu=True))
+    with pytest.raises(PromptusError, match="already registered"):
+        backends.register_backend(backends.BackendEntry("plain", factory))
+    assert backends.backend_names(auto=True)[:2] == ("auto", "plain")
+    assert "plain" in backends.bench_defaults("cpu")
+    frames = Decoder(backends.backend_for_clip(clip, tiny, name="plain", device="cpu")).decode_all(clip)
+    assert torch.equal(frames, reference)
+    assert backends.make_backend("auto", tiny, "cpu", batch=4, size=64).name == "plain"
+    assert made == [(4, 64, False), (4, 64, True)]
+    args = build_parser().parse_args(["decode", "x.promptus", "-o", "out", "--backend", "plain"])
+    assert args.backend == "plain"
+
+
+def test_auto_skips_an_entry_that_declines(tiny, monkeypatch, caplog):
+    import logging
+
+    from promptus import backends
+    from promptus.backends import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    backends.register_backend(backends.BackendEntry("declines", lambda *a, **kw: None, auto_priority=-2))
+    backends.register_backend(backends.BackendEntry(
+        "absent", lambda *a, **kw: pytest.fail("never built"), auto_priority=-3,
+        available=lambda device: (False, "not installed here")))
+    with caplog.at_level(logging.INFO, logger="promptus.backends"):
+        assert backends.make_backend("auto", tiny, "cpu", batch=4, size=64).name == "torch"
+    assert "not absent (not installed here)" in caplog.text
+    with pytest.raises(PromptusError, match="absent backend cannot run here: not installed here; use --backend"):
+        backends.make_backend("absent", tiny, "cpu", batch=4, size=64)
+
+
+def test_one_batch_formula_for_every_clip():
+    from promptus.backends import clip_batch
+    from promptus.bitstream import Header
+    from promptus.config import CodecConfig, ModelIdentity
+
+    cfg = CodecConfig(interval=100)  # 512 px: MAX_BATCH_PIXELS allows 64 frames
+    assert clip_batch(cfg) == cfg.segment_batch() == 64
+    assert clip_batch(Header(cfg, 1001, ModelIdentity.unknown())) == 64
+    assert clip_batch(Header(CodecConfig(), 4, ModelIdentity.unknown())) == 3  # a 4-frame clip: segments of 3
+    assert clip_batch(CodecConfig()) == 10
+    with pytest.raises(PromptusError, match="header"):
+        clip_batch("clip.promptus")
+
+
+def test_torch_backend_on_cuda_is_prepared_for_the_capped_batch(tiny, monkeypatch):
+    """Interval 100 at 512 px: the CUDA torch backend pads to 64, the memory cap, not back up to 100."""
+    from promptus import backends
+    from promptus.bitstream import Header
+    from promptus.config import CodecConfig, ModelIdentity
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def describe(self):
+            return "recorder"
+
+    monkeypatch.setattr(backends, "TorchBackend", Recorder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve_device; nothing runs on the device
+    header = Header(CodecConfig(interval=100), 1001, ModelIdentity.unknown())
+    backends.backend_for_clip(header, tiny, name="torch", device="cuda")
+    assert seen["batch"] == 64 and seen["cuda_graph"] is True
+
+
+def test_memory_cap_holds_for_every_backend_call(tiny, monkeypatch):
+    """Every call the padding backend makes stays within MAX_BATCH_PIXELS when prepared by backend_for_clip;
+    prepared for the interval (the old call sites) it padded the capped batches back up."""
+    import promptus.config
+    from promptus.backends import clip_batch
+
+    from test_decoder import make_bitstream
+
+    monkeypatch.setattr(promptus.config, "MAX_BATCH_PIXELS", 3 * 64 * 64)  # 3 frames of 64 px per batch
+    bs = make_bitstream(tiny, frame_count=17, interval=8)
+    assert clip_batch(bs) == 3
+    reference = Decoder(make_backend("eager", tiny, "cpu", batch=8, size=64)).decode_all(bs)
+
+    def calls(batch):
+        b = TorchBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, batch=batch)  # pads as on CUDA
+        shapes = []
+        run = b._run_segment
+        monkeypatch.setattr(b, "_run_segment", lambda zp, n, m, c, o: shapes.append(c.shape[0]) or run(zp, n, m, c, o))
+        frames = Decoder(b).decode_all(bs)
+        return shapes, frames
+
+    shapes, frames = calls(clip_batch(bs))
+    assert max(shapes) == 3 and shapes.count(3) == len(shapes) - 1  # frame 0 alone, then padded batches of 3
+    assert torch.equal(frames, reference)
+    old, _ = calls(bs.header.interval)
+    assert max(old) == 8  # what backend_for_clip prevents

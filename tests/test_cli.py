@@ -9,7 +9,8 @@ from PIL import Image
 
 import promptus
 from promptus.commands.main import main
-from promptus.video import read_frames, synthetic_clip
+from promptus.video import read_frames
+from synthetic import synthetic_clip
 
 from conftest import make_legacy_folder
 

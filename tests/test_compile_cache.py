@@ -77,29 +77,29 @@ def test_store_is_atomic_and_bad_entries_are_removed_with_a_message(tmp_path, ca
     cache = CompileCache(tmp_path)
     k = key()
     with caplog.at_level(logging.WARNING):
-        assert cache.lookup(k) is None and not caplog.text  # a plain miss says nothing
+        assert cache.read(k) is None and not caplog.text  # a plain miss says nothing
     cache.store(k, b"artifact", build_seconds=1.5)
-    assert cache.lookup(k) == b"artifact"
+    assert cache.read(k) == b"artifact" and cache.lookup(k) == cache.artifact_path(k)
     assert sorted(p.name for p in cache.dir.iterdir()) == [k.stem + ".bin", k.stem + ".json"]  # no temporaries
     meta = json.loads(cache.sidecar_path(k).read_text())
     assert meta["key"] == k.as_dict() and meta["artifact_bytes"] == 8 and meta["build_seconds"] == 1.5
 
     cache.artifact_path(k).write_bytes(b"artifacX")  # damaged in place
     with caplog.at_level(logging.WARNING):
-        assert cache.lookup(k) is None
+        assert cache.read(k) is None
     assert "unusable" in caplog.text and "SHA-256" in caplog.text and "rebuilt" in caplog.text
     assert not cache.artifact_path(k).exists() and not cache.sidecar_path(k).exists()
 
     cache.store(k, b"artifact")
     cache.artifact_path(k).write_bytes(b"art")
-    assert cache.read(k)[1].startswith("artifact has 3 bytes")
+    assert cache.check(k)[1].startswith("artifact file has 3 bytes")
     cache.store(k, b"artifact")
     meta = json.loads(cache.sidecar_path(k).read_text())
     meta["key"]["batch"] = 8
     cache.sidecar_path(k).write_text(json.dumps(meta))
-    assert "does not match" in cache.read(k)[1]
+    assert "does not match" in cache.check(k)[1]
     cache.sidecar_path(k).write_text("{not json")
-    assert "not readable JSON" in cache.read(k)[1]
+    assert "not readable JSON" in cache.check(k)[1]
 
 
 def test_engine_folder_that_is_a_file(tmp_path):
@@ -168,7 +168,7 @@ def test_a_new_backend_loads_the_built_step_and_decodes_the_same_frames(tiny, tm
         rebuilt = Decoder(c).decode_all(clip)
     assert "could not be loaded" in caplog.text and "rebuilding" in caplog.text
     assert c.prepared.how == "built" and torch.equal(rebuilt, built)
-    assert cache.lookup(c.prepared.key) != junk
+    assert cache.read(c.prepared.key) != junk
 
 
 def test_bench_table_without_eager_prints_no_nan():

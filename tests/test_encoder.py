@@ -23,7 +23,7 @@ from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.errors import EncodeAborted, PromptusError, VideoError
 from promptus.prompts import embedding
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
-from promptus.video import synthetic_clip
+from synthetic import synthetic_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = TrainConfig(iters_first=12, iters=6, patience_first=4, patience=3, perceptual=False, init_latent="taesd")

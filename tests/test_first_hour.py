@@ -24,7 +24,8 @@ from promptus.commands import demo as demo_cmd
 from promptus.commands import encode as encode_cmd
 from promptus.commands.main import build_parser, main
 from promptus.files import check_output_path
-from promptus.video import read_frames, synthetic_clip
+from promptus.video import read_frames
+from synthetic import synthetic_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 

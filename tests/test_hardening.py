@@ -33,7 +33,8 @@ from promptus.decoder import Decoder
 from promptus.encoder import Encoder, checkpoint_paths, frames_digest
 from promptus.errors import BitstreamError, PromptusError, VideoError
 from promptus.legacy import load_legacy
-from promptus.video import FrameWriter, read_frames, synthetic_clip
+from promptus.video import FrameWriter, read_frames
+from synthetic import synthetic_clip
 
 from bounded import LIMIT_MB, bounded_memory
 from hostile import bitstream, head, init_fp16, keyf, record, v1_file

@@ -14,7 +14,7 @@ from promptus.losses import random_vgg19
 from promptus.memory import GB, GIB, MemoryPlan, candidate_plans, choose_plan, estimate, parse_memory, resolve_budget
 from promptus.prompts import embedding, interpolate_factors
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
-from promptus.video import synthetic_clip
+from synthetic import synthetic_clip
 
 SIZE, T = 32, 3
 

@@ -15,7 +15,8 @@ from promptus.metrics import (
     ms_ssim_scales, psnr, ssim,
 )
 from promptus.commands.eval import register as add_eval_parser
-from promptus.video import synthetic_clip, write_frames
+from promptus.video import write_frames
+from synthetic import synthetic_clip
 
 
 def frames(n=4, size=64, seed=0, high=250):

@@ -402,7 +402,7 @@ def test_full_size_random_models_architecture():
 
 def test_load_models_random_builds_the_full_size_architecture(monkeypatch):
     """``--model random``: the real architecture with random weights (built by full_size_random_models)."""
-    from promptus import models as m
+    from promptus.models import loading as m
 
     calls = []
     monkeypatch.setattr(m, "full_size_random_models",

@@ -10,8 +10,14 @@ from promptus.config import CodecConfig
 from promptus.errors import PromptusError
 from promptus.prompts import (
     QuantizedTensor, RunningRange, dequantize, embedding, estimate_rate, factor_kbps, fake_quantize,
-    interpolate_factors, keyframe_factor_bits, quant_params, quantize, quantize_tensor, segment_embeddings,
+    interpolate_factors, keyframe_factor_bits, quant_params, quantize, quantize_tensor,
 )
+
+
+def segment_embeddings(U0, V0, U1, V1, interval: int) -> torch.Tensor:
+    """Embeddings (T×tokens×dim) of the T frames of one segment: the factors interpolated, then multiplied."""
+    u, v = interpolate_factors(U0, V0, U1, V1, interval)
+    return embedding(u, v)
 
 
 def round_trip(x: torch.Tensor) -> tuple[QuantizedTensor, torch.Tensor]:

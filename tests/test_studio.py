@@ -23,7 +23,8 @@ from promptus.studio.settings import (
     PRESETS, StudioSettings, describe_rate, expected_rate, frames_to_encode, preset_by_label,
 )
 from promptus.studio.uploads import MB, UploadError, UploadLimits, prepare_clip
-from promptus.video import synthetic_clip, write_frames
+from promptus.video import write_frames
+from synthetic import synthetic_clip
 
 FAST = StudioSettings(size=32, rank=2, interval=3, iters_first=8, iters=6, perceptual=False, init_latent="taesd",
                       max_frames=61)

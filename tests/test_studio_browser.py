@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import promptus
-from promptus.video import synthetic_clip, write_frames
+from promptus.video import write_frames
+from synthetic import synthetic_clip
 
 gr = pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
 uvicorn = pytest.importorskip("uvicorn", reason="the studio test serves with uvicorn (comes with gradio)")

@@ -156,7 +156,7 @@ def test_demo_prepares_the_backend_for_its_clip(tmp_path, monkeypatch):
     from PIL import Image
 
     from promptus.commands.main import main
-    from promptus.video import synthetic_clip
+    from synthetic import synthetic_clip
 
     clip = tmp_path / "clip"
     clip.mkdir()

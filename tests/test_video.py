@@ -7,8 +7,9 @@ from PIL import Image
 
 from promptus.errors import VideoError
 from promptus.video import (
-    FrameWriter, center_crop_resize, iter_frames, list_images, read_frames, synthetic_clip, video_fps, write_frames,
+    FrameWriter, center_crop_resize, iter_frames, list_images, read_frames, video_fps, write_frames,
 )
+from synthetic import synthetic_clip
 
 
 def save_folder(path, frames, ext="png"):

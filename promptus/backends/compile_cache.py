@@ -1,23 +1,23 @@
-"""The compiled decoder on disk: what a new process needs to skip ``torch.compile``.
+"""Compiled steps on disk: what a new process needs to skip ``torch.compile``.
 
 The ``compile`` backend compiles one :class:`~promptus.backends.segment_step.SegmentStep`
 (mix → UNet → x0 → TAESD → uint8) for a fixed batch and frame size. Compiling the
-full-size UNet takes about a minute; this module stores the result under the engine
-folder so that a later process on the same GPU loads it in seconds. An entry is two
-files in ``<engine_dir>/compiled/`` (a sub-folder, so that the TensorRT engine cache
-in ``<engine_dir>/`` never mistakes them for its own)::
+full-size UNet takes about a minute; this module builds, stores and loads the result so
+that a later process on the same GPU loads it in seconds. The storage is the artifact
+cache (:mod:`promptus.backends.artifact_cache`), with two kinds registered here: the
+decoder's step in ``<engine_dir>/compiled/`` (:data:`COMPILED_DECODER`) and the
+encoder's training step in ``<engine_dir>/trainer/`` (:data:`COMPILED_TRAINER`)::
 
     <stem>.bin     the artifact (see "Mechanisms")
     <stem>.json    its sidecar: the key, the artifact's size and SHA-256, build facts
 
 ``<stem>`` is readable (batch, size, dtype, torch version, compute capability) and ends
 with a digest of the whole :class:`CompileKey`, which holds everything the artifact
-depends on: the model architecture's digest (the artifact holds no weights), batch, size, dtype, the torch and Triton versions,
-the GPU's name and compute capability, the mechanism and the compile options. The
-sidecar is written last (atomically, as the artifact) and vouches for the artifact,
-so a truncated or damaged file, or one of another key, is never trusted: it is removed
-with a message and rebuilt. Artifacts of another torch or Triton version can never
-load again; ``promptus engines clean`` removes them.
+depends on: the model architecture's digest (the artifact holds no weights), batch, size,
+dtype, the torch and Triton versions, the GPU's name and compute capability, the
+mechanism and the compile options. A truncated or damaged file, or one of another key,
+is never trusted: it is removed with a message and rebuilt. Artifacts of another torch
+or Triton version can never load again; ``promptus engines clean`` removes them.
 
 **Mechanisms**, best first (:func:`available_mechanisms`):
 
@@ -47,23 +47,28 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
-from ..files import TMP_PREFIX, atomic_write
-from .engine_cache import CacheKey
+from ..files import TMP_PREFIX
+from .artifact_cache import (
+    ArtifactCache, ArtifactCacheError, ArtifactKind, CacheEntry, CacheKey, clean_artifacts, list_artifacts,
+    register_kind,
+)
 
 log = logging.getLogger(__name__)
 
 #: Layout version of the sidecar; entries of another format are unusable.
 COMPILE_FORMAT = 1
 SUBDIR = "compiled"
+TRAINER_SUBDIR = "trainer"
 ARTIFACT_SUFFIX = ".bin"
-SIDECAR_SUFFIX = ".json"
 MECHANISMS = ("aot_compile", "cache_artifacts")
 #: Seconds a first build usually takes, by GPU family, when this folder has no earlier build to go by
 #: (full-size SD-Turbo UNet + TAESD, batch 10, 512², measured; see README "Decoding").
@@ -159,6 +164,43 @@ class CompileKey(CacheKey):
         return (f"compiled segment step (batch {self.batch}, {self.size} px, {self.dtype}, {self.gpu}, "
                 f"torch {self.torch_version}, {self.mechanism}, model {self.model_digest[:12]})")
 
+    @property
+    def target(self) -> str:
+        """Compute capability and GPU model (just "cpu" on the CPU)."""
+        return self.compute_capability + (f" {self.gpu}" if self.gpu != self.compute_capability else "")
+
+    def summary(self) -> str:
+        return f"segment, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}"
+
+    def toolkit(self) -> str:
+        triton = f", Triton {self.triton_version}" if self.triton_version != "none" else ""
+        return f"torch {self.torch_version}{triton} ({self.mechanism})"
+
+
+@dataclass(frozen=True)
+class TrainerKey(CompileKey):
+    """Everything a compiled *training* step depends on (kind :data:`COMPILED_TRAINER`).
+
+    The fields of :class:`CompileKey`, read for the trainer: ``model_digest`` the
+    :func:`architecture_digest` of the networks the step differentiates through (UNet,
+    TAESD decoder, VGG when the perceptual loss is on); ``batch`` the frames of one step
+    (the segment length, 1 for keyframe 0); ``options`` everything else the graph bakes in,
+    as one canonical string (compile mode, memory plan, loss weights), e.g.
+    ``"reduce-overhead,plan=checkpoint-unet,perceptual"``.
+    """
+
+    @property
+    def stem(self) -> str:
+        torch_v = self.torch_version.replace("+", "_")
+        return f"trainer_b{self.batch}_{self.size}px_{self.dtype}_torch-{torch_v}_{self.compute_capability}_{self.digest}"
+
+    def describe(self) -> str:
+        return (f"compiled trainer step (batch {self.batch}, {self.size} px, {self.dtype}, {self.gpu}, "
+                f"torch {self.torch_version}, {self.mechanism}, {self.options}, model {self.model_digest[:12]})")
+
+    def summary(self) -> str:
+        return f"trainer, batch {self.batch}, {self.size} px, {self.dtype}, {self.target}, {self.options}"
+
 
 def triton_version() -> str:
     """The installed Triton's version, or ``"none"``."""
@@ -191,9 +233,11 @@ def available_mechanisms() -> tuple[str, ...]:
     return tuple(out)
 
 
-def architecture_digest(*modules: torch.nn.Module) -> str:
+def architecture_digest(*modules: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
     """16 hex digits of SHA-256 over each module's class, diffusers config and (name, shape, dtype) of
-    every parameter and buffer — what a compiled step depends on besides the weight values (milliseconds)."""
+    every parameter and buffer — what a compiled step depends on besides the weight values (milliseconds).
+    ``dtype``: the digest the modules will have once ``.to(dtype)`` casts their floating-point tensors
+    (so that a key can be made while the weights are still on their way)."""
     h = hashlib.sha256(b"promptus-architecture-v1\n")
     for module in modules:
         h.update(f"{type(module).__module__}.{type(module).__qualname__}\n".encode())
@@ -202,83 +246,29 @@ def architecture_digest(*modules: torch.nn.Module) -> str:
             public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # private keys hold sets
             h.update(json.dumps(public, sort_keys=True, default=str).encode())
         for name, t in module.state_dict(keep_vars=True).items():
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+            kind = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            h.update(f"{name}:{tuple(t.shape)}:{kind}\n".encode())
     return h.hexdigest()[:16]
 
 
 def make_key(model_digest: str, *, batch: int, size: int, dtype: torch.dtype, timestep: int, device: torch.device,
-             mechanism: str, options: CompileOptions) -> CompileKey:
-    """The :class:`CompileKey` for these settings on ``device`` with the installed torch and Triton."""
+             mechanism: str, options: CompileOptions | str, kind: ArtifactKind | str = "compiled_decoder") -> CompileKey:
+    """The key (:class:`CompileKey`, or :class:`TrainerKey` for ``kind="compiled_trainer"``) for these
+    settings on ``device`` with the installed torch and Triton; ``options``: a :class:`CompileOptions`
+    or the canonical string that describes the compiled step's settings."""
     gpu, cc = device_identity(device)
-    return CompileKey(model_digest=model_digest, batch=int(batch), size=int(size),
-                      dtype=str(dtype).removeprefix("torch.").replace("float", "fp"), timestep=int(timestep),
-                      torch_version=str(torch.__version__), triton_version=triton_version(), gpu=gpu,
-                      compute_capability=cc, mechanism=mechanism, options=options.describe())
+    key_type = _KEY_TYPES[kind if isinstance(kind, str) else kind.name]
+    return key_type(model_digest=model_digest, batch=int(batch), size=int(size),
+                    dtype=str(dtype).removeprefix("torch.").replace("float", "fp"), timestep=int(timestep),
+                    torch_version=str(torch.__version__), triton_version=triton_version(), gpu=gpu,
+                    compute_capability=cc, mechanism=mechanism,
+                    options=options if isinstance(options, str) else options.describe())
 
 
 # --------------------------------------------------------------------------- storage
 
 
-@dataclass
-class CompiledEntry:
-    """One entry (or stray file) of ``<engine_dir>/compiled/``, as :func:`list_compiled` finds it.
-
-    ``status``: ``"ok"``, ``"stale"`` (made by another torch or Triton than the installed
-    ones: it can never load again), ``"corrupt"`` (``reason`` says why), ``"orphan"``
-    (artifact or sidecar alone) or ``"temp"`` (left over from an interrupted write).
-    """
-
-    path: Path
-    status: str
-    reason: str = ""
-    key: CompileKey | None = None
-    sidecar: dict[str, Any] = field(default_factory=dict)
-    nbytes: int = 0
-
-    @property
-    def files(self) -> list[Path]:
-        if self.status == "temp":
-            return [self.path]
-        stem = _stem(self.path)
-        return [p for p in (self.path.with_name(stem + SIDECAR_SUFFIX), self.path.with_name(stem + ARTIFACT_SUFFIX))
-                if p.exists()]
-
-
-def _stem(path: Path) -> str:
-    for suffix in (ARTIFACT_SUFFIX, SIDECAR_SUFFIX):
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _read_sidecar(path: Path) -> tuple[dict[str, Any] | None, str]:
-    if not path.exists():
-        return None, "no sidecar"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"sidecar is not readable JSON ({type(e).__name__})"
-    if not isinstance(meta, dict):
-        return None, "sidecar is not a JSON object"
-    if meta.get("format") != COMPILE_FORMAT:
-        return None, f"sidecar format {meta.get('format')!r} is not {COMPILE_FORMAT}"
-    return meta, ""
-
-
-def _artifact_problem(artifact: Path, meta: dict[str, Any], data: bytes | None = None) -> str | None:
-    if not artifact.exists():
-        return "artifact file missing"
-    size = artifact.stat().st_size
-    if size != meta.get("artifact_bytes"):
-        return f"artifact has {size} bytes, the sidecar says {meta.get('artifact_bytes')} (truncated?)"
-    if data is None:
-        data = artifact.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("artifact_sha256"):
-        return "artifact's SHA-256 differs from the sidecar's (damaged)"
-    return None
-
-
-def stale_reason(key: CompileKey) -> str | None:
+def stale_reason(key: CompileKey, installed: Mapping[str, str] | None = None) -> str | None:
     """Why an artifact of ``key`` can never load with the installed torch/Triton (``None`` if it can)."""
     if key.torch_version != torch.__version__:
         return f"made by torch {key.torch_version}, installed {torch.__version__}"
@@ -287,82 +277,38 @@ def stale_reason(key: CompileKey) -> str | None:
     return None
 
 
-class CompileCache:
-    """Compiled segment steps under ``<engine_dir>/compiled/``; see the module docstring."""
+#: The compile backend's segment step, in ``<engine_dir>/compiled/``.
+COMPILED_DECODER = register_kind(ArtifactKind(
+    "compiled_decoder", "compiled decoder", CompileKey, subdir=SUBDIR, suffix=ARTIFACT_SUFFIX, format=COMPILE_FORMAT,
+    stale=stale_reason))
+#: The encoder's compiled training step, in ``<engine_dir>/trainer/``: key :class:`TrainerKey` (made with
+#: :func:`make_key` ``(..., kind=COMPILED_TRAINER)``), artifacts built and loaded by :func:`prepare` with
+#: ``kind=COMPILED_TRAINER``, or stored directly with ``ArtifactCache(COMPILED_TRAINER, engine_dir)``.
+COMPILED_TRAINER = register_kind(ArtifactKind(
+    "compiled_trainer", "compiled trainer", TrainerKey, subdir=TRAINER_SUBDIR, suffix=ARTIFACT_SUFFIX,
+    format=COMPILE_FORMAT, stale=stale_reason))
+_KEY_TYPES = {COMPILED_DECODER.name: CompileKey, COMPILED_TRAINER.name: TrainerKey}
 
-    def __init__(self, engine_dir: str | os.PathLike = "engines"):
-        self.dir = Path(engine_dir) / SUBDIR
-        if Path(engine_dir).exists() and not Path(engine_dir).is_dir():
-            raise CompileCacheError(f"engine folder {engine_dir} is a file; pass --engine-dir with a folder")
-        if self.dir.exists() and not self.dir.is_dir():
-            raise CompileCacheError(f"{self.dir} is a file; remove it or pass another --engine-dir")
+#: What :func:`list_compiled` finds (the artifact cache's entry type).
+CompiledEntry = CacheEntry
+#: The compiled-step folders' errors are the artifact cache's.
+CompileCacheError = ArtifactCacheError
+
+
+class CompileCache(ArtifactCache):
+    """Compiled steps of one kind (default: the decoder's, ``<engine_dir>/compiled/``): an :class:`ArtifactCache`."""
+
+    def __init__(self, engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, kind: ArtifactKind | str = COMPILED_DECODER):
+        super().__init__(kind, engine_dir)
 
     def artifact_path(self, key: CompileKey) -> Path:
-        return self.dir / (key.stem + ARTIFACT_SUFFIX)
-
-    def sidecar_path(self, key: CompileKey) -> Path:
-        return self.dir / (key.stem + SIDECAR_SUFFIX)
-
-    def read(self, key: CompileKey) -> tuple[bytes | None, str | None]:
-        """(artifact bytes, ``None``) for an intact entry; else (``None``, why: ``"missing"`` if absent)."""
-        artifact, sidecar = self.artifact_path(key), self.sidecar_path(key)
-        if not artifact.exists() and not sidecar.exists():
-            return None, "missing"
-        meta, why = _read_sidecar(sidecar)
-        if meta is None:
-            return None, why
-        try:
-            found = CompileKey.from_dict(meta.get("key"))
-        except (ValueError, TypeError) as e:
-            return None, f"sidecar key is malformed ({e})"
-        if found != key:
-            diff = [f"{k}: {v!r} ≠ {key.as_dict()[k]!r}" for k, v in found.as_dict().items() if key.as_dict()[k] != v]
-            return None, "sidecar key does not match (" + ", ".join(diff) + ")"
-        try:
-            data = artifact.read_bytes()
-        except OSError as e:
-            return None, f"artifact is unreadable ({e})"
-        why = _artifact_problem(artifact, meta, data)
-        return (None, why) if why else (data, None)
-
-    def lookup(self, key: CompileKey) -> bytes | None:
-        """The artifact for ``key`` if its entry is intact; an unusable entry is removed with a warning."""
-        data, why = self.read(key)
-        if data is not None:
-            return data
-        if why != "missing":
-            log.warning("compiled decoder %s is unusable (%s); it will be rebuilt", self.artifact_path(key).name, why)
-            self.evict(key)
-        return None
-
-    def store(self, key: CompileKey, data: bytes, **facts: Any) -> Path:
-        """Write the artifact, then its sidecar (what makes the entry valid), each atomically."""
-        path = self.artifact_path(key)
-        atomic_write(path, data)
-        meta = {
-            "format": COMPILE_FORMAT,
-            "key": key.as_dict(),
-            "key_digest": key.digest,
-            "artifact_file": path.name,
-            "artifact_bytes": len(data),
-            "artifact_sha256": hashlib.sha256(data).hexdigest(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **facts,
-        }
-        atomic_write(self.sidecar_path(key), json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        return path
-
-    def evict(self, key: CompileKey) -> None:
-        """Remove the entry for ``key`` (sidecar first, so no half-entry looks valid)."""
-        for p in (self.sidecar_path(key), self.artifact_path(key)):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        return self.path(key)
 
     def typical_build_seconds(self, key: CompileKey, autotune: bool = False) -> tuple[float, str]:
         """How long a build of ``key`` usually takes: the median of earlier builds here on the same GPU
         with the same options, else a measured default. Returns (seconds, where the figure comes from)."""
         past = []
-        for e in list_compiled(self.dir.parent, verify=False):
+        for e in self.entries(verify=False):
             k = e.key
             if k is not None and k.gpu == key.gpu and k.options == key.options and k.size == key.size \
                     and isinstance(e.sidecar.get("build_seconds"), (int, float)):
@@ -372,72 +318,19 @@ class CompileCache:
         return (TYPICAL_AUTOTUNE_BUILD_SECONDS if autotune else TYPICAL_BUILD_SECONDS), "typical on an H100/H200"
 
 
-def list_compiled(engine_dir: str | os.PathLike = "engines", *, verify: bool = True) -> list[CompiledEntry]:
-    """Every entry and stray file in ``<engine_dir>/compiled/``, sorted by name.
-
-    ``verify=False`` skips the SHA-256 of each artifact (the size is still checked).
-    """
-    d = Path(engine_dir) / SUBDIR
-    if not d.is_dir():
-        return []
-    entries: list[CompiledEntry] = []
-    stems = set()
-    for p in sorted(d.iterdir()):
-        if p.name.startswith(TMP_PREFIX) and p.is_file():
-            entries.append(CompiledEntry(p, "temp", "left over from an interrupted write", nbytes=p.stat().st_size))
-        elif p.name.endswith((ARTIFACT_SUFFIX, SIDECAR_SUFFIX)) and p.is_file():
-            stems.add(_stem(p))
-    for stem in sorted(stems):
-        artifact, sidecar = d / (stem + ARTIFACT_SUFFIX), d / (stem + SIDECAR_SUFFIX)
-        nbytes = artifact.stat().st_size if artifact.exists() else 0
-        if not sidecar.exists():
-            entries.append(CompiledEntry(artifact, "orphan", "artifact without sidecar", nbytes=nbytes))
-            continue
-        if not artifact.exists():
-            entries.append(CompiledEntry(artifact, "orphan", "sidecar without artifact"))
-            continue
-        meta, why = _read_sidecar(sidecar)
-        if meta is None:
-            entries.append(CompiledEntry(artifact, "corrupt", why, nbytes=nbytes))
-            continue
-        try:
-            key = CompileKey.from_dict(meta.get("key"))
-        except (ValueError, TypeError) as e:
-            entries.append(CompiledEntry(artifact, "corrupt", f"sidecar key is malformed ({e})", sidecar=meta,
-                                         nbytes=nbytes))
-            continue
-        if verify:
-            why = _artifact_problem(artifact, meta)
-        else:
-            why = None if nbytes == meta.get("artifact_bytes") else "artifact size differs from the sidecar's"
-        if why is None and key.stem != stem:
-            why = f"file name does not match its key (expected {key.stem})"
-        status = "corrupt" if why else "ok"
-        if status == "ok":
-            why = stale_reason(key)
-            status = "stale" if why else "ok"
-        entries.append(CompiledEntry(artifact, status, why or "", key, meta, nbytes))
-    return sorted(entries, key=lambda e: e.path.name)
+def list_compiled(engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, *, verify: bool = True,
+                  kinds=(COMPILED_DECODER, COMPILED_TRAINER)) -> list[CacheEntry]:
+    """Every compiled step (decoder and trainer) and stray file under ``engine_dir``
+    (:func:`~promptus.backends.artifact_cache.list_artifacts`)."""
+    return list_artifacts(engine_dir, kinds, verify=verify)
 
 
-def clean_compiled(engine_dir: str | os.PathLike = "engines", *, everything: bool = False,
-                   match: Callable[[CompileKey], bool] | None = None, dry_run: bool = False) -> list[Path]:
-    """Remove compiled steps; returns the files removed (or that would be, with ``dry_run``).
-
-    Always removed: unusable entries (corrupt, orphan, stale) and temporary files. Also
-    removed: with ``everything``, every entry; with ``match``, the entries whose key it accepts.
-    """
-    removed: list[Path] = []
-    for e in list_compiled(engine_dir, verify=True):
-        drop = everything or e.status != "ok" or (match is not None and e.key is not None and match(e.key))
-        if not drop:
-            continue
-        for p in e.files:  # sidecar first (see CompiledEntry.files)
-            removed.append(p)
-            if not dry_run:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-    return removed
+def clean_compiled(engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, *, everything: bool = False,
+                   match: Callable[[CompileKey], bool] | None = None, dry_run: bool = False,
+                   kinds=(COMPILED_DECODER, COMPILED_TRAINER)) -> list[Path]:
+    """Remove compiled steps (:func:`~promptus.backends.artifact_cache.clean_artifacts`): unusable ones
+    (corrupt, orphan, stale), with ``everything`` every one, with ``match`` those whose key it accepts."""
+    return clean_artifacts(engine_dir, kinds, everything=everything, match=match, dry_run=dry_run)
 
 
 # --------------------------------------------------------------------------- building and loading
@@ -573,12 +466,40 @@ def build_artifact(step: torch.nn.Module, args: tuple, mechanism: str | None,
     return compiled, None
 
 
-def load_artifact(step: torch.nn.Module, args: tuple, mechanism: str, data: bytes,
-                  options: CompileOptions) -> Callable:
-    """The callable stored in ``data``, run once on ``args`` (so that a bad artifact fails here)."""
-    if mechanism == "aot_compile":
+#: aot_compile functions loaded ahead of their first call (:func:`preload`), by key; taken by :func:`prepare`.
+_PRELOADED: dict[CompileKey, Callable] = {}
+_PRELOAD_LOCK = threading.Lock()
+
+
+def preload(key: CompileKey, engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR) -> bool:
+    """Read and deserialise the stored ``aot_compile`` artifact of ``key`` now — on a thread, while the
+    weights load: it needs no weights — so that :func:`prepare` only runs it. False when there is none
+    (or it is not an aot_compile entry); a damaged one is left for :func:`prepare` to report and rebuild."""
+    if key.mechanism != "aot_compile":
+        return False
+    data, _ = CompileCache(engine_dir).check(key)  # a damaged entry stays for prepare() to report and remove
+    if data is None:
+        return False
+    try:
         with _aot_enabled():
             fn = torch.compiler.load_compiled_function(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - prepare() loads it again and reports
+        log.debug("preloading %s failed", key.stem, exc_info=True)
+        return False
+    with _PRELOAD_LOCK:
+        _PRELOADED[key] = fn
+    return True
+
+
+def load_artifact(step: torch.nn.Module, args: tuple, mechanism: str, data: bytes,
+                  options: CompileOptions, key: CompileKey | None = None) -> Callable:
+    """The callable stored in ``data``, run once on ``args`` (so that a bad artifact fails here)."""
+    if mechanism == "aot_compile":
+        with _PRELOAD_LOCK:
+            fn = _PRELOADED.pop(key, None) if key is not None else None
+        if fn is None:
+            with _aot_enabled():
+                fn = torch.compiler.load_compiled_function(io.BytesIO(data))
         fn(step, *args)
         return lambda *a: fn(step, *a)
     if mechanism == "cache_artifacts":
@@ -601,15 +522,18 @@ class Prepared:
 
 
 def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int, size: int, dtype: torch.dtype,
-            timestep: int, device: torch.device, options: CompileOptions, engine_dir: str | os.PathLike = "engines",
-            mechanism: str | None = "auto", force: bool = False, progress: bool = True,
-            what: str = "compile backend") -> Prepared:
+            timestep: int, device: torch.device, options: CompileOptions,
+            engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, mechanism: str | None = "auto", force: bool = False,
+            progress: bool = True, what: str = "compile backend", kind: ArtifactKind | str = "compiled_decoder",
+            key_options: str | None = None) -> Prepared:
     """A compiled ``step`` for ``args``: loaded from ``engine_dir`` when an intact entry exists, else
     built (with a message and a progress bar) and stored there.
 
     ``mechanism="auto"`` takes the best of :func:`available_mechanisms`, falling back to the
     next when a build fails; ``None`` compiles without storing anything. A stored artifact
-    that fails to load or run is removed with a warning and rebuilt.
+    that fails to load or run is removed with a warning and rebuilt. ``kind``: the artifact kind it
+    is stored as (``"compiled_trainer"`` for a training step, whose ``key_options`` string then names
+    what else the graph bakes in: see :class:`TrainerKey`).
     """
     t0 = time.perf_counter()
     mechanisms = list(available_mechanisms()) if mechanism == "auto" else [mechanism] if mechanism else []
@@ -622,17 +546,18 @@ def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int
         with BuildProgress(what, TYPICAL_BUILD_SECONDS, "typical on an H100/H200", enabled=progress):
             fn, _ = build_artifact(step, args, None, options)
         return Prepared(fn, "compiled", time.perf_counter() - t0, None)
-    cache = CompileCache(engine_dir)
+    cache = CompileCache(engine_dir, kind)
+    described = options.describe() + (f";{key_options}" if key_options else "")
     keys = [make_key(model_digest, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device,
-                     mechanism=m, options=options) for m in mechanisms]
+                     mechanism=m, options=described, kind=kind) for m in mechanisms]
     for key in keys:  # a stored artifact of any mechanism beats building one
         if force:
             cache.evict(key)
-        data = cache.lookup(key)
+        data = cache.read(key)
         if data is None:
             continue
         try:
-            fn = load_artifact(step, args, key.mechanism, data, options)
+            fn = load_artifact(step, args, key.mechanism, data, options, key)
             secs = time.perf_counter() - t0
             log.info("%s: loaded %s in %.1f s", what, cache.artifact_path(key), secs)
             return Prepared(fn, "loaded", secs, key, cache.artifact_path(key))
@@ -663,7 +588,8 @@ def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int
 
 
 __all__ = [
-    "BuildProgress", "COMPILE_FORMAT", "CompileCache", "CompileCacheError", "CompileKey", "CompileOptions",
-    "CompiledEntry", "MECHANISMS", "Prepared", "architecture_digest", "available_mechanisms", "build_artifact", "clean_compiled",
-    "device_identity", "list_compiled", "load_artifact", "make_key", "prepare", "stale_reason", "triton_version",
+    "BuildProgress", "COMPILED_DECODER", "COMPILED_TRAINER", "COMPILE_FORMAT", "CompileCache", "CompileCacheError",
+    "CompileKey", "CompileOptions", "CompiledEntry", "MECHANISMS", "Prepared", "TrainerKey", "architecture_digest",
+    "available_mechanisms", "build_artifact", "clean_compiled", "device_identity", "list_compiled", "load_artifact",
+    "make_key", "prepare", "preload", "stale_reason", "triton_version",
 ]

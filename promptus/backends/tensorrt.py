@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from .base import Backend
 from . import trt_build, trt_cuda
-from .engine_cache import DEFAULT_ENGINE_DIR, runtime_cache_path
+from .engine_cache import runtime_cache_path
 from .onnx_export import COMPONENTS, precision_name, validate_shape
 from .trt_build import (
     FLAVOURS, INSTALL_HELP, PORTABLE, EngineBuildError, EngineLoadError, TensorRTError, TensorRTFlavour,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import PARITY_RELEASE
+from ..config import DEFAULT_ENGINE_DIR, PARITY_RELEASE
 from ..errors import PromptusError
 from ..schedule import mix_latent, release_sigmas, to_uint8, to_uint8_release
 from .base import Backend
@@ -58,6 +58,12 @@ class TorchBackend(Backend):
             log.info("CUDA graphs need a CUDA device; running %s without them", self.name)
             cuda_graph = False
         self.cuda_graph = cuda_graph
+        #: Lever (README "Decoding", levers): the captured segment graph also copies its frames to pinned host
+        #: memory, so one replay does mix → UNet → TAESD → uint8 → device-to-host. Used only while a
+        #: PipelinedDecoder copying to the host runs (it sets ``host_ring``, waits on ``host_ready``).
+        self.graph_host_copy = False
+        self.host_ring = 0  # pinned buffers (and graphs) in rotation; 0: frames stay on the device
+        self.host_ready: torch.cuda.Event | None = None  # recorded after the last replay's copy
         self._graphs: dict[tuple, _SegmentGraph] = {}
         self._mixes: dict[tuple, torch.Tensor] = {}
         self._pool = None
@@ -113,23 +119,31 @@ class TorchBackend(Backend):
     def _run_segment(self, z_prev, noise, mix, context, onestep):
         if not self.cuda_graph:
             return self._segment_eager(z_prev, noise, mix, context, onestep)
-        key = (context.shape[0], float(mix), onestep.timestep)
+        ring = self.host_ring if self.graph_host_copy else 0
+        key = (context.shape[0], float(mix), onestep.timestep, ring)
         graph = self._graphs.get(key)
         if graph is None:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             t0 = time.perf_counter()
-            graph = _SegmentGraph(self, z_prev, noise, mix, context, onestep, self._pool)
+            graph = _SegmentGraph(self, z_prev, noise, mix, context, onestep, self._pool, host_ring=ring)
             self._graphs[key] = graph
-            log.info("%s: captured the segment step for batch %d in %.2f s", self.name, context.shape[0],
-                     time.perf_counter() - t0)
-        return graph.replay(z_prev, noise, context)
+            log.info("%s: captured the segment step for batch %d in %.2f s%s", self.name, context.shape[0],
+                     time.perf_counter() - t0, f" ({ring} graphs copying to the host)" if ring else "")
+        x0, frames = graph.replay(z_prev, noise, context)
+        self.host_ready = graph.ready
+        return x0, frames
 
 
 class _SegmentGraph:
-    """One captured segment step with static input and output buffers."""
+    """One captured segment step with static input and output buffers.
 
-    def __init__(self, backend: TorchBackend, z_prev, noise, mix, context, onestep, pool):
+    With ``host_ring`` > 0 the step is captured that many times (one memory pool, replayed in
+    turn), each capture ending with a copy of its frames into its own pinned host buffer:
+    ``replay`` then returns that host buffer, valid once ``ready`` (an event) has passed and
+    until ``host_ring`` further replays."""
+
+    def __init__(self, backend: TorchBackend, z_prev, noise, mix, context, onestep, pool, *, host_ring: int = 0):
         self.z_prev = z_prev.detach().clone()
         self.noise = noise.detach().clone()
         self.context = context.detach().clone()
@@ -137,19 +151,35 @@ class _SegmentGraph:
         stream.wait_stream(torch.cuda.current_stream(backend.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: cuDNN/cuBLAS choose algorithms outside the capture
-                backend._segment_eager(self.z_prev, self.noise, mix, self.context, onestep)
+                _, frames = backend._segment_eager(self.z_prev, self.noise, mix, self.context, onestep)
         torch.cuda.current_stream(backend.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.x0, self.frames = backend._segment_eager(self.z_prev, self.noise, mix, self.context, onestep)
+        # Pinned buffers are allocated before the capture (a host allocation cannot be captured).
+        self.hosts = [torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True) for _ in range(host_ring)]
+        self.graphs, self.outputs = [], []
+        for host in self.hosts or [None]:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                x0, frames = backend._segment_eager(self.z_prev, self.noise, mix, self.context, onestep)
+                if host is not None:
+                    host.copy_(frames, non_blocking=True)
+            self.graphs.append(graph)
+            self.outputs.append((x0, frames))
+        self.turn = 0
+        self.ready: torch.cuda.Event | None = None
 
     def replay(self, z_prev, noise, context):
         self.z_prev.copy_(z_prev)
         self.noise.copy_(noise)
         self.context.copy_(context)
-        self.graph.replay()
+        i, self.turn = self.turn, (self.turn + 1) % len(self.graphs)
+        self.graphs[i].replay()
+        x0, frames = self.outputs[i]
+        if self.hosts:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+            return x0.clone(), self.hosts[i]
         # The static outputs are overwritten by the next replay: hand out copies.
-        return self.x0.clone(), self.frames.clone()
+        return x0.clone(), frames.clone()
 
 
 class CompileBackend(TorchBackend):
@@ -226,7 +256,7 @@ class CompileBackend(TorchBackend):
                 self.prepared = prepare(
                     step, args, model_digest=architecture_digest(self.unet, self.taesd_decoder),
                     batch=context.shape[0], size=size, dtype=self.dtype, timestep=onestep.timestep,
-                    device=self.device, options=self.options, engine_dir=self.engine_dir or "engines",
+                    device=self.device, options=self.options, engine_dir=self.engine_dir or DEFAULT_ENGINE_DIR,
                     mechanism=self.mechanism, progress=self.progress, force=self._force,
                     what=f"compile backend (batch {context.shape[0]}, {size} px)")
             except PromptusError as e:
@@ -256,7 +286,7 @@ class CompileBackend(TorchBackend):
         self._force = force
         try:
             with torch.no_grad():
-                self._step_fn(z, z.clone(), self._mix_tensor(0.05, z), ctx, onestep)
+                self._step_fn(z, z.clone(), self._mix_tensor(c.mix, z), ctx, onestep)
         finally:
             self._force = False
         return self.prepared

@@ -38,10 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from ..files import atomic_write
 from . import trt_cuda
-from .engine_cache import ANY_GPU, DEFAULT_ENGINE_DIR, EngineCache, EngineKey, read_regular_file
+from .artifact_cache import read_regular_file
+from .engine_cache import ANY_GPU, EngineCache, EngineKey
 from .onnx_export import (
     GRAPH_VERSION, component_spec, export_component, precision_name, require_onnx, validate_shape,
 )

@@ -21,7 +21,7 @@ import torch
 from ..errors import PromptusError
 from ..files import atomic_write
 from . import trt_cuda
-from .engine_cache import NotARegularFile, read_regular_file
+from .artifact_cache import NotARegularFile, read_regular_file
 from .trt_build import EngineLoadError, TensorRTError, TensorRTFlavour, find_tensorrt, make_logger
 
 log = logging.getLogger(__name__)

@@ -6,27 +6,28 @@ import argparse
 import logging
 import math
 
+from ..backends import bench_defaults
 from ..bench import BENCH_BUDGETS
 from ..config import COMPILE_MODES, CodecConfig
 
 log = logging.getLogger("promptus")
 
-#: Backends the decoder benchmark times by default on a GPU.
-BENCH_BACKENDS = ("eager", "torch", "compile", "tensorrt")
+#: Backends the decoder benchmark times by default on a GPU (the registry's bench_gpu entries).
+BENCH_BACKENDS = tuple(bench_defaults("cuda"))
 #: What the benchmarks time unless told otherwise: the real workload on a GPU, and on the CPU a
 #: small one that finishes in about a minute on two cores (the full-size UNet at 512 px takes
 #: seconds per frame there, and compile/tensorrt are GPU backends).
 GPU_DEFAULTS = {"model": "random", "size": CodecConfig.width, "keyframes": 31, "backends": list(BENCH_BACKENDS),
-                "iters": 10, "iters_published": 3, "warmup": 2}
-CPU_DEFAULTS = {"model": "tiny", "size": 64, "keyframes": 4, "backends": ["eager", "torch"],
-                "iters": 3, "iters_published": 1, "warmup": 1}
-_DECODE_ONLY, _ENCODE_ONLY = ("keyframes", "backends"), ("iters", "iters_published", "warmup")
+                "iters": 10, "iters_published": 3, "warmup": 2, "command_clips": [141, 3001]}
+CPU_DEFAULTS = {"model": "tiny", "size": 64, "keyframes": 4, "backends": bench_defaults("cpu"),
+                "iters": 3, "iters_published": 1, "warmup": 1, "command_clips": [11, 31]}
+_DECODE_ONLY, _ENCODE_ONLY = ("keyframes", "backends", "command_clips"), ("iters", "iters_published", "warmup")
 
 
 def _both(name: str) -> str:
     gpu, cpu = GPU_DEFAULTS[name], CPU_DEFAULTS[name]
     if isinstance(gpu, list):
-        gpu, cpu = " ".join(gpu), " ".join(cpu)
+        gpu, cpu = " ".join(map(str, gpu)), " ".join(map(str, cpu))
     return f"default: {gpu} on a GPU, {cpu} on the CPU"
 
 
@@ -70,6 +71,18 @@ def register(subparsers) -> None:
                    help="--encode: torch.compile mode of the compiled-trainer row (default: reduce-overhead on "
                         "CUDA, off on the CPU)")
     b.add_argument("--no-profile", action="store_true", help="--encode: skip the profile of keyframe 0's step")
+    b.add_argument("--command-path", action="store_true",
+                   help="also time `promptus decode` as a user runs it: fresh processes decoding clips to PNG, .mp4 "
+                        "and .webm, weights read from a file (--model random: saved once under "
+                        "~/.cache/promptus/bench); wall time, time to first frame, frames/s to disk")
+    b.add_argument("--command-only", action="store_true", help="the command path alone (no backend table)")
+    b.add_argument("--command-clips", nargs="+", type=int, default=None, metavar="FRAMES",
+                   help=f"frames of the command-path clips, k·batch+1 each ({_both('command_clips')})")
+    b.add_argument("--command-outputs", nargs="+", default=["png", "mp4", "webm"], choices=["png", "mp4", "webm"],
+                   help="outputs of the command path (default: png mp4 webm)")
+    b.add_argument("--command-backend", default="auto", help="--backend of the timed decodes (default: auto)")
+    b.add_argument("--engine-dir", default=None,
+                   help="engine folder shared by the command path and the backend table (default: a temporary one)")
     b.add_argument("--json", default=None, help="write the results as JSON here")
     b.set_defaults(func=run)
 
@@ -83,7 +96,7 @@ def resolve_defaults(args: argparse.Namespace, device_type: str) -> list[str]:
         if getattr(args, name) is None:
             setattr(args, name, list(value) if isinstance(value, list) else value)
             if name not in skip:
-                shown = " ".join(value) if isinstance(value, list) else value
+                shown = " ".join(map(str, value)) if isinstance(value, list) else value
                 chosen.append(f"--{name.replace('_', '-')} {shown}")
     return chosen
 
@@ -141,22 +154,23 @@ def _num(x, spec: str, width: int, suffix: str = "") -> str:
 
 
 def format_decode_table(result: dict) -> str:
+    w = max([9] + [len(r["backend"]) for r in result["rows"]])  # registered names may be longer than "tensorrt"
     lines = [
         f"decode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
         f"{result['size']}×{result['size']}, batch {result['batch']}, {result['frames_timed']} frames, {result['dtype']}",
         f"FLOPs per batch: UNet {result['unet_tflop_per_batch']:.2f} TFLOP, TAESD decoder "
         f"{result['decoder_tflop_per_batch']:.2f} TFLOP; measured fp16 matmul ceiling "
         f"{result['matmul_ceiling_tflops']:.0f} TFLOP/s → arithmetic limit {result['arithmetic_limit_fps']:.0f} FPS",
-        f"{'backend':9} {'cold s':>7} {'warm s':>7} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} "
+        f"{'backend':{w}} {'cold s':>7} {'warm s':>7} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} "
         f"{'FPS (GPU)':>10} {'FPS (host)':>11} {'host/GPU':>9} {'peak GiB':>9} {'PSNR vs fp32':>13} {'MFU':>6} "
         f"{'speedup':>8}",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['backend']:9} {r['status']}")
+            lines.append(f"{r['backend']:{w}} {r['status']}")
             continue
         lines.append(
-            f"{r['backend']:9} {_num(r.get('cold_start_s'), '.1f', 7)} {_num(r.get('warm_start_s'), '.1f', 7)} "
+            f"{r['backend']:{w}} {_num(r.get('cold_start_s'), '.1f', 7)} {_num(r.get('warm_start_s'), '.1f', 7)} "
             f"{_num(r['unet_ms'], '.2f', 8)} {_num(r['decoder_ms'], '.2f', 9)} {r['segment_ms']:>11.2f} "
             f"{r['fps_gpu']:>10.1f} {r['fps_host']:>11.1f} {r['fps_host'] / r['fps_gpu']:>8.0%} "
             f"{_num(r['peak_gib'], '.2f', 9)} {r['psnr_vs_fp32']:>13.2f} {_num(r['mfu'], '.1%', 6)} "
@@ -191,9 +205,30 @@ def run(args: argparse.Namespace) -> int:
                               profile=not args.no_profile)
         print(format_encode_table(result))
     else:
-        starts = args.starts if args.starts is not None else (["none"] if device.type == "cpu" else ["all"])
-        result = bench_decode(model=args.model, device=str(device), size=args.size, batch=args.batch,
-                              backends=args.backends, keyframes=args.keyframes, json_path=args.json,
-                              starts=True if "all" in starts else [b for b in starts if b != "none"])
-        print(format_decode_table(result))
+        import tempfile
+
+        from ..bench.command import bench_command_path, format_command_table
+
+        with tempfile.TemporaryDirectory(prefix="promptus-bench-engines-") as tmp:
+            engine_dir = args.engine_dir or tmp  # the command path's cold run builds what the table then loads
+            result: dict = {}
+            if args.command_path or args.command_only:
+                # First, while no model of this process occupies the GPU.
+                bench_command_path(model=args.model, device=str(device), size=args.size, batch=args.batch,
+                                   clips=args.command_clips, outputs=args.command_outputs,
+                                   backend=args.command_backend, engine_dir=engine_dir, json_path=args.json,
+                                   result=result)
+                print(format_command_table(result["command_path"]), flush=True)
+            if not args.command_only:
+                starts = args.starts if args.starts is not None else (["none"] if device.type == "cpu" else ["all"])
+                table = bench_decode(model=args.model, device=str(device), size=args.size, batch=args.batch,
+                                     backends=args.backends, keyframes=args.keyframes, json_path=None,
+                                     starts=True if "all" in starts else [b for b in starts if b != "none"],
+                                     engine_dir=engine_dir)
+                result = {**table, **result}
+                if args.json:
+                    from ..files import write_json_atomic
+
+                    write_json_atomic(args.json, result)
+                print(format_decode_table(result))
     return 0

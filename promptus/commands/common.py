@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import COMPILE_MODES, INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, TrainConfig
+from ..config import COMPILE_MODES, INIT_LATENT_SOURCES, INIT_PRECISIONS, SCHEDULES, CodecConfig, TrainConfig
 from ..errors import PromptusError
 
 log = logging.getLogger("promptus")
@@ -70,6 +70,10 @@ def add_encode_args(p: argparse.ArgumentParser, *, rate: bool = True,
         note=f"default: {train.iters_first}, as published")
     add("--iters", "iterations for each later keyframe", type=int, default=train.iters,
         note=f"default: {train.iters}, as published")
+    add("--schedule", "encoding schedule: 'published' starts every keyframe from random factors and runs the "
+        "iteration counts above; 'fast' starts keyframe k from keyframe k-1's transmitted factors and stops each "
+        "keyframe when its loss stops improving (the counts above become maxima); see docs/encoding-schedules.md",
+        choices=SCHEDULES, default=train.schedule)
     add("--max-frames", "encode only the first N frames", type=int, default=None, note="default: all")
     add("--init-latent", "init latent from the SD VAE encoder (published) or TAESD's (cheaper)",
         choices=INIT_LATENT_SOURCES, default=train.init_latent)
@@ -101,7 +105,7 @@ def train_from_args(args) -> TrainConfig:
     """The trainer settings of the encoder options."""
     return TrainConfig(iters_first=args.iters_first, iters=args.iters, perceptual=args.perceptual == "on",
                        init_latent=args.init_latent, init_precision=args.init_precision,
-                       max_memory=args.max_memory, compile=args.compile_step)
+                       max_memory=args.max_memory, compile=args.compile_step, schedule=args.schedule)
 
 
 def load_models(args, device, *, need_vae: bool = False, dtype=None):

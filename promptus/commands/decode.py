@@ -8,12 +8,11 @@ import os
 import time
 from pathlib import Path
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
-from ..config import PARITIES, PARITY_OURS, PARITY_RELEASE
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR, PARITIES, PARITY_OURS, PARITY_RELEASE, PNG_LEVEL, VIDEO_ENCODERS
 from ..errors import BitstreamError, PromptusError
 from ..video import VIDEO_OUTPUTS
-from .common import add_model_args, load_models, model_for_header
+from .common import add_model_args, model_for_header
 
 log = logging.getLogger("promptus")
 
@@ -28,9 +27,9 @@ def register(subparsers) -> None:
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
-    d.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help=f"network backend, one of {', '.join(BACKENDS)}: auto takes tensorrt where it can run, "
-                        "else compile on CUDA, else torch (default: auto)")
+    d.add_argument("--backend", default="auto", choices=backend_names(auto=True),
+                   help=f"network backend, one of {', '.join(backend_names(auto=True))}: auto takes tensorrt where "
+                        "it can run, else compile on CUDA, else torch (default: auto)")
     d.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
                    help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     d.add_argument("--parity", default=PARITY_OURS, choices=PARITIES,
@@ -39,6 +38,16 @@ def register(subparsers) -> None:
                         f"uint8 by truncation; about 10x slower) (default: {PARITY_OURS})")
     d.add_argument("--allow-partial", action="store_true",
                    help="on a truncated or corrupted file, keep the frames decoded before the damage")
+    d.add_argument("--png-level", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
+                   help=f"zlib level of PNG frames: 1 writes 2-3x faster and ~30%% larger files (default: {PNG_LEVEL}, "
+                        "PIL's own)")
+    d.add_argument("--video-encoder", default="auto", choices=VIDEO_ENCODERS,
+                   help="video encoder: auto takes NVENC where the GPU and the PyAV build offer it, else the CPU "
+                        "encoder (libx264, or libvpx-vp9 for .webm), saying so (default: auto)")
+    d.add_argument("--profile-start", action="store_true",
+                   help="print where the start-up time went: model file read, weights to GPU, compiled-step load, "
+                        "first segment")
+    d.add_argument("--profile-json", default=None, help=argparse.SUPPRESS)  # the bench's command path reads it
     d.add_argument("--force", action="store_true",
                    help="write into an output folder that already holds files: only the frame files written "
                         "(00000.png, ...) replace their namesakes; nothing else in it is touched or deleted")
@@ -61,14 +70,21 @@ def output_kind_of_argument(output: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..startup import StartupProfile
+
+    profile = StartupProfile()  # the clock of --profile-start: from the process's start
     import torch
     from tqdm import tqdm
 
-    from ..backends import make_backend, resolve_device
+    from ..backends import clip_batch, default_dtype, resolve_device
     from ..bitstream import Header, iter_records
     from ..decoder import Decoder
+    from ..files import write_json_atomic
     from ..pipeline import PipelinedDecoder
+    from ..startup import load_decoder
     from ..video import FrameWriter
+
+    profile.mark("command started")
 
     src = Path(args.file)
     if not src.is_file():  # also refuses FIFOs and devices, which would block or never end
@@ -81,15 +97,19 @@ def run(args: argparse.Namespace) -> int:
         assert isinstance(header, Header)
         # The output is checked before models load: a refusal costs nothing.
         args.model = model_for_header(args, header, "decode")
-        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height), kind=kind)
+        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height), kind=kind,
+                             png_level=args.png_level, video_encoder=args.video_encoder)
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
-            models = load_models(args, device, dtype=torch.float32 if args.parity == PARITY_RELEASE else None)
-            models.geometry().check(header.config)  # before anything is sized from the header
-            batch = header.config.segment_batch(header.frame_count)
-            identity = models.identity()  # before the backend may move the networks off the GPU
-            backend = make_backend(args.backend, models, device, batch=batch, size=header.width,
-                                   engine_dir=args.engine_dir, offload_models=True, parity=args.parity)
+            dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
+            batch = clip_batch(header)
+            t_load = time.perf_counter()
+            loaded = load_decoder(args.model, header, device=device, dtype=dtype, backend=args.backend,
+                                  taesd=args.taesd, checkpoints_dir=args.checkpoints, engine_dir=args.engine_dir,
+                                  parity=args.parity, offload_models=True, profile=profile)  # checks the geometry
+            log.info("loaded model %r and the %s backend on %s in %.1f s", loaded.models.name, args.backend, device,
+                     time.perf_counter() - t_load)
+            backend, identity = loaded.backend, loaded.identity
         except BaseException:
             writer.abort()
             raise
@@ -104,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=header.frame_count, unit="frame", desc="decode", disable=args.quiet)
 
         def sink(start, frames):
+            profile.mark("first segment on the host")
             writer.write_batch(frames)
+            profile.mark("first segment handed to the writer")
             bar.update(frames.shape[0])
 
         try:
@@ -124,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     dt = time.perf_counter() - t0
+    profile.mark("output complete")
     print(f"wrote {writer.count} frames to {args.output} in {dt:.1f} s ({writer.count / dt:.1f} frame/s, "
           f"{backend.describe()}, parity {args.parity})")
+    if args.profile_start:
+        print(profile.format())
+    if args.profile_json:
+        write_json_atomic(args.profile_json, {**profile.as_dict(), "frames": writer.count, "decode_s": dt,
+                                              "backend": backend.describe()})
     return 0

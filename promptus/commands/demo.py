@@ -70,7 +70,7 @@ def resolve_settings(args: argparse.Namespace, tiny: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..backends import default_dtype, make_backend, resolve_device
+    from ..backends import backend_for_clip, default_dtype, resolve_device
     from ..bitstream import describe, read
     from ..decoder import Decoder
     from ..files import check_output_path
@@ -111,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
     print(describe(path.read_bytes()))
 
     bs = read(path)
-    backend = make_backend("auto", models, device, batch=bs.header.interval, size=bs.header.width,
-                           offload_models=True)
+    backend = backend_for_clip(bs.header, models, device=device, offload_models=True)
     t0 = time.perf_counter()
     decoded = []
     # The demo's own output folder: each run replaces the frames of the last one.

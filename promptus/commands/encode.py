@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..backends import BACKENDS
+from ..backends import BASELINE, backend_names
 from .common import add_encode_args, add_model_args, codec_from_args, load_models, train_from_args
 
 # The closed loop needs a concrete backend: 'auto' could differ between encoder and decoder.
-CLOSED_LOOP_BACKENDS = tuple(b for b in reversed(BACKENDS) if b != "auto")  # eager first
+CLOSED_LOOP_BACKENDS = backend_names(simplest_first=True)  # eager first
 
 
 def register(subparsers) -> None:
@@ -21,8 +21,12 @@ def register(subparsers) -> None:
     e.add_argument("-o", "--output", required=True, help="the .promptus file to write")
     add_encode_args(e)
     add_model_args(e)
+    e.add_argument("--devices", default=None, metavar="LIST",
+                   help="encode on several devices, one process each, summing their gradients every step: "
+                        "cuda:0,cuda:1 (any list), all (every GPU), or cpu,cpu (gloo, a test); replaces --device; "
+                        "--max-memory applies to each device (default: one device, --device)")
     e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
-    e.add_argument("--closed-loop-backend", default="eager", choices=CLOSED_LOOP_BACKENDS,
+    e.add_argument("--closed-loop-backend", default=BASELINE, choices=CLOSED_LOOP_BACKENDS,
                    help="decoder backend the closed loop regenerates segments with; decoding with the same "
                         "backend reproduces the encoder's reconstruction exactly (default: eager)")
     e.set_defaults(func=run)
@@ -30,19 +34,27 @@ def register(subparsers) -> None:
 
 def run_encode(args: argparse.Namespace, source, output, models=None):
     """Encode ``source`` to ``output`` with the encoder options in ``args``; returns the EncodeResult."""
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, resolve_device
     from ..config import CodecConfig
     from ..encoder import Encoder
     from ..video import video_fps
 
     fps = args.fps or video_fps(source) or CodecConfig.fps
     codec, train = codec_from_args(args, fps), train_from_args(args)
-    device = resolve_device(args.device)
+    devices = getattr(args, "devices", None)
+    if devices is not None:
+        from ..distributed import ModelSource, parse_devices
+
+        devices = parse_devices(devices)  # before the models load
+        device = devices[0]
+        worker_models = ModelSource(args.model, args.taesd, args.checkpoints, vae=train.init_latent == "vae")
+    else:
+        device, worker_models = resolve_device(args.device), None
     if models is None:
         models = load_models(args, device, need_vae=train.init_latent == "vae")
-    backend = make_backend(getattr(args, "closed_loop_backend", "eager"), models, device, batch=codec.interval,
-                           size=codec.width)
-    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend)
+    backend = backend_for_clip(codec, models, name=getattr(args, "closed_loop_backend", BASELINE), device=device)
+    enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend,
+                  devices=devices, worker_models=worker_models)
     return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 

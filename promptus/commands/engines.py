@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR, clean_engines, list_engines
 from ..backends.onnx_export import COMPONENTS, PRECISIONS
-from ..config import CodecConfig
+from ..config import DEFAULT_ENGINE_DIR, CodecConfig
 
 ACTIONS = ("build", "list", "clean")
 
@@ -166,69 +166,48 @@ def _installed_versions() -> dict[str, str]:
     return out
 
 
-def _digest_filter(args) -> str | None:
-    if not getattr(args, "model", None):
-        return None
-    return _models(args, torch.device("cpu")).identity().hexdigest
-
-
-def _architecture_filter(args) -> str | None:
-    """The architecture digest that compiled steps of ``--model`` are keyed by (``None`` without --model)."""
+def _model_digests(args) -> set[str] | None:
+    """The digests entries of ``--model`` are keyed by: its weights (engines) and its architecture
+    (compiled steps, which hold no weights); ``None`` without --model."""
     if not getattr(args, "model", None):
         return None
     from ..backends.compile_cache import architecture_digest
 
     models = _models(args, torch.device("cpu"))
-    return architecture_digest(models.unet, models.taesd.decoder)
+    return {models.identity().hexdigest, architecture_digest(models.unet, models.taesd.decoder)}
 
 
-def _compiled_rows(args) -> list[dict]:
-    from ..backends.compile_cache import list_compiled
+def _rows(args) -> list[dict]:
+    from ..backends.artifact_cache import list_artifacts
 
-    arch = _architecture_filter(args)
+    wanted = _model_digests(args)
     rows = []
-    for e in list_compiled(args.engine_dir):
-        if arch and (e.key is None or e.key.model_digest != arch):
-            continue
+    for e in list_artifacts(args.engine_dir, installed=_installed_versions()):
         k = e.key
-        rows.append({"file": f"compiled/{e.path.name}", "status": e.status, "reason": e.reason,
-                     "mb": round(e.nbytes / 1e6, 1), "component": "segment", "batch": k.batch if k else "",
-                     "size": k.size if k else "", "precision": k.dtype if k else "",
-                     "flavour": "torch.compile", "trt_version": f"{k.torch_version} ({k.mechanism})" if k else "",
-                     "compute_capability": k.compute_capability if k else "", "gpu": k.gpu if k else None,
-                     "model_digest": k.model_digest if k else "", "model_name": "architecture",
-                     "build_seconds": e.sidecar.get("build_seconds"), "options": k.options if k else ""})
+        if wanted and (k is None or k.model_digest not in wanted):
+            continue
+        model_name = e.sidecar.get("model_name") or ("architecture" if e.kind.name != "tensorrt_engine" else "")
+        rows.append({"kind": e.kind.name, "file": os.path.relpath(e.path, args.engine_dir), "status": e.status,
+                     "reason": e.reason, "mb": round(e.nbytes / 1e6, 1), "created": e.created,
+                     "what": k.summary() if k else "", "toolkit": k.toolkit() if k else "",
+                     "model": f"{model_name} {k.model_digest[:12]}".strip() if k else "",
+                     "key": k.as_dict() if k else None, "build_seconds": e.sidecar.get("build_seconds"),
+                     "_title": e.kind.title})
     return rows
 
 
 def _list(args) -> int:
-    installed = _installed_versions()
-    digest = _digest_filter(args)
-    rows = []
-    for e in list_engines(args.engine_dir):
-        if digest and (e.key is None or e.key.model_digest != digest):
-            continue
-        status = e.status
-        stale = e.key is not None and installed.get(e.key.flavour, e.key.trt_version) != e.key.trt_version
-        if status == "ok" and stale:  # built by another version of the installed flavour: it cannot load
-            status = "stale"
-        rows.append({"file": e.path.name, "status": status, "reason": e.reason, "mb": round(e.nbytes / 1e6, 1),
-                     **(e.key.as_dict() if e.key else {}), "model_name": e.sidecar.get("model_name"),
-                     "build_seconds": e.sidecar.get("build_seconds")})
-    rows += _compiled_rows(args)
+    rows = _rows(args)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=2))
         return 0
     if not rows:
-        print(f"the engine cache {Path(args.engine_dir)}/ holds no engines (decode --backend tensorrt or "
-              "'promptus engines build' makes them)")
+        print(f"the engine cache {Path(args.engine_dir)}/ holds no engines or compiled steps (decode --backend "
+              "tensorrt or compile, or 'promptus engines build', makes them)")
         return 0
-    header = ("component", "batch", "size", "prec", "flavour", "target", "model", "MB", "status")
+    header = ("kind", "key", "built with", "model", "MB", "created", "status")
     table = [header] + [
-        (r.get("component") or r["file"], str(r.get("batch", "")), str(r.get("size", "")), r.get("precision", ""),
-         f"{r.get('flavour', '')} {r.get('trt_version', '')}".strip(),
-         r.get("compute_capability", "") + (f" {r['gpu']}" if r.get("gpu") not in (None, "any") else ""),
-         f"{r.get('model_name') or ''} {str(r.get('model_digest', ''))[:12]}".strip(), f"{r['mb']:.1f}",
+        (r["_title"], r["what"] or r["file"], r["toolkit"], r["model"], f"{r['mb']:.1f}", r["created"][:16],
          r["status"] + (f": {r['reason']}" if r["reason"] else ""))
         for r in rows
     ]
@@ -240,25 +219,17 @@ def _list(args) -> int:
 
 
 def _clean(args) -> int:
-    digest = _digest_filter(args)
+    from ..backends.artifact_cache import clean_artifacts
+
+    wanted = _model_digests(args)
     filters = [f for f in (
-        (lambda k: k.model_digest == digest) if digest else None,
+        (lambda k: k.model_digest in wanted) if wanted else None,
         (lambda k: k.size == args.size) if args.size is not None else None,
         (lambda k: k.batch == args.batch) if args.batch is not None else None,
     ) if f is not None]
     match = (lambda k: all(f(k) for f in filters)) if filters else None
-    removed = clean_engines(args.engine_dir, everything=args.all, match=match,
-                            installed=_installed_versions().items(), dry_run=args.dry_run)
-    from ..backends.compile_cache import clean_compiled
-
-    arch = _architecture_filter(args)
-    compiled_filters = [f for f in (
-        (lambda k: k.model_digest == arch) if arch else None,
-        (lambda k: k.size == args.size) if args.size is not None else None,
-        (lambda k: k.batch == args.batch) if args.batch is not None else None,
-    ) if f is not None]
-    removed += clean_compiled(args.engine_dir, everything=args.all, dry_run=args.dry_run,
-                              match=(lambda k: all(f(k) for f in compiled_filters)) if compiled_filters else None)
+    removed = clean_artifacts(args.engine_dir, everything=args.all, match=match, installed=_installed_versions(),
+                              dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for p in removed:
         print(f"{verb} {p}")

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..bitstream import CODECS, ENTROPY_CHOICES
 from ..config import INIT_PRECISIONS, CodecConfig
 
 log = logging.getLogger("promptus")
@@ -23,8 +24,9 @@ def register(subparsers) -> None:
                    help="how the init latent is stored: fp32 (exact, 64 KiB at 512²), fp16 or int8 (default: fp32)")
     L.add_argument("--interval", type=int, default=None,
                    help="keyframe interval; inferred from the keyframe spacing (needed only for a single keyframe)")
-    L.add_argument("--entropy", choices=["auto", "none"], default="auto",
-                   help="lossless coding of the quantized factors: auto keeps the smallest of raw/zlib/lzma/bz2")
+    L.add_argument("--entropy", choices=ENTROPY_CHOICES, default="auto",
+                   help=f"lossless coding of the quantized factors: auto keeps the smallest of {'/'.join(CODECS)}, "
+                        "none stores raw, a coder's name tries only that one (default: auto)")
     L.set_defaults(func=run)
 
 

@@ -8,8 +8,8 @@ import logging
 import sys
 import time
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
 from .common import add_model_args, load_models
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                                                         "regenerated unseen)")
     p.add_argument("--fast", action="store_true", help="ask the server for the stream as fast as possible")
     add_model_args(p)
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend (default: auto)")
+    p.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend (default: auto)")
     p.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     p.set_defaults(func=run)
 

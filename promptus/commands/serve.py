@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..backends import BACKENDS
-from ..backends.engine_cache import DEFAULT_ENGINE_DIR
-from ..config import ServerConfig
+from ..backends import backend_names
+from ..config import DEFAULT_ENGINE_DIR, ServerConfig
 from ..errors import PromptusError
 from .common import add_model_args, load_models
 
@@ -26,7 +25,7 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     add_model_args(s)
-    s.add_argument("--backend", default="auto", choices=BACKENDS, help="decoder backend for the viewer (default: auto)")
+    s.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend for the viewer (default: auto)")
     s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     s.add_argument("--no-viewer", action="store_true",
                    help="load no model: serve prompt streams and files only (receivers decode themselves)")

@@ -31,7 +31,7 @@ PRESETS = ("quick",)
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     """The sweep's options (the `sweep` command and scripts/bitrate_sweep.py)."""
-    from ..backends import BACKENDS
+    from ..backends import backend_names
     from ..config import CodecConfig, TrainConfig
 
     ranks, intervals, baselines = _default("ranks"), _default("intervals"), _default("baselines")
@@ -63,9 +63,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     add_encode_args(p, rate=False, defaults={k: (None, note(k, v)) for k, v in published.items()})
     add_model_args(p, auto_help="checkpoints/sd_turbo.safetensors or checkpoints/sd-turbo; with --preset quick "
                                 "the tiny model when neither is present")
-    p.add_argument("--decode-backend", default=_default("decode_backend"), choices=[b for b in BACKENDS if b != "auto"],
+    p.add_argument("--decode-backend", default=_default("decode_backend"), choices=backend_names(),
                    help=f"backend that decodes the promptus points, one of "
-                        f"{', '.join(b for b in BACKENDS if b != 'auto')} (default: {_default('decode_backend')})")
+                        f"{', '.join(backend_names())} (default: {_default('decode_backend')})")
     p.add_argument("--threads", type=int, default=_default("threads"),
                    help="torch CPU threads per job; CPU results depend on it, so it is part of each point's "
                         f"inputs (default: {_default('threads')})")
@@ -76,9 +76,14 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="baseline bitrate tolerance: a CRF search follows two-pass ABR when it misses the target "
                         f"by more (default: {_default('tolerance'):.2f})")
     add_metric_args(p)
-    p.add_argument("--ray", action="store_true",
-                   help="run one Ray task per point on a local Ray instance (pip install 'promptus[distributed]')")
-    p.add_argument("--ray-address", default=None, help="run the tasks on this Ray cluster (implies --ray)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the promptus points on long-lived Ray actors, one per GPU (or per --gpus-per-point "
+                        "GPUs), longest first; a local Ray instance, or the cluster at ADDRESS (every node needs "
+                        "promptus and the same paths: docs/many-gpus.md; pip install 'promptus[distributed]')")
+    p.add_argument("--ray-address", default=None, help="the same as --ray ADDRESS")
+    p.add_argument("--gpus-per-point", type=int, default=_default("gpus_per_point"),
+                   help="with --ray: GPUs of each actor; a point then encodes on all of them (encode --devices) "
+                        f"(default: {_default('gpus_per_point')})")
 
 
 def apply_preset(args: argparse.Namespace) -> None:
@@ -109,6 +114,11 @@ def config_from_args(args: argparse.Namespace):
     names = {f.name for f in dataclasses.fields(SweepConfig)} - {"codec", "train"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["progress"] = not getattr(args, "quiet", False)
+    if isinstance(args.ray, str):  # --ray [ADDRESS]
+        values["ray"] = True
+        values["ray_address"] = args.ray or args.ray_address
+    else:
+        values["ray"] = bool(args.ray_address)
     if args.baselines is None:
         values["baselines"] = []
     return SweepConfig(codec=codec_from_args(args), train=train_from_args(args), **values)

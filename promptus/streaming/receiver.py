@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..bitstream import Header, InitLatent
+from ..config import DEFAULT_ENGINE_DIR
 from ..decoder import ClipState, Decoder
 from ..errors import PromptusError
 from .scheduler import ProducedSegment
@@ -105,18 +106,18 @@ class ReceiverStats:
 
 
 def backend_decoders(models, backend: str = "auto", device=None, *,
-                     engine_dir: str = "engines") -> Callable[[Header], Decoder]:
-    """``decoder_for(header)``: a Decoder over ``models`` with a backend made for the clip's
-    interval and size (one per distinct shape, reused)."""
-    from ..backends import make_backend, resolve_device
+                     engine_dir: str = DEFAULT_ENGINE_DIR) -> Callable[[Header], Decoder]:
+    """``decoder_for(header)``: a Decoder over ``models`` with a backend made for the clip
+    (:func:`promptus.backends.backend_for_clip`; one per distinct batch and size, reused)."""
+    from ..backends import backend_for_clip, clip_batch, resolve_device
 
     dev = resolve_device(device)
     cache: dict[tuple, Decoder] = {}
 
     def decoder_for(header: Header) -> Decoder:
-        key = (header.interval, header.width, header.height)
+        key = (clip_batch(header), header.width, header.height)
         if key not in cache:
-            b = make_backend(backend, models, dev, batch=header.interval, size=header.width, engine_dir=engine_dir)
+            b = backend_for_clip(header, models, name=backend, device=dev, engine_dir=engine_dir)
             cache[key] = Decoder(b, models.identity())
         return cache[key]
 

@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..backends import BASELINE, quick_backends  # noqa: E402
 from ..config import CodecConfig  # noqa: E402
 from ..errors import PromptusError  # noqa: E402
 from ..video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ensure_sample_clip  # noqa: E402
@@ -437,9 +438,9 @@ class Studio:
                                 "benchmark (random prompts, the studio's model); eager is the baseline. Running it "
                                 "takes the machine for a while, like an encode.")
                     with gr.Row():
-                        bench_backends = gr.CheckboxGroup(["torch", "compile", "tensorrt"],
-                                                          value=["torch", "compile"] if m.device.type == "cuda"
-                                                          else ["torch"], label="Backends besides eager")
+                        bench_backends = gr.CheckboxGroup([b for b in STUDIO_BACKENDS if b != BASELINE],
+                                                          value=quick_backends(m.device.type),
+                                                          label=f"Backends besides {BASELINE}")
                         bench_size = gr.Dropdown(sizes, value=d.size, label="Frame size (px)")
                         bench_batch = gr.Number(d.interval, precision=0, minimum=1, label="Batch (frames per segment)")
                     bench_btn = gr.Button("Run the decode benchmark", elem_id="studio-bench")

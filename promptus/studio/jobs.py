@@ -247,11 +247,11 @@ class EncodeJob:
     def _work(self) -> None:
         s, m = self.settings, self.model
         self._set("loading", "reading the clip")
-        from ..backends import make_backend
+        from ..backends import backend_for_clip
 
         codec, train = s.codec(self.clip.fps), s.train()
         # The closed loop runs on the backend the results are decoded with: same frames, bit for bit.
-        backend = make_backend(s.backend, m.models, m.device, batch=codec.interval, size=codec.width)
+        backend = backend_for_clip(codec, m.models, name=s.backend, device=m.device)
         encoder = Encoder(codec, train, m.models, device=m.device, vgg=m.vgg, callback=self._callback,
                           progress=False, backend=backend, should_stop=self._stop.is_set)
         frames = encoder.load_frames(self.clip.path, max_frames=self.frame_count)
@@ -273,7 +273,7 @@ class EncodeJob:
 def measure_outcome(model: StudioModel, settings: StudioSettings, res: EncodeResult, original: torch.Tensor,
                     folder: Path) -> EncodeOutcome:
     """Decode ``res``'s file with the library's decoder, measure it against ``original``, write the videos."""
-    from ..backends import make_backend
+    from ..backends import backend_for_clip
     from ..decoder import Decoder
     from ..metrics import psnr, ssim
     from ..video import FrameWriter
@@ -282,7 +282,7 @@ def measure_outcome(model: StudioModel, settings: StudioSettings, res: EncodeRes
     data = path.read_bytes()
     bs = read(path)
     h = bs.header
-    backend = make_backend(settings.backend, model.models, model.device, batch=h.interval, size=h.width)
+    backend = backend_for_clip(h, model.models, name=settings.backend, device=model.device)
     t0 = time.perf_counter()
     decoded = Decoder(backend, model.identity).decode_all(bs)
     decode_seconds = time.perf_counter() - t0
@@ -321,9 +321,10 @@ def decoded_psnr(outcome: EncodeOutcome) -> float:
 def run_decode_benchmark(model: StudioModel, backends: list[str], *, size: int, batch: int, keyframes: int = 7,
                          reps: int = 3, machine: threading.Lock | None = None) -> dict:
     """The library's decode benchmark on this machine (eager first: it is the baseline)."""
+    from ..backends import BASELINE
     from ..bench import bench_decode
 
-    names = ["eager"] + [b for b in backends if b != "eager"]
+    names = [BASELINE] + [b for b in backends if b != BASELINE]
     lock = machine or threading.Lock()
     with lock:
         return bench_decode(model="tiny" if model.tiny else model.spec, device=str(model.device), size=size,

@@ -169,7 +169,3 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def folder_of(self, session_id: str) -> Path | None:
-        s = self._sessions.get(session_id)
-        return s.folder if s else None
-

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends import backend_names
 from ..bitstream import Bitstream, Header, InitLatent, Keyframe, to_bytes
 from ..config import INIT_LATENT_SOURCES, INIT_PRECISIONS, CodecConfig, ModelIdentity, TrainConfig
 from ..errors import PromptusError
 from ..prompts import QuantizedTensor, RateEstimate, estimate_rate
 
-#: Decoder backends the closed loop (and the studio's decode) can run with.
-STUDIO_BACKENDS = ("eager", "torch", "compile", "tensorrt")
+#: Decoder backends the closed loop (and the studio's decode) can run with: the registry's, eager first.
+STUDIO_BACKENDS = backend_names(simplest_first=True)
 #: Frame sizes offered in Advanced mode.
 SIZES = (64, 128, 256, 384, 512)
 

@@ -53,6 +53,7 @@ class SweepConfig:
     # how jobs run
     ray: bool = False
     ray_address: str | None = None
+    gpus_per_point: int = 1
     progress: bool = True
 
     @property
@@ -82,5 +83,10 @@ class SweepConfig:
             raise PromptusError(f"the sweep codes square frames; got {self.codec.width}×{self.codec.height}")
         if not 0 < self.tolerance < 1:
             raise PromptusError(f"--tolerance {self.tolerance} must lie between 0 and 1 (0.1 = 10 %)")
+        if self.gpus_per_point < 1:
+            raise PromptusError(f"--gpus-per-point {self.gpus_per_point} must be ≥ 1")
+        if self.gpus_per_point > 1 and not (self.ray or self.ray_address):
+            raise PromptusError("--gpus-per-point needs --ray (the points then run on Ray actors with that many "
+                                "GPUs each); without Ray, encode one clip on several GPUs with encode --devices")
         if self.threads < 1:
             raise PromptusError(f"--threads {self.threads} must be ≥ 1")

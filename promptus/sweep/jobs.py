@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..config import FAST_SCHEDULE_FIELDS
 from ..errors import PromptusError
 from ..files import read_json
 from .clips import ClipInfo
@@ -64,6 +65,11 @@ def _metric_inputs(cfg: SweepConfig) -> dict[str, Any]:
             "lpips_threshold": cfg.lpips_threshold, "threads": cfg.threads}
 
 
+def _schedule_inputs(train) -> dict[str, Any]:
+    # the published schedule adds nothing: points swept before schedules existed keep their ids
+    return {k: v for k, v in train.result_dict().items() if k == "schedule" or k in FAST_SCHEDULE_FIELDS}
+
+
 def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
                   model_digest: str | None = None) -> dict[str, Any]:
     """The job of one promptus point. ``inputs`` decide the result; ``paths`` say where files go.
@@ -77,7 +83,8 @@ def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
               "iters_first": t.iters_first, "iters": t.iters, "init_latent": t.init_latent,
               "init_precision": t.init_precision, "perceptual": t.perceptual, "vgg": cfg.vgg, "seed": cfg.codec.seed,
               "model": cfg.model, "model_digest": model_digest, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints,
-              "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg)}
+              "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg),
+              **_schedule_inputs(t)}
     pid = point_id("promptus", rank, interval, settings_digest(inputs))
     return {"point": pid, "inputs": inputs, "progress": cfg.progress,
             "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.promptus"),
@@ -215,7 +222,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode, decode and measure one promptus point; returns ``{"row", "quality", "encode"}``."""
     import torch
 
-    from ..backends import make_backend, resolve_device
+    from ..backends import resolve_device
+    from ..startup import cached_backend
     from ..bitstream import file_rate, read
     from ..config import CodecConfig, TrainConfig
     from ..decoder import Decoder
@@ -231,17 +239,27 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
         codec = CodecConfig(width=inputs["size"], height=inputs["size"], fps=inputs["fps"], rank=inputs["rank"],
                             interval=inputs["interval"], seed=inputs["seed"])
         train = TrainConfig(iters_first=inputs["iters_first"], iters=inputs["iters"], perceptual=inputs["perceptual"],
-                            init_latent=inputs["init_latent"], init_precision=inputs["init_precision"])
+                            init_latent=inputs["init_latent"], init_precision=inputs["init_precision"],
+                            **{k: inputs[k] for k in ("schedule", *FAST_SCHEDULE_FIELDS) if k in inputs})
         reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
-        enc = Encoder(codec, train, models, device=device, vgg=vgg, progress=spec.get("progress", False))
+        devices = spec.get("devices")  # execution only (an actor with several GPUs): not part of the inputs
+        worker_models = None
+        if devices is not None:
+            from ..distributed import ModelSource
+
+            worker_models = ModelSource(inputs["model"], inputs["taesd"], inputs["checkpoints"],
+                                        vae=inputs["init_latent"] == "vae")
+        enc = Encoder(codec, train, models, device=None if devices else device, vgg=vgg,
+                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models)
         t0 = time.perf_counter()
+        done_before = _keyframes_done(paths["file"])  # training seconds count this run's keyframes only
         res = enc.encode(reference, paths["file"], resume=True)  # continues a killed point from its checkpoint
         encode_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         bs = read(paths["file"])
-        backend = make_backend(inputs["decode_backend"], models, device, batch=bs.header.interval,
-                               size=bs.header.width)
+        # Kept for the actor's next point: a compiled step or captured graph is prepared once per process.
+        backend = cached_backend(bs.header, models, name=inputs["decode_backend"], device=device)
         decoded = Decoder(backend, models.identity()).decode_all(bs)
         decode_s = time.perf_counter() - t0
         if decoded.shape != reference.shape:
@@ -256,7 +274,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
                **_quality_fields(report))
     return {"row": row, "quality": report.to_dict(),
             "encode": {"keyframes": [k.to_dict() for k in res.keyframes], "model": models.name,
-                       "model_digest": bs.header.model.hexdigest}}
+                       "model_digest": bs.header.model.hexdigest},
+            "training_s": sum(k.seconds for k in res.keyframes if k.keyframe >= done_before)}
 
 
 def run_baseline_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -312,12 +331,27 @@ def worker_info() -> dict[str, Any]:
     return info
 
 
+def _keyframes_done(file: str) -> int:
+    """Keyframes the checkpoint of an interrupted encode of ``file`` holds (0 when there is none)."""
+    from ..checkpoint import checkpoint_paths
+
+    try:
+        done = json.loads(checkpoint_paths(Path(file))[1].read_text()).get("keyframes_done", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return done if isinstance(done, int) else 0
+
+
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """One sweep job: a pure function of ``spec`` (the same spec gives the same row, timings aside).
 
-    The result also says where the job ran (``"worker"``: host, GPUs as Ray reported them)."""
+    The result also says where the job ran (``"worker"``: host, GPUs as Ray reported them, seconds in all and
+    outside training)."""
+    t0 = time.perf_counter()
     result = _run_point(spec)
-    result["worker"] = worker_info()
+    total = time.perf_counter() - t0
+    result["worker"] = dict(worker_info(), executor="local", seconds=total,
+                            outside_training_s=total - result.get("training_s", 0.0))
     return result
 
 

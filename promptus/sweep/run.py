@@ -92,7 +92,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         raise VideoError("a clip needs more frames than the keyframe interval: " + "; ".join(short)
                          + "; drop those intervals or use longer clips")
 
-    executor = RayExecutor(cfg.ray_address) if (cfg.ray or cfg.ray_address) else LocalExecutor()
+    executor = (RayExecutor(cfg.ray_address, gpus_per_point=cfg.gpus_per_point) if (cfg.ray or cfg.ray_address)
+                else LocalExecutor())
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     failures: list[dict[str, Any]] = []
     by_name = {c.name: c for c in clips}
@@ -133,7 +134,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 continue
             write_json_atomic(spec["paths"]["result"], {"inputs": spec["inputs"], **result})
             r = result["row"]
-            log.info("%s: %.1f kbit/s, PSNR %.2f dB, SSIM %.4f", where, r["kbps_all_bytes"], r["psnr"], r["ssim"])
+            log.info("%s: %.1f kbit/s, PSNR %.2f dB, SSIM %.4f; %s", where, r["kbps_all_bytes"], r["psnr"], r["ssim"],
+                     describe_worker(result.get("worker", {})))
             accept(r)
     finally:
         bar.close()
@@ -147,6 +149,18 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     earlier = [r for r in earlier_rows(out) if (r["clip"], r["point"]) not in rows]
     write_results(out, cfg, ordered, earlier, bd, bd_mean, plots, failures, clips)
     return SweepResult(ordered, bd, bd_mean, plots, failures, computed, out, earlier)
+
+
+def describe_worker(w: dict[str, Any]) -> str:
+    """Where a point ran and how long it took, for the log: host, pid, GPUs, seconds outside training."""
+    where = f"ran on {w.get('host', '?')} pid {w.get('pid', '?')}"
+    if w.get("ray_gpu_ids"):
+        where += f" GPU {','.join(w['ray_gpu_ids'])}"
+    if w.get("executor") == "ray-actor":
+        where += f" (Ray actor, its point {w.get('actor_points')}, attempt {w.get('attempt')})"
+    if "seconds" in w:
+        where += f", {w['seconds']:.1f} s, {w.get('outside_training_s', 0.0):.1f} s outside training"
+    return where
 
 
 def earlier_rows(out: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,300 @@
+"""A decoder's start-up, phase by phase, and what a process keeps loaded.
+
+:func:`load_decoder` makes the models and the backend for a clip the way
+``promptus decode`` needs them, timing each phase into a :class:`StartupProfile`
+(``decode --profile-start``): the model file read (on the CPU), the weights to the
+GPU, the compiled step's load, and — recorded by the caller — the first segment and
+the first frame on disk. Where the backend is ``compile`` (named, or what ``auto``
+picks) and a stored ``aot_compile`` step exists, that step is deserialised on a thread
+while the weights are read and moved: it needs no weights
+(:func:`promptus.backends.compile_cache.preload`).
+
+What is loaded stays loaded for the life of the process, keyed by what defines it:
+models by their source (a file's path, size and modification time, or a built-in
+name), device, dtype and TAESD; decoders (models + backend) additionally by backend,
+batch, frame size, engine folder and parity. ``serve``, the studio and sweep actors
+that decode several clips in one process reuse them instead of loading again. The
+caches are small (LRU) and :func:`clear` empties them. A cached backend is not
+re-entrant: run one decode at a time on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_ENGINE_DIR, PARITY_OURS
+
+log = logging.getLogger(__name__)
+
+#: Models and decoders a process keeps (least recently used dropped first).
+MODELS_KEPT = 2
+DECODERS_KEPT = 4
+
+_lock = threading.RLock()
+_models: collections.OrderedDict = collections.OrderedDict()
+_decoders: collections.OrderedDict = collections.OrderedDict()
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that is not known."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class StartupProfile:
+    """Seconds per start-up phase, and moments since the process started (``marks``).
+
+    ``phase(name)`` times a block (phases that run at once on two threads overlap, so
+    their sum can exceed the wall time); ``mark(name)`` records the time since the
+    process started, once (``first segment``, ``first frame written``).
+    """
+
+    phases: dict[str, float] = field(default_factory=dict)
+    marks: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        age = process_age()
+        self.origin = time.perf_counter() - (age or 0.0)
+        self.marks["main"] = age if age is not None else float("nan")  # interpreter + imports
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.perf_counter() - self.origin)
+
+    def as_dict(self) -> dict:
+        return {"phases_s": dict(self.phases), "since_process_start_s": dict(self.marks), "notes": list(self.notes)}
+
+    def format(self) -> str:
+        """The profile as a few lines of text (the command prints them)."""
+        lines = ["start-up profile (seconds):"]
+        lines += [f"  {name:28} {secs:7.2f}" for name, secs in self.phases.items()]
+        lines += [f"  {'at ' + name:28} {secs:7.2f} after the process started" for name, secs in self.marks.items()]
+        lines += [f"  ({note})" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _source_key(spec: str, checkpoints_dir: str | os.PathLike) -> tuple:
+    """What identifies the weights ``spec`` names: a file or folder's path, size and mtime, or the name."""
+    from .models import find_default_weights
+
+    if spec == "auto":
+        spec = find_default_weights(checkpoints_dir) or "auto"
+    path = Path(os.path.expanduser(str(spec)))
+    if path.exists():
+        st = path.stat()
+        return ("path", str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return ("name", str(spec))
+
+
+def _remember(cache: collections.OrderedDict, key, value, keep: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > keep:
+        cache.popitem(last=False)
+
+
+def clear() -> None:
+    """Forget every model and decoder this process keeps."""
+    with _lock:
+        _models.clear()
+        _decoders.clear()
+
+
+def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd: str | None = None,
+                  vae: bool = False, checkpoints_dir: str | os.PathLike = "checkpoints",
+                  profile: StartupProfile | None = None, on_architecture=None):
+    """:func:`promptus.models.load_models` through the process cache.
+
+    A file's weights are read on the CPU ("model file read") and then moved and cast
+    ("weights to GPU"); ``on_architecture(models)`` is called in between, with the
+    models still on the CPU, so that work needing only the architecture can start.
+    """
+    from .models import load_models, model_digest
+
+    device = torch.device(device)
+    profile = profile or StartupProfile()
+    key = (_source_key(spec, checkpoints_dir), str(taesd), str(device), str(dtype), bool(vae),
+           str(checkpoints_dir))
+    with _lock:
+        models = _models.get(key)
+        if models is not None:
+            _models.move_to_end(key)
+            profile.notes.append("models kept from earlier in this process")
+            if on_architecture is not None:
+                on_architecture(models)
+            return models
+        built_on_device = spec in ("tiny", "random")  # made in code: nothing to read
+        with profile.phase("model file read" if not built_on_device else "model made in code"):
+            where = device if built_on_device else torch.device("cpu")
+            models = load_models(spec, device=where, dtype=dtype if built_on_device else torch.float32,
+                                 taesd=taesd, vae=vae, checkpoints_dir=checkpoints_dir)
+        if on_architecture is not None:
+            on_architecture(models)
+        digest: dict[str, bytes] = {}
+        hasher = None
+        if not built_on_device and device.type == "cuda":
+            # The weights' digest (the bitstream's model check) from the copy already in host memory, while the
+            # weights travel; where a tensor was moved first, its GPU copy gives the same digest (fp16 canonical).
+            hasher = threading.Thread(target=lambda: digest.update(d=model_digest(models)), name="promptus-digest",
+                                      daemon=True)
+            hasher.start()
+        with profile.phase("weights to GPU" if device.type == "cuda" else "weights cast"):
+            models.to(device, dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        if hasher is not None:
+            with profile.phase("weights digest (after the move)"):
+                hasher.join()
+            if "d" in digest:
+                models._digest = digest["d"]
+        _remember(_models, key, models, MODELS_KEPT)
+        return models
+
+
+def _compile_keys(models, *, device, dtype, batch: int, size: int, timestep: int):
+    """The compiled-step keys the compile backend will look up for this clip, before the weights are in place."""
+    import dataclasses
+
+    from .backends.compile_cache import CompileOptions, architecture_digest, available_mechanisms, make_key
+    from .backends.segment_step import shared_prefix_problem
+
+    options = CompileOptions()
+    if options.shared_prefix and shared_prefix_problem(models.unet):
+        options = dataclasses.replace(options, shared_prefix=False)
+    digest = architecture_digest(models.unet, models.taesd.decoder, dtype=dtype)
+    return [make_key(digest, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device, mechanism=m,
+                     options=options) for m in available_mechanisms()]
+
+
+def _will_compile(backend: str, device: torch.device) -> bool:
+    from .backends import compile_status, tensorrt_status
+
+    if backend == "compile":
+        return True
+    return backend == "auto" and not tensorrt_status(device)[0] and compile_status(device)[0]
+
+
+@dataclass
+class LoadedDecoder:
+    """What :func:`load_decoder` returns: the models, their identity (taken before any offload) and the backend."""
+
+    models: object
+    identity: object
+    backend: object
+    reused: bool = False
+
+
+def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = "auto", taesd: str | None = None,
+                 checkpoints_dir: str | os.PathLike = "checkpoints", engine_dir: str = DEFAULT_ENGINE_DIR,
+                 parity: str = PARITY_OURS, offload_models: bool = False,
+                 profile: StartupProfile | None = None) -> LoadedDecoder:
+    """Models and a backend for ``clip`` (a bitstream Header or Bitstream, or a CodecConfig; see
+    :func:`promptus.backends.backend_for_clip`, which checks the geometry before anything is sized),
+    through the process cache (module docstring). A compiled step, where one will be used, is loaded
+    on a thread while the weights move, and prepared before this returns."""
+    from .backends import backend_for_clip, clip_batch, clip_config
+    from .backends.torch_backend import CompileBackend
+
+    device = torch.device(device)
+    profile = profile or StartupProfile()
+    config, _ = clip_config(clip)
+    batch, size, timestep = clip_batch(clip), config.width, config.timestep
+    key = (_source_key(spec, checkpoints_dir), str(taesd), str(device), str(dtype), backend, batch, size,
+           str(Path(engine_dir).resolve()), parity, offload_models)
+    with _lock:
+        hit = _decoders.get(key)
+        if hit is not None:
+            _decoders.move_to_end(key)
+            hit.models.geometry().check(config)
+            profile.notes.append("models and backend kept from earlier in this process")
+            return LoadedDecoder(hit.models, hit.identity, hit.backend, reused=True)
+        preloader: list[threading.Thread] = []
+
+        def start_preload(models):
+            if device.type != "cuda" or parity != PARITY_OURS or not _will_compile(backend, device):
+                return
+            models.geometry().check(config)  # the header's numbers size nothing before this
+            from .backends.compile_cache import preload
+
+            keys = _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size, timestep=timestep)
+
+            def run():
+                torch.cuda.set_device(device)
+                t0 = time.perf_counter()
+                for k in keys:
+                    if preload(k, engine_dir):
+                        profile.phases["compiled-step read (thread)"] = time.perf_counter() - t0
+                        return
+
+            thread = threading.Thread(target=run, name="promptus-preload", daemon=True)
+            thread.start()
+            preloader.append(thread)
+
+        models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
+                               profile=profile, on_architecture=start_preload)
+        models.geometry().check(config)  # before the identity is taken or anything is sized
+        identity = models.identity()  # before the backend may move the networks off the GPU
+        with profile.phase("compiled-step load"):
+            for thread in preloader:
+                thread.join()
+            made = backend_for_clip(clip, models, name=backend, device=device, dtype=dtype, engine_dir=engine_dir,
+                                    offload_models=offload_models, parity=parity)
+            if isinstance(made, CompileBackend) and made.batch:
+                from .schedule import OneStep
+
+                made.prepare(size, OneStep.at(timestep))  # the stored step loaded (or built) now, not in segment 1
+        loaded = LoadedDecoder(models, identity, made)
+        _remember(_decoders, key, loaded, DECODERS_KEPT)
+        return loaded
+
+
+def cached_backend(clip, models, *, name: str = "auto", device=None, dtype: torch.dtype | None = None,
+                   engine_dir: str = DEFAULT_ENGINE_DIR, offload_models: bool = False, parity: str = PARITY_OURS):
+    """:func:`promptus.backends.backend_for_clip` through the process cache, for callers that hold their
+    models already (a sweep actor decoding one point after another): the same models, backend, clip batch
+    and size, device, dtype, engine folder and parity give the same backend object, so a compiled step or
+    captured graph is prepared once per process. Not re-entrant: one decode at a time per backend."""
+    from .backends import backend_for_clip, clip_batch, clip_config, resolve_device
+
+    config, _ = clip_config(clip)
+    models.geometry().check(config)
+    dev = resolve_device(device)
+    key = ("backend", id(models), name, str(dev), str(dtype), clip_batch(clip), config.width,
+           str(Path(engine_dir).resolve()), parity, offload_models)
+    with _lock:
+        hit = _decoders.get(key)
+        if hit is not None and hit.models is models:  # the id of a live object: the models themselves
+            _decoders.move_to_end(key)
+            return hit.backend
+        backend = backend_for_clip(clip, models, name=name, device=dev, dtype=dtype, engine_dir=engine_dir,
+                                   offload_models=offload_models, parity=parity)
+        _remember(_decoders, key, LoadedDecoder(models, None, backend), DECODERS_KEPT)
+        return backend
+
+
+__all__ = ["StartupProfile", "LoadedDecoder", "load_decoder", "cached_backend", "cached_models", "clear",
+           "process_age", "MODELS_KEPT", "DECODERS_KEPT"]

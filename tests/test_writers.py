@@ -1,0 +1,264 @@
+"""Frame writers that keep up (parallel PNGs, video encoder choice) and the decoder's start-up profile and cache."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import promptus
+import promptus.video as video
+from promptus.commands.main import main
+from promptus.config import CodecConfig
+from promptus.errors import VideoError
+from promptus.video import FrameWriter, sky_clip
+
+from hostile import bitstream
+
+
+def grainy(n: int = 12, size: int = 48) -> np.ndarray:
+    """Distinct frames that compress unevenly, so that workers finish out of order."""
+    rng = np.random.RandomState(0)
+    clip = sky_clip(n, size).astype(int)
+    clip[::3] += rng.randint(-40, 40, clip[::3].shape)  # every third frame noisy: slower to encode
+    return np.clip(clip, 0, 255).astype(np.uint8)
+
+
+def write_folder(out, frames, **kw):
+    with FrameWriter(out, 30, kind="folder", **kw) as w:
+        for f in frames[:5]:
+            w.write(f)
+        w.write_batch(torch.from_numpy(frames[5:]))
+    return sorted(out.iterdir())
+
+
+@pytest.mark.parametrize("level", [6, 1])
+def test_parallel_png_writer_gives_the_serial_writers_bytes_in_order(tmp_path, level):
+    frames = grainy()
+    serial = write_folder(tmp_path / "serial", frames, workers=1, png_level=level)
+    parallel = write_folder(tmp_path / "parallel", frames, workers=4, png_level=level)
+    assert [p.name for p in parallel] == [f"{i:05d}.png" for i in range(len(frames))]
+    assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
+    for i, p in enumerate(parallel):  # frame i is file i
+        assert np.array_equal(np.asarray(Image.open(p)), frames[i])
+    if level == 6:  # the writer before this change: PIL's default save
+        old = io.BytesIO()
+        Image.fromarray(frames[0]).save(old, format="PNG")
+        assert parallel[0].read_bytes() == old.getvalue()
+
+
+def test_png_level_one_is_larger_than_six(tmp_path):
+    frames = sky_clip(3, 64)
+    six = sum(p.stat().st_size for p in write_folder(tmp_path / "six", frames, png_level=6))
+    one = sum(p.stat().st_size for p in write_folder(tmp_path / "one", frames, png_level=1))
+    assert one > six
+
+
+def test_writer_does_not_keep_a_view_of_the_callers_buffer(tmp_path):
+    """The pipelined decoder reuses its pinned buffer as soon as the sink returns."""
+    frames = grainy(6)
+    buf = np.empty_like(frames[:2])
+    with FrameWriter(tmp_path / "f", 30, kind="folder", workers=3) as w:
+        for i in range(0, 6, 2):
+            buf[:] = frames[i:i + 2]
+            w.write_batch(buf)
+            buf[:] = 0  # overwritten at once
+    for i, p in enumerate(sorted((tmp_path / "f").iterdir())):
+        assert np.array_equal(np.asarray(Image.open(p)), frames[i])
+
+
+def failing_save(fail_at: int):
+    real = video.save_png
+
+    def save(frame, path, level):
+        if path.name == f"{fail_at:05d}.png":
+            raise OSError(28, "No space left on device")
+        return real(frame, path, level)
+
+    return save
+
+
+def test_a_failing_worker_is_a_clear_error_and_leaves_no_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "save_png", failing_save(3))
+    out = tmp_path / "frames"
+    with pytest.raises(VideoError, match=r"cannot write frame 00003.png: No space left on device"):
+        with FrameWriter(out, 30, kind="folder", workers=3) as w:
+            for f in grainy(20):
+                w.write(f)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_worker_leaves_an_existing_folder_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "frames"
+    out.mkdir()
+    (out / "00001.png").write_bytes(b"old frame")
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(video, "save_png", failing_save(5))
+    w = FrameWriter(out, 30, kind="folder", workers=4, force=True)
+    with pytest.raises(VideoError, match="00005.png"):
+        for f in grainy(8):
+            w.write(f)
+        w.close()  # a failure seen only when draining surfaces here
+    assert sorted(p.name for p in out.iterdir()) == ["00001.png", "keep.txt"]
+    assert (out / "00001.png").read_bytes() == b"old frame"
+
+
+def test_an_encoding_bug_in_a_worker_names_the_frame(tmp_path, monkeypatch):
+    def broken(frame, path, level):
+        raise ValueError("bad mode")
+
+    monkeypatch.setattr(video, "save_png", broken)
+    with pytest.raises(VideoError, match=r"encoding frame 00000.png failed \(ValueError: bad mode\)"):
+        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2) as w:
+            for f in grainy(6):
+                w.write(f)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_level_out_of_range_is_refused(tmp_path):
+    with pytest.raises(VideoError, match="from 0"):
+        FrameWriter(tmp_path / "f", 30, kind="folder", png_level=12)
+
+
+def test_video_encoder_choice(tmp_path, monkeypatch, caplog):
+    video.nvenc_problem.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert video.choose_video_encoder(".mp4", "cpu", 12) == ("mp4", "libx264", {"crf": "12", "preset": "veryfast"})
+    with caplog.at_level("INFO", logger="promptus.video"):
+        assert video.choose_video_encoder(".mp4", "auto", 12)[1] == "libx264"
+    assert "NVENC not used (no CUDA GPU)" in caplog.text
+    with pytest.raises(VideoError, match="NVENC cannot write .webm files here: libvpx-vp9 has no NVENC"):
+        video.choose_video_encoder(".webm", "nvenc")
+    with pytest.raises(VideoError, match="unknown video encoder"):
+        video.choose_video_encoder(".mp4", "gpu")
+    frames = sky_clip(4, 32)
+    for suffix in (".mp4", ".webm"):
+        with FrameWriter(tmp_path / f"v{suffix}", 30, video_encoder="auto") as w:
+            w.write_batch(frames)
+        assert video.read_frames(tmp_path / f"v{suffix}", 32, 32).shape == (4, 32, 32, 3)
+    video.nvenc_problem.cache_clear()
+
+
+# ------------------------------------------------------------------ decode command: options, profile, cache
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "clip.promptus"
+    promptus.write(path, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3), 7))
+    return path
+
+
+def test_decode_png_level_and_start_profile(clip_file, tmp_path, capsys):
+    args = ["decode", str(clip_file), "--model", "tiny", "--device", "cpu", "--backend", "eager"]
+    assert main(args + ["-o", f"{tmp_path / 'six'}/"]) == 0
+    capsys.readouterr()
+    assert main(args + ["-o", f"{tmp_path / 'one'}/", "--png-level", "1", "--profile-start",
+                        "--profile-json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "start-up profile" in out and "first segment on the host" in out
+    prof = json.loads((tmp_path / "p.json").read_text())
+    assert prof["frames"] == 7
+    marks = prof["since_process_start_s"]
+    assert marks["command started"] <= marks["first segment on the host"] <= marks["output complete"]
+    one, six = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "six").iterdir())
+    assert len(one) == len(six) == 7
+    for a, b in zip(one, six):  # other zlib level, same pixels
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_png_level_outside_0_9_is_an_argparse_error(clip_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["decode", str(clip_file), "-o", f"{tmp_path}/x/", "--png-level", "10"])
+    assert e.value.code == 2 and "--png-level" in capsys.readouterr().err
+
+
+def test_decoders_are_kept_per_process(tmp_path):
+    from promptus import startup
+
+    startup.clear()
+    kw = dict(device="cpu", dtype=torch.float32, backend="eager")
+    clip = CodecConfig(width=64, height=64, interval=3)
+    first = startup.load_decoder("tiny", clip, **kw)
+    again = startup.load_decoder("tiny", clip, **kw)
+    assert again.reused and again.backend is first.backend and again.models is first.models
+    other = startup.load_decoder("tiny", clip.replace(interval=4), **kw)  # another batch: another backend
+    assert not other.reused and other.backend is not first.backend and other.models is first.models
+    profile = startup.StartupProfile()
+    startup.load_decoder("tiny", clip, **kw, profile=profile)
+    assert any("kept" in n for n in profile.notes)
+    with pytest.raises(promptus.PromptusError):  # the header's geometry is checked on a cache hit too
+        startup.load_decoder("tiny", clip.replace(tokens=78), **kw)
+    startup.clear()
+    assert not startup.load_decoder("tiny", clip, **kw).reused
+    startup.clear()
+
+
+def test_architecture_digest_can_be_taken_before_the_cast(tiny):
+    from promptus.backends.compile_cache import architecture_digest
+
+    unet = torch.nn.Module.to(tiny.unet.__class__.from_config(tiny.unet.config), dtype=torch.float32)
+    dec = tiny.taesd.decoder
+    ahead = architecture_digest(unet, dec, dtype=torch.float16)
+    assert ahead != architecture_digest(unet, dec)
+    import copy
+
+    cast = copy.deepcopy(unet).half(), copy.deepcopy(dec).half()
+    assert ahead == architecture_digest(*cast)
+
+
+def test_process_age_is_known_on_linux():
+    from promptus.startup import process_age
+
+    age = process_age()
+    assert age is None or 0 <= age < 24 * 3600
+
+
+# ------------------------------------------------------------------ bench: the command path
+
+
+def test_bench_weight_files_load_through_the_loaders(tiny, tmp_path):
+    """The command path's weights file (single .safetensors, diffusers keys, fp32) is what load_models reads."""
+    from promptus.bench.command import _save_safetensors
+    from promptus.models import load_models, model_digest, tiny_configs
+
+    unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
+    _save_safetensors(tiny.unet.state_dict(), unet)
+    _save_safetensors(tiny.taesd.state_dict(), taesd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taesd.safetensors", "unet.safetensors"]  # no temp left
+    loaded = load_models(str(unet), taesd=str(taesd), vae=False, configs=tiny_configs())
+    assert model_digest(loaded) == model_digest(tiny)
+
+
+def test_command_path_clips_must_end_on_a_keyframe(tmp_path):
+    from promptus.bench.command import clip_file
+
+    path = clip_file(tmp_path, 7, 64, 3)
+    bs = promptus.read(path)
+    assert bs.header.frame_count == 7 and len(bs.keyframes) == 3
+    with pytest.raises(promptus.PromptusError, match="k·3\\+1"):
+        clip_file(tmp_path, 8, 64, 3)
+
+
+@pytest.mark.gpu
+def test_graph_host_copy_gives_the_frames_of_the_plain_graph():
+    """The lever: uint8 and the device-to-host copy inside the CUDA graph, in a ring the pipeline reads."""
+    from promptus.backends import make_backend
+    from promptus.bench import random_bitstream
+    from promptus.decoder import Decoder
+    from promptus.models import tiny_models
+    from promptus.pipeline import PipelinedDecoder
+
+    clip = random_bitstream(CodecConfig(width=64, height=64, interval=4), 9)
+    backend = make_backend("torch", tiny_models(), "cuda", batch=4, size=64)  # its own models: moved to the GPU
+    plain = Decoder(backend).decode_all(clip)
+    backend.graph_host_copy = True
+    parts = []
+    n = PipelinedDecoder(Decoder(backend), to_host=True).run([clip.header, clip.init, *clip.keyframes],
+                                                             lambda s, f: parts.append(f.clone()))
+    assert n == plain.shape[0] and backend.host_ring == 0  # the ring is the pipeline's while it runs
+    assert parts[1].device.type == "cpu" and torch.equal(torch.cat(parts), plain)
