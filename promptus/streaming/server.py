@@ -57,6 +57,7 @@ class StreamingState:
     slots: ClientSlots = None  # type: ignore[assignment]
     webrtc: set = field(default_factory=set)
     tasks: TaskOwner = field(default_factory=lambda: TaskOwner("server"))
+    on_shutdown: list = field(default_factory=list)  # callables run when the app stops (the Studio's clean-up)
 
     def __post_init__(self) -> None:
         if self.slots is None:
@@ -110,6 +111,11 @@ def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = No
             await state.tasks.aclose()
             if scheduler is not None:
                 await asyncio.to_thread(scheduler.stop)
+            for stop in state.on_shutdown:
+                try:
+                    await asyncio.to_thread(stop)
+                except Exception as e:  # noqa: BLE001 - one failing clean-up must not skip the others
+                    log.warning("shutdown: %s failed: %s", getattr(stop, "__qualname__", stop), e)
 
     app = FastAPI(title="Promptus streaming", lifespan=lifespan)
     app.state.promptus = state
