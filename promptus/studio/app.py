@@ -506,7 +506,12 @@ def mount_studio(app, path: str = "/studio", blocks: gr.Blocks | None = None, **
     """
     blocks = blocks or build_studio(**build_kwargs)
     studio: Studio = blocks.promptus_studio
+    gr.mount_gradio_app(app, blocks, path, **studio.mount_kwargs())
     state = getattr(app.state, "promptus", None)
     if state is not None:  # the streaming server: its shutdown (SIGTERM included) removes the visitors' files
+        mounted = [r.app for r in app.routes if getattr(r, "path", None) == path.rstrip("/")
+                   and hasattr(getattr(r, "app", None), "stop_event")]
+        for page in mounted:  # an open page's heartbeat stream ends when the server begins to stop
+            state.on_stopping.append(page.stop_event.set)
         state.on_shutdown.append(studio.close)
-    return gr.mount_gradio_app(app, blocks, path, **studio.mount_kwargs())
+    return app

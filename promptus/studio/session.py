@@ -211,3 +211,7 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def inside(self, path: str | Path) -> bool:
+        """Whether ``path`` lies in this server's folder (any session's files, published or not)."""
+        return Path(path).resolve().is_relative_to(self.root.resolve())
+

@@ -214,6 +214,13 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
     return folder
 
 
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk (None when ``head`` is no PNG)."""
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR" or len(head) < 24:
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 #: Bytes of a zipped image read before its header is judged (PNG's is in the first 33, JPEG's within a few kB).
 HEADER_BYTES = 64 << 10
 CHUNK_BYTES = 1 << 20
@@ -224,11 +231,16 @@ def _unpack_image(f, out: Path, member: str, zip_name: str, budget: list[int], l
     from PIL import Image, UnidentifiedImageError
 
     head = f.read(HEADER_BYTES)
-    try:
-        with Image.open(io.BytesIO(head)) as im:  # the header only: no pixel is decoded
-            width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UploadError(f"{member} in {zip_name} is not a readable image, or too large ({e})") from None
+    size = _png_size(head)
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(head)) as im:  # the header only: no pixel is decoded
+                size = im.size
+        except Image.DecompressionBombError as e:
+            raise UploadError(f"{member} in {zip_name} is too large a picture ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UploadError(f"{member} in {zip_name} is not a readable image ({e})") from None
+    width, height = size
     _check_size(f"{member} in {zip_name}", width, height, limits)
     most = min(budget[0], 4 * width * height + HEADER_BYTES)  # no image file is longer than its raw pixels
     n = len(head)
