@@ -17,11 +17,17 @@ only, closed-loop PSNR unbounded). Each schedule encodes the clip; the script re
 - a projection of the 141-frame clip (keyframe 0 + 14 segments) at ``fast`` from the
   measured ms/iteration and the iterations ``fast`` used here.
 
-CPU (tiny model, 128², the JSON in benchmarks/):
-    python benchmarks/convergence.py --model tiny --size 128 --device cpu --out benchmarks/convergence_cpu_tiny.json
-GPU (full-size architecture, random weights, 512²):
-    python benchmarks/convergence.py --model random --size 512 --device cuda --compile-step reduce-overhead \
-        --prompt-scale 30 --iters-first 600 --iters 300 --out benchmarks/convergence_h100_random.json
+CPU (tiny model; 64² because 128² ran at several seconds per iteration on the shared 2-core
+machine; counts scaled to 1/10 and 1/5 of the published ones, fast's minimum and windows with them):
+    python benchmarks/convergence.py --model tiny --device cpu --size 64 --keyframes 3 --interval 10 \
+        --iters-first 1000 --patience-first 30 --iters 300 --threads 1 \
+        --fast min_iters_first=100,plateau_window_first=30,min_iters=20,plateau_window=10,warm_lr=W \
+        --out benchmarks/convergence_cpu_tiny.json
+GPU (one H100, ~5 min): convergence on the tiny model at 128² with fast's own defaults (keyframe 0
+cut to 3000 iterations), timing of the full-size architecture (random weights, 512², eager, VGG on):
+    python benchmarks/convergence.py --model tiny --size 128 --device cuda --keyframes 3 \
+        --iters-first 3000 --iters 1500 --timing-model random --timing-size 512 --timing-iters 40 \
+        --out benchmarks/convergence_h100.json
 """
 
 from __future__ import annotations
@@ -116,10 +122,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def encode(models, codec, train, frames, init, device, vgg) -> dict:
     """One encode: per-keyframe loss curves, ms/iteration, iterations used, closed-loop PSNR."""
-    curves: dict[int, list[tuple[float, float]]] = {}
+    curves: dict[int, list[tuple[float, float, float]]] = {}
 
     def record(m):
-        curves.setdefault(m["keyframe"], []).append((m["loss"], time.perf_counter()))
+        curves.setdefault(m["keyframe"], []).append((m["loss"], time.perf_counter(), m["psnr"]))
 
     enc = Encoder(codec, train, models, device=device, vgg=vgg, callback=record, progress=False)
     enc.init_latent = lambda frame0: init  # the targets' own init latent: the trajectory is then an exact optimum
@@ -130,12 +136,12 @@ def encode(models, codec, train, frames, init, device, vgg) -> dict:
     keyframes = []
     for r in res.keyframes:
         c = curves[r.keyframe]
-        stamps = [t for _, t in c]
+        stamps = [t for _, t, _ in c]
         # median step: the first iterations of a compiled step include its compilation
         ms = 1000 * statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 2 else math.nan
         keyframes.append({"keyframe": r.keyframe, "iterations": r.iterations, "stop": r.stop,
                           "best_loss": r.best_loss, "psnr": r.psnr, "ms_per_iteration": ms,
-                          "losses": [l for l, _ in c]})
+                          "losses": [l for l, _, _ in c], "psnrs": [p for _, _, p in c]})
     return {"schedule": train.schedule, "wall_s": wall, "iterations": sum(k["iterations"] for k in keyframes),
             "psnr": res.mean_psnr, "kbps": res.kbps, "keyframes": keyframes}
 
@@ -203,14 +209,15 @@ def time_model(name: str, size: int, device, compile: str, iters: int, perceptua
             "wall_s": run["wall_s"], "prompt_dependence": dep}
 
 
-def thinned(runs: dict, most: int = 400) -> dict:
+def thinned(runs: dict, most: int = 10_000) -> dict:
     """The runs with each keyframe's loss curve cut to at most ``most`` points (every n-th, and the last)."""
     out = json.loads(json.dumps(runs))
     for r in out.values():
         for k in r["keyframes"]:
             n = max(1, -(-len(k["losses"]) // most))
             k["loss_every"] = n
-            k["losses"] = k["losses"][::n] + ([k["losses"][-1]] if (len(k["losses"]) - 1) % n else [])
+            for key in ("losses", "psnrs"):
+                k[key] = k[key][::n] + ([k[key][-1]] if (len(k[key]) - 1) % n else [])
     return out
 
 
@@ -236,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-step", default="off")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--published-from", default=None,
+                   help="take the published run from this earlier JSON of the same settings instead of rerunning it")
     p.add_argument("--timing-model", default=None,
                    help="also time this model (e.g. random: the full-size architecture) at --timing-size and project "
                         "the 141-frame clip with its ms/iteration and the iterations each schedule used here")
@@ -270,7 +279,18 @@ def main(argv=None) -> int:
         from promptus.losses import random_vgg19
         vgg = random_vgg19()
     runs = {}
+    if args.published_from:
+        old = json.loads(Path(args.published_from).read_text())
+        same = (old["codec"] == codec.to_dict() and old["frames"] == frames_n and old["model"] == models.name
+                and {k: v for k, v in old["train"].items() if k != "schedule"}
+                == {k: v for k, v in base.to_dict().items() if k not in ("max_memory", "schedule")}
+                and old.get("trajectory") == [args.step, args.prompt_scale])
+        if not same or old["runs"]["published"]["keyframes"][0].get("loss_every", 1) != 1:
+            sys.exit(f"{args.published_from} was made with other settings (or thinned curves): rerun published")
+        runs["published"] = old["runs"]["published"]
     for name in args.schedules.split(","):
+        if name in runs:
+            continue
         train = base.replace(schedule=name, **({k: fields[k](v) for k, v in fast.items()} if name == "fast" else {}))
         runs[name] = encode(models, codec, train, frames, init, device, vgg)
         r = runs[name]
@@ -316,6 +336,7 @@ def main(argv=None) -> int:
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                   "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                   "torch": torch.__version__, "codec": codec.to_dict(), "frames": frames_n,
+                  "trajectory": [args.step, args.prompt_scale],
                   "train": {k: v for k, v in base.to_dict().items() if k != "max_memory"},
                   "fast_overrides": fast, "prompt_dependence": dep, "runs": thinned(runs), "timing": timing,
                   "projection": projection}

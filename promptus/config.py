@@ -276,7 +276,7 @@ class TrainConfig:
         min_iters_first, min_iters: fast: iterations before a plateau may stop keyframe 0 / later ones.
         plateau_window_first, plateau_window: fast: a keyframe stops when its last window of
             iterations improved the best loss by at most ``plateau_tolerance`` of it.
-        warm_lr: fast: starting learning rate of a warm-started keyframe (a small step keeps the start).
+        warm_lr: fast: starting learning rate of a warm-started keyframe (docs/encoding-schedules.md).
     """
 
     iters_first: int = 10_000
@@ -301,7 +301,7 @@ class TrainConfig:
     plateau_window_first: int = 300
     plateau_window: int = 50
     plateau_tolerance: float = 1e-3
-    warm_lr: float = 0.01
+    warm_lr: float = 0.1
 
     #: Settings that change how training runs, not what it computes (a resumed run may change them).
     EXECUTION = ("max_memory", "compile")

@@ -259,6 +259,7 @@ class DevicePool:
             self._start()
         except BaseException:
             self._end_workers()
+            self._close_group()
             raise
         return self
 
@@ -317,8 +318,6 @@ class DevicePool:
                 raise self._failure(i, "when sent keyframe %d" % k) from None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        import torch.distributed as dist
-
         if exc is None:
             for conn in self.conns:
                 try:
@@ -331,15 +330,20 @@ class DevicePool:
         if isinstance(exc, RuntimeError) and not isinstance(exc, PromptusError):
             failure = self._collective_failure(exc)  # a collective failed: say which worker and why
         self._end_workers()
-        if self._group:
-            try:
-                dist.destroy_process_group()
-            except (RuntimeError, ValueError) as e:  # a group broken by a dead peer may refuse a clean end
-                log.debug("destroying the process group: %s", e)
-            self._group = False
+        self._close_group()
         if failure is not None:
             raise failure from exc
         return False
+
+    def _close_group(self) -> None:
+        import torch.distributed as dist
+
+        if self._group and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except (RuntimeError, ValueError) as e:  # a group broken by a dead peer may refuse a clean end
+                log.warning("could not close the process group cleanly: %s", e)
+        self._group = False
 
     def _end_workers(self) -> None:
         for p in self.procs:

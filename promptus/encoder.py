@@ -214,13 +214,17 @@ class Encoder:
     first device; ``models`` must be there (or are moved there). Each worker loads
     ``worker_models`` (a :class:`~promptus.distributed.ModelSource`) on its device, or
     else receives a copy of ``models``; ``train.max_memory`` applies to each device.
+
+    ``engine_dir``: with ``train.compile`` on, the compiled training step is loaded from and
+    stored in ``<engine_dir>/trainer/`` (:mod:`promptus.trainer_cache`), so that a new
+    process skips the compilation of every step shape it has seen before.
     """
 
     def __init__(self, codec: CodecConfig, train: TrainConfig, models, *, device: str | torch.device | None = None,
                  vgg: str | torch.nn.Module | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
                  backend: Backend | None = None, should_stop: Callable[[], bool] | None = None,
                  plan: MemoryPlan | None = None, devices: str | list | None = None,
-                 worker_models: ModelSource | None = None):
+                 worker_models: ModelSource | None = None, engine_dir: str | os.PathLike | None = None):
         from .backends import BASELINE, backend_for_clip, default_dtype, resolve_device
 
         self.codec, self.train, self.models = codec, train, models
@@ -233,7 +237,7 @@ class Encoder:
         if device is None and backend is not None:
             device = backend.device
         self.device = resolve_device(device)
-        self._vgg, self.worker_models = vgg, worker_models
+        self._vgg, self.worker_models, self.engine_dir = vgg, worker_models, engine_dir
         self.dtype = default_dtype(self.device)
         self.callback = callback
         self.should_stop = should_stop
@@ -257,6 +261,7 @@ class Encoder:
         # fp16 gradients through a UNet underflow without loss scaling.
         self.use_scaler = self.device.type == "cuda" and self.dtype == torch.float16
         self.forced_plan = plan
+        self._trainer_store = None  # the compiled trainer on disk (built with the first compiled step)
         self.schedule = Schedule.of(train)
         self._plans: dict[int, PlanChoice] = {}
         self._step: TrainingStep | None = None
@@ -318,6 +323,25 @@ class Encoder:
             _COMPILED_STEPS.pop(next(iter(_COMPILED_STEPS)))
         self._step = step
         return step
+
+    def _compiled_store(self, onestep: OneStep):
+        """The compiled trainer on disk (:mod:`promptus.trainer_cache`), when compiling with an engine folder."""
+        from .trainer_cache import CompiledTrainerStore, mechanism_available
+
+        if self.train.compile == "off" or self.engine_dir is None or not mechanism_available():
+            return None
+        if self._trainer_store is None or self._trainer_store.timestep != onestep.timestep:
+            t = self.train
+            modules = [self.models.unet, self.models.taesd.decoder]
+            vgg = getattr(self.loss_fn.perceptual, "vgg", None)
+            if vgg is not None:
+                modules.append(vgg)
+            options = (f"{t.compile},perceptual={'on' if vgg is not None else 'off'},"
+                       f"weights={t.mse_weight:g}/{t.perceptual_weight:g}/{t.reg_weight:g}")
+            self._trainer_store = CompiledTrainerStore(self.engine_dir, modules, size=self.codec.width,
+                                                       dtype=self.dtype, timestep=onestep.timestep,
+                                                       device=self.device, options=options)
+        return self._trainer_store
 
     def _make_loss(self, vgg):
         from .losses import InversionLoss, PerceptualLoss, load_vgg19
@@ -411,6 +435,10 @@ class Encoder:
         plan = self.plan_for(max(b - a, 1)).plan
         step = self.step_for(onestep)
         target_feats = step.target_features(targets[a:b]) if plan.cache_targets and b > a else None
+        store = self._compiled_store(onestep)
+        shape = (plan.micro(max(b - a, 1)), plan.checkpoint)
+        if store is not None:
+            store.before(*shape)
         weights = torch.ones(n, device=device)
 
         best_loss, best_it, best = math.inf, -1, None
@@ -434,6 +462,8 @@ class Encoder:
                                          share)
             scaler.step(opt)
             scaler.update()
+            if it == 0 and store is not None:
+                store.after(*shape)
             stats = torch.cat([per_frame, mse]).tolist()  # one host sync per iteration
             frame_losses, frame_mse = stats[:n], stats[n:]
             mean_loss = sum(frame_losses) / n
@@ -548,8 +578,8 @@ class Encoder:
         """The worker processes of a multi-device encode (a context manager), or a null context."""
         if self.devices is None or len(self.devices) < 2:
             return contextlib.nullcontext(None)
-        setup = {"codec": self.codec, "train": self.train, "plan": self.forced_plan,
-                 "vgg": self._vgg if self.loss_fn.uses_perceptual else None,
+        setup = {"codec": self.codec, "train": self.train, "plan": self.forced_plan, "engine_dir": self.engine_dir,
+                 "vgg": _portable(self._vgg) if self.loss_fn.uses_perceptual else None,
                  "models": self.worker_models if self.worker_models is not None else self.models}
         return DevicePool(self.devices, functools.partial(_worker_trainer, setup), self.identity,
                           gather_frames=self.callback is not None)
@@ -607,9 +637,19 @@ class Encoder:
         return recon
 
 
+def _portable(vgg):
+    """What a worker process can receive of ``vgg``: a path as is, a module as a copy on the CPU (never CUDA
+    memory shared across processes and devices)."""
+    if isinstance(vgg, torch.nn.Module):
+        import copy
+
+        return copy.deepcopy(vgg).cpu()
+    return vgg
+
+
 def _worker_trainer(setup: dict, device: torch.device) -> Encoder:
     """The trainer of a worker process of a multi-device encode (:class:`promptus.distributed.DevicePool`)."""
     models = setup["models"]
     models = models.load(device) if isinstance(models, ModelSource) else models
     return Encoder(setup["codec"], setup["train"], models, device=device, vgg=setup["vgg"], progress=False,
-                   plan=setup["plan"])
+                   plan=setup["plan"], engine_dir=setup["engine_dir"])

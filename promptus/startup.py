@@ -124,6 +124,38 @@ def clear() -> None:
         _decoders.clear()
 
 
+def architecture_skeleton(spec: str, *, taesd: str | None = None,
+                          checkpoints_dir: str | os.PathLike = "checkpoints"):
+    """The networks ``spec`` will load, built on the meta device from their configs — no weights, no
+    memory, milliseconds — so that what depends only on the architecture (the compiled step's key) can
+    start before the weights are read. Only for what the configs are known for ahead: a single weights
+    file (SD-Turbo's configs) with TAESD from a file or a diffusers folder; None otherwise."""
+    from .models import TAESD_FOLDER, Models, find_default_weights, sd_turbo_unet_config, taesd_config
+
+    if spec == "auto":
+        spec = find_default_weights(checkpoints_dir) or ""
+    path = Path(os.path.expanduser(str(spec)))
+    if not path.is_file():
+        return None
+    source = Path(os.path.expanduser(str(taesd))) if taesd else Path(checkpoints_dir) / TAESD_FOLDER
+    try:
+        from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+        if source.is_dir() and (source / "config.json").is_file():
+            tconfig = dict(AutoencoderTiny.load_config(str(source)))
+        elif source.is_file():
+            tconfig = taesd_config()
+        else:
+            return None
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(sd_turbo_unet_config())
+            tiny = AutoencoderTiny.from_config(tconfig)
+    except Exception:  # noqa: BLE001 - an optimisation: the key is then made after the weights are read
+        log.debug("no architecture skeleton for %s", spec, exc_info=True)
+        return None
+    return Models(unet=unet, taesd=tiny, vae=None, name="skeleton")
+
+
 def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd: str | None = None,
                   vae: bool = False, checkpoints_dir: str | os.PathLike = "checkpoints",
                   profile: StartupProfile | None = None, on_architecture=None):
@@ -150,7 +182,8 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
         built_on_device = spec in ("tiny", "random")  # made in code: nothing to read
         with profile.phase("model file read" if not built_on_device else "model made in code"):
             where = device if built_on_device else torch.device("cpu")
-            models = load_models(spec, device=where, dtype=dtype if built_on_device else torch.float32,
+            # A file's tensors keep their stored dtype on the CPU: the cast happens on the GPU.
+            models = load_models(spec, device=where, dtype=dtype if built_on_device else None,
                                  taesd=taesd, vae=vae, checkpoints_dir=checkpoints_dir)
         if on_architecture is not None:
             on_architecture(models)
@@ -233,29 +266,44 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
             profile.notes.append("models and backend kept from earlier in this process")
             return LoadedDecoder(hit.models, hit.identity, hit.backend, reused=True)
         preloader: list[threading.Thread] = []
+        wanted = device.type == "cuda" and parity == PARITY_OURS and _will_compile(backend, device)
 
-        def start_preload(models):
-            if device.type != "cuda" or parity != PARITY_OURS or not _will_compile(backend, device):
-                return
-            models.geometry().check(config)  # the header's numbers size nothing before this
+        def start_preload(get_models):
+            """On a thread: the architecture (``get_models()``), the compiled step's key, its artifact read."""
             from .backends.compile_cache import preload
 
-            keys = _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size, timestep=timestep)
-
             def run():
-                torch.cuda.set_device(device)
-                t0 = time.perf_counter()
-                for k in keys:
-                    if preload(k, engine_dir):
-                        profile.phases["compiled-step read (thread)"] = time.perf_counter() - t0
+                try:
+                    t0 = time.perf_counter()
+                    if device.index is not None:
+                        torch.cuda.set_device(device)
+                    models = get_models()
+                    if models is None:
                         return
+                    models.geometry().check(config)  # the header's numbers size nothing before this
+                    for k in _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size,
+                                           timestep=timestep):
+                        if preload(k, engine_dir):
+                            profile.phases["compiled-step key + read (thread)"] = time.perf_counter() - t0
+                            return
+                except Exception:  # noqa: BLE001 - an optimisation: the backend loads the step itself
+                    log.debug("preloading the compiled step failed", exc_info=True)
 
             thread = threading.Thread(target=run, name="promptus-preload", daemon=True)
             thread.start()
             preloader.append(thread)
 
+        # From a weights file the architecture is known before the file is read: start at once, so the
+        # artifact is read while the weights are; otherwise once the networks are built on the CPU.
+        from .models import find_default_weights
+
+        resolved = find_default_weights(checkpoints_dir) if spec == "auto" else spec
+        early = wanted and bool(resolved) and Path(os.path.expanduser(str(resolved))).is_file()
+        if early:
+            start_preload(lambda: architecture_skeleton(spec, taesd=taesd, checkpoints_dir=checkpoints_dir))
         models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
-                               profile=profile, on_architecture=start_preload)
+                               profile=profile,
+                               on_architecture=(lambda m: start_preload(lambda: m)) if wanted and not early else None)
         models.geometry().check(config)  # before the identity is taken or anything is sized
         identity = models.identity()  # before the backend may move the networks off the GPU
         with profile.phase("compiled-step load"):

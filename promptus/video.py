@@ -54,6 +54,8 @@ VIDEO_OUTPUTS = {
 #: NVENC stand-ins for the CPU encoders: encoder → (NVENC encoder, options). Constant quality ``cq`` plays the
 #: part of the CPU encoder's crf (filled in from it); VP9 has no NVENC encoder.
 NVENC_ENCODERS = {"libx264": ("h264_nvenc", {"preset": "p4", "tune": "hq", "rc": "vbr", "b": "0"})}
+#: Datacenter GPUs without an NVENC unit (NVIDIA's encode/decode support matrix).
+NO_NVENC_GPUS = ("A100", "A800", "H100", "H800", "H200", "H20")
 
 
 def _natural_key(path: Path) -> list:
@@ -306,6 +308,9 @@ def nvenc_problem(suffix: str) -> str | None:
         return f"{codec} has no NVENC encoder"
     if not torch.cuda.is_available():
         return "no CUDA GPU"
+    name = torch.cuda.get_device_name()
+    if any(chip in name for chip in NO_NVENC_GPUS):  # known: no probe (it would open a second CUDA context)
+        return f"the {name} has no NVENC unit"
     nvenc, options = NVENC_ENCODERS[codec]
     if nvenc not in av.codecs_available:
         return f"this PyAV build has no {nvenc}"
@@ -642,3 +647,23 @@ def native_frame_size(source: str | os.PathLike) -> tuple[int, int]:
     except av.FFmpegError as e:
         raise VideoError(f"cannot read video {source}: {e}") from e
     raise VideoError(f"{source} holds no decodable video frames")
+
+
+def synthetic_clip(frame_count: int, width: int = 64, height: int = 64, seed: int = 0) -> torch.Tensor:
+    """A small deterministic test clip (uint8 N×H×W×3): a sky gradient with a drifting disc.
+
+    Made in code so that tests and benchmarks (benchmarks/convergence.py) need no video files.
+    """
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([60 + 100 * yy / height, 120 + 80 * yy / height, 200 + 40 * xx / width], -1)
+    cx0, cy0 = rng.uniform(0.2, 0.4) * width, rng.uniform(0.3, 0.7) * height
+    r = 0.18 * min(width, height)
+    frames = []
+    for t in range(frame_count):
+        cx, cy = cx0 + 0.02 * width * t, cy0 + 0.01 * height * np.sin(t / 4)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+        img = base.copy()
+        img[disc] = (240, 200, 80)
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return torch.from_numpy(np.stack(frames))

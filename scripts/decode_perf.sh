@@ -7,7 +7,7 @@ set -euo pipefail
 tag=${1:-h100}
 engines=${PROMPTUS_PERF_ENGINES:-/tmp/promptus-perf-engines}  # shared: the levers load what the bench built
 mkdir -p benchmarks "$engines"
-total=${PROMPTUS_PERF_SECONDS:-540}
+total=${PROMPTUS_PERF_SECONDS:-520}
 start=$SECONDS
 if [[ -n "${PROMPTUS_PERF_CPU:-}" ]]; then
   python -m promptus bench --command-path --device cpu --backends eager --command-outputs png mp4 webm \

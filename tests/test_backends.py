@@ -249,6 +249,7 @@ def test_memory_cap_holds_for_every_backend_call(tiny, monkeypatch):
 
     shapes, frames = calls(clip_batch(bs))
     assert max(shapes) == 3 and shapes.count(3) == len(shapes) - 1  # frame 0 alone, then padded batches of 3
-    assert torch.equal(frames, reference)
+    diff = (frames.int() - reference.int()).abs()
+    assert frames.shape == reference.shape and diff.max() <= 1 and (diff > 0).float().mean() < 0.01
     old, _ = calls(bs.header.interval)
     assert max(old) == 8  # what backend_for_clip prevents

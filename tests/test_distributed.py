@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ CODEC = CodecConfig(width=32, height=32, rank=2, interval=4, fps=24.0)
 TRAIN = TrainConfig(iters_first=6, iters=4, perceptual=False, init_latent="taesd")
 PLATEAU = TRAIN.replace(patience_first=4, patience=2)
 SAME_SPLIT = MemoryPlan(micro_batch=2, cache_targets=False)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +47,11 @@ def one_process(tiny, clip, train, folder):
 
 
 def _no_workers_left():
+    """No worker process is left, and this process's group is closed (the next encode can start one)."""
     deadline = time.monotonic() + 10
     while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not multiprocessing.active_children()
+    return not multiprocessing.active_children() and not torch.distributed.is_initialized()
 
 
 def test_devices_parse_and_bad_lists_are_refused():
@@ -140,3 +143,28 @@ def test_a_worker_that_cannot_load_the_model_is_a_clear_error(tiny, clip, tmp_pa
         enc.encode(clip, out)
     assert not out.exists()
     assert _no_workers_left()
+
+
+@pytest.mark.slow  # worker processes, a Ray cluster and a stream server, at a tiny size
+def test_scale_bench_runs_every_part_on_two_cpu_devices(tmp_path):
+    """scripts/scale_bench.py at a tiny size: every part measured for N = 1 and N = 2 (or said not measured)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_bench", ROOT / "scripts" / "scale_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scale.json"
+    assert bench.main(["--model", "tiny", "--size", "32", "--devices", "cpu,cpu", "--interval", "4", "--rank", "2",
+                       "--iters-first", "3", "--iters", "2", "--perceptual", "off", "--sweep-points", "2",
+                       "--sweep-frames", "9", "--sweep-iters-first", "3", "--sweep-iters", "2",
+                       "--stream-seconds", "1.5", "--stream-counts", "1", "--work", str(tmp_path / "w"),
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    enc = r["encode"]["columns"]
+    assert set(enc) == {"1", "2"} and all(c["ms_per_iteration_segment"] > 0 for c in enc.values())
+    assert 0 < enc["2"]["serial_share"] < 1 and enc["2"]["devices"] == ["cpu", "cpu"]
+    sweep = r["sweep"]["columns"]
+    assert sweep["1"]["computed"] == 2 and sweep["1"]["failures"] == 0
+    assert "not_measured" in sweep["2"] or sweep["2"]["computed"] == 2
+    streams = r["streams"]["columns"]
+    assert streams["1"]["capacity_fps"] > 0 and ("not_measured" in streams["2"] or streams["2"]["capacity_fps"] > 0)

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 import promptus
+from promptus import startup
 from promptus.bench import random_bitstream
 from promptus.commands import bench as bench_cmd
-from promptus.commands import decode as decode_cmd
 from promptus.commands import demo as demo_cmd
 from promptus.commands import encode as encode_cmd
 from promptus.commands.main import build_parser, main
@@ -45,8 +45,8 @@ def no_models(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the command loaded a model before checking its output")
 
-    for module in (decode_cmd, encode_cmd):
-        monkeypatch.setattr(module, "load_models", refuse)
+    monkeypatch.setattr(encode_cmd, "load_models", refuse)
+    monkeypatch.setattr(startup, "cached_models", refuse)  # where decode loads its models
 
 
 def one_line_error(capsys) -> str:

@@ -123,3 +123,47 @@ def test_a_killed_actors_point_runs_again_elsewhere_longest_first(ray_cluster, c
     assert by_point[specs[0]["point"]]["worker"]["attempt"] == 1
     ref = {r["point"]: r for r in sequential.rows}[specs[0]["point"]]
     assert (tmp_path / ref["file"]).read_bytes() == (sequential.out / "points/sky" / ref["file"]).read_bytes()
+
+
+# ------------------------------------------------------------- the compiled trainer on disk
+
+
+@pytest.mark.slow  # inductor compiles a small graph on the CPU
+def test_compiled_trainer_step_is_stored_next_to_the_decoder_and_loaded_by_a_new_process(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from promptus import trainer_cache as tc
+
+    if not tc.mechanism_available():
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.save_cache_artifacts (torch ≥ 2.7)")
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    store = tc.CompiledTrainerStore(tmp_path, [net], size=32, dtype=torch.float32, timestep=999,
+                                    device=torch.device("cpu"), options="default,perceptual=off")
+    step = torch.compile(lambda x: net(x).square().sum())
+    tc._DONE.clear()
+    store.before(4, ("unet",))
+    x = torch.randn(4, 8, requires_grad=True)
+    step(x).backward()
+    store.after(4, ("unet",))
+    (sidecar,) = (tmp_path / "trainer").glob("*.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["kind"] == "compiled_trainer" and meta["key"]["batch"] == 4
+    assert meta["key"]["options"] == "default,perceptual=off,checkpoint=unet" and meta["build_s"] >= 0
+
+    tc._DONE.clear()  # as in a new process
+    torch._dynamo.reset()
+    with caplog.at_level(logging.INFO, logger="promptus.trainer_cache"):
+        store.before(4, ("unet",))
+    assert "loaded the compiled trainer step for 4-frame passes" in caplog.text
+    assert store.key(4, ("unet",)) != store.key(5, ("unet",)) != store.key(4, ())  # each shape its own entry
+
+    tc._DONE.clear()  # a damaged artifact is removed and compiled again, never trusted
+    artifact = sidecar.with_suffix(".bin")
+    artifact.write_bytes(b"x" * artifact.stat().st_size)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        store.before(4, ("unet",))
+    assert not artifact.exists() and any(r.levelno == logging.WARNING for r in caplog.records), caplog.text
+    assert store._pending  # it will be stored again after the next first iteration

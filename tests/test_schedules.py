@@ -1,6 +1,7 @@
 """Encoding schedules: the stop rules as pure objects, and both schedules in the encoder (tiny model, CPU)."""
 
 import argparse
+import math
 import hashlib
 import json
 import random
@@ -255,3 +256,32 @@ def test_fast_schedule_on_two_cpu_processes_is_byte_identical_to_one_process(tin
     assert [r.iterations for r in res2.keyframes] == [r.iterations for r in res1.keyframes]
     assert [r.stop for r in res2.keyframes] == [r.stop for r in res1.keyframes]
     assert any(r.stop.startswith("plateau") for r in res1.keyframes)
+
+
+def test_convergence_benchmark_runs_at_a_tiny_size(tmp_path, capsys):
+    """benchmarks/convergence.py, the GPU command's options at a CPU size: table, projection and JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("convergence", root / "benchmarks" / "convergence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "c.json"
+    assert bench.main(["--model", "tiny", "--device", "cpu", "--size", "32", "--keyframes", "3", "--interval", "3",
+                       "--iters-first", "20", "--iters", "8", "--fast", "min_iters_first=5,plateau_window_first=4,"
+                       "min_iters=3,plateau_window=3", "--timing-model", "tiny", "--timing-size", "32",
+                       "--timing-iters", "4", "--timing-perceptual", "off", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    pub, fast = d["runs"]["published"], d["runs"]["fast"]
+    assert pub["iterations"] == 20 + 2 * 8 and fast["iterations"] <= pub["iterations"]
+    assert d["prompt_dependence"]["random_prompts_mean_abs_diff"] > 1  # the tiny model's frames follow the prompt
+    for r in (pub, fast):
+        assert 0 < r["iterations_to_99"] <= r["iterations"] or not r["reached_99_every_keyframe"]
+        assert math.isfinite(r["psnr"]) and r["seconds_to_99"] > 0
+    assert pub["iterations_to_99"] <= pub["iterations"] and pub["reached_99_every_keyframe"]
+    assert set(d["projection"]) == {"published on tiny", "fast on tiny", "published counts on tiny"}
+    full = d["projection"]["published counts on tiny"]
+    assert (full["keyframe0_iterations"], full["segment_iterations_mean"], full["segments"]) == (10_000, 1_500, 14)
+    assert d["timing"]["segment_ms_per_iteration"] > 0
+    assert "target: fast within 0.1 dB" in capsys.readouterr().out

@@ -135,6 +135,14 @@ def test_video_encoder_choice(tmp_path, monkeypatch, caplog):
         video.choose_video_encoder(".webm", "nvenc")
     with pytest.raises(VideoError, match="unknown video encoder"):
         video.choose_video_encoder(".mp4", "gpu")
+    video.nvenc_problem.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(VideoError, match="the NVIDIA H100 80GB HBM3 has no NVENC unit; use --video-encoder cpu"):
+        video.choose_video_encoder(".mp4", "nvenc")
+    assert video.choose_video_encoder(".mp4", "auto")[1] == "libx264"
+    video.nvenc_problem.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     frames = sky_clip(4, 32)
     for suffix in (".mp4", ".webm"):
         with FrameWriter(tmp_path / f"v{suffix}", 30, video_encoder="auto") as w:
@@ -262,3 +270,45 @@ def test_graph_host_copy_gives_the_frames_of_the_plain_graph():
                                                              lambda s, f: parts.append(f.clone()))
     assert n == plain.shape[0] and backend.host_ring == 0  # the ring is the pipeline's while it runs
     assert parts[1].device.type == "cpu" and torch.equal(torch.cat(parts), plain)
+
+
+@pytest.mark.slow
+def test_command_path_times_fresh_decode_processes(tmp_path):
+    from promptus.bench.command import bench_command_path, format_command_table
+
+    result = bench_command_path(model="tiny", device="cpu", size=32, batch=3, clips=(7,), outputs=("png", "mp4"),
+                                backend="eager", engine_dir=str(tmp_path / "engines"),
+                                json_path=str(tmp_path / "r.json"))
+    info = json.loads((tmp_path / "r.json").read_text())["command_path"]
+    assert "error" not in info["cold"] and [r["status"] for r in info["rows"]] == ["ok", "ok"]
+    for r in info["rows"]:
+        assert 0 < r["first_frame_s"] < r["wall_s"] and r["fps_end_to_end"] == pytest.approx(7 / r["wall_s"])
+        assert r["output_mb"] > 0 and "model made in code" in r["phases_s"]
+    assert "1st frame s" in format_command_table(result["command_path"])
+
+
+def test_the_compiled_steps_key_is_known_before_the_weights_are_read(tiny, tmp_path, monkeypatch):
+    """The meta-device skeleton has the digest of the loaded networks: the key (and the preload) can start first."""
+    import promptus.models as models_mod
+    from promptus import startup
+    from promptus.backends.compile_cache import architecture_digest
+    from promptus.bench.command import _save_safetensors
+    from promptus.models import tiny_configs
+
+    configs = tiny_configs()
+    for module in (models_mod, models_mod.loading):  # the name startup reads, and the one the loader reads
+        monkeypatch.setattr(module, "sd_turbo_unet_config", lambda: dict(configs["unet"]))
+        monkeypatch.setattr(module, "taesd_config", lambda: dict(configs["taesd"]))
+    unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
+    _save_safetensors(tiny.unet.state_dict(), unet)
+    _save_safetensors(tiny.taesd.state_dict(), taesd)
+    skeleton = startup.architecture_skeleton(str(unet), taesd=str(taesd))
+    assert next(skeleton.unet.parameters()).is_meta
+    ahead = architecture_digest(skeleton.unet, skeleton.taesd.decoder, dtype=torch.float16)
+    seen = []
+    startup.clear()
+    loaded = startup.cached_models(str(unet), device="cpu", dtype=torch.float16, taesd=str(taesd),
+                                   on_architecture=seen.append)
+    assert seen == [loaded] and ahead == architecture_digest(loaded.unet, loaded.taesd.decoder)
+    assert startup.architecture_skeleton("tiny") is None  # made in code: nothing to read, no skeleton
+    startup.clear()

@@ -56,6 +56,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_devices(spec: str | None) -> list[torch.device]:
+    """A ``--devices`` value as devices: ``None`` → ``[resolve_device(None)]`` (one, as before);
+    ``"all"`` → every CUDA GPU; a comma list such as ``"cuda:0,cuda:1"`` → those, in order.
+    A device may repeat (``"cpu,cpu"``: two workers sharing one device, as the tests do)."""
+    if spec is None:
+        return [resolve_device(None)]
+    spec = spec.strip()
+    if spec == "all":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise PromptusError("--devices all: this PyTorch sees no CUDA GPU; name devices instead "
+                                "(--devices cpu) or leave --devices out")
+        return [torch.device("cuda", i) for i in range(n)]
+    names = [n.strip() for n in spec.split(",")]
+    if not all(names):
+        raise PromptusError(f"--devices {spec!r}: an empty name in the list; write e.g. cuda:0,cuda:1 or all")
+    out = []
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise PromptusError(f"--devices: {name!r} is no device; write e.g. cpu, cuda:0 or all") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise PromptusError(f"--devices: {name!r}: only cpu and cuda devices decode here")
+        dev = resolve_device(dev)
+        if dev.type == "cuda" and dev.index is None:  # "cuda": the current GPU, named so that repeats compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+            raise PromptusError(f"--devices: {name} does not exist; this machine has "
+                                f"{torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        out.append(dev)
+    return out
+
+
 def tensorrt_status(device: torch.device) -> tuple[bool, str]:
     """Whether the TensorRT backend can run on ``device`` here, and why not."""
     try:
@@ -237,4 +271,4 @@ BACKENDS = backend_names(auto=True)
 __all__ = ["AUTO", "BACKENDS", "BASELINE", "Backend", "BackendEntry", "CompileBackend", "ReleaseParityBackend",
            "TorchBackend", "auto_order", "backend_entries", "backend_entry", "backend_for_clip", "backend_names",
            "bench_defaults", "clip_batch", "compile_status", "default_dtype", "make_backend", "quick_backends",
-           "register_backend", "resolve_device", "tensorrt_status"]
+           "register_backend", "resolve_device", "resolve_devices", "tensorrt_status"]

@@ -1,7 +1,8 @@
 """The command path: ``promptus decode`` timed as a user runs it (``promptus bench --command-path``).
 
 Each measurement is a fresh ``python -m promptus decode`` process decoding a clip of
-random prompts to a PNG folder, an .mp4 or a .webm, with weights read from a file:
+random prompts to a PNG folder (zlib level 6, the default, and ``png1``: ``--png-level 1``),
+an .mp4 or a .webm, with weights read from a file:
 
 * ``--model random``: the full-size SD-Turbo UNet and TAESD with random weights, saved
   once as single .safetensors files (fp32, diffusers keys; SD-Turbo ships one fp32 file)
@@ -33,8 +34,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from ..config import CodecConfig
 from ..files import temp_sibling, write_json_atomic
 
@@ -42,7 +41,10 @@ log = logging.getLogger(__name__)
 
 #: Clips (frames) and outputs the command path decodes by default on a GPU.
 COMMAND_CLIPS = (141, 3001)
-COMMAND_OUTPUTS = ("png", "mp4", "webm")
+COMMAND_OUTPUTS = ("png", "png1", "mp4", "webm")
+#: What each output of the command path asks ``promptus decode`` for: (suffix, extra arguments); png1: PNG level 1.
+OUTPUT_KINDS = {"png": ("", []), "png1": ("", ["--png-level", "1"]), "mp4": (".mp4", []), "webm": (".webm", []),
+                "mkv": (".mkv", [])}
 #: File names of the random full-size weights in the cache folder.
 RANDOM_UNET_FILE = "sd-turbo-random-unet.safetensors"
 RANDOM_TAESD_FILE = "taesd-random.safetensors"
@@ -53,13 +55,14 @@ class CommandRun:
     """One ``promptus decode`` process."""
 
     frames: int
-    output: str  # png, mp4, webm
+    output: str  # a key of OUTPUT_KINDS
     status: str = "ok"
     wall_s: float = float("nan")  # process start to exit, measured outside it
     first_frame_s: float = float("nan")  # process start to the first segment in host memory
     fps_end_to_end: float = float("nan")  # frames / wall_s
     fps_after_start: float = float("nan")  # frames / (output complete − first segment)
     phases_s: dict | None = None  # the decode's --profile-start phases
+    marks_s: dict | None = None  # its moments since the process started (main: interpreter + imports done)
     output_mb: float = float("nan")
 
 
@@ -72,6 +75,7 @@ def bench_weights_dir() -> Path:
 
 
 def _save_safetensors(state: dict, path: Path) -> None:
+    import torch
     from safetensors.torch import save_file
 
     tmp = temp_sibling(path)
@@ -84,6 +88,8 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 def random_weight_files(folder: str | os.PathLike | None = None, device: str = "cpu") -> tuple[Path, Path]:
     """(UNet file, TAESD file) of the full-size random model, made once (``device`` makes them faster)."""
+    import torch
+
     from ..models import full_size_random_models
 
     folder = Path(folder) if folder else bench_weights_dir()
@@ -181,9 +187,10 @@ def bench_command_path(*, model: str = "random", device: str = "cuda", size: int
             for kind in outputs:
                 row = CommandRun(n, kind)
                 rows.append(row)
-                out = work / (f"out-{n}" if kind == "png" else f"out-{n}.{kind}")
+                suffix, extra = OUTPUT_KINDS[kind]
+                out = work / f"out-{n}-{kind}{suffix}"
                 log.info("command path: %d frames to %s", n, kind)
-                wall, prof = _decode(files[n], out, common, work / f"p-{n}-{kind}.json", timeout)
+                wall, prof = _decode(files[n], out, common + extra, work / f"p-{n}-{kind}.json", timeout)
                 row.wall_s = wall
                 if isinstance(prof, str):
                     row.status = f"failed: {prof}"
@@ -194,6 +201,7 @@ def bench_command_path(*, model: str = "random", device: str = "cuda", size: int
                     span = marks.get("output complete", float("nan")) - row.first_frame_s
                     row.fps_after_start = (prof["frames"] - batch) / span if span > 0 else float("nan")
                     row.phases_s = prof["phases_s"]
+                    row.marks_s = marks
                     row.output_mb = _size_mb(out)
                     if prof["frames"] != n:
                         row.status = f"failed: wrote {prof['frames']} of {n} frames"
@@ -218,7 +226,9 @@ def format_command_table(info: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"{r['frames']:>6} {r['output']:6} {r['status']}")
             continue
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("phases_s") or {}).items())
+        imports = (r.get("marks_s") or {}).get("main")
+        phases = ", ".join(([f"imports {imports:.2f}"] if imports is not None else [])
+                           + [f"{k} {v:.2f}" for k, v in (r.get("phases_s") or {}).items()])
         lines.append(f"{r['frames']:>6} {r['output']:6} {r['wall_s']:>7.2f} {r['first_frame_s']:>11.2f} "
                      f"{r['fps_end_to_end']:>8.1f} {r['fps_after_start']:>15.1f} {r['output_mb']:>8.1f}  {phases}")
     lines.append("wall s: process start to exit; 1st frame: process start to the first segment in host memory; "

@@ -22,7 +22,7 @@ def start_child(params: dict) -> None:
     Run by :func:`measure_start` as ``python -c``; the clock starts before the models load.
     """
     t_process = time.perf_counter()
-    from ..backends import make_backend, resolve_device
+    from ..backends import backend_for_clip, resolve_device
     from ..decoder import Decoder
 
     dev = resolve_device(params["device"])
@@ -34,8 +34,8 @@ def start_child(params: dict) -> None:
     models_s = time.perf_counter() - t0
     clip = random_bitstream(CodecConfig(width=size, height=size, interval=batch), 3, seed=1)
     t0 = time.perf_counter()
-    backend = make_backend(params["backend"], models, dev, dtype, batch=batch, size=size,
-                           engine_dir=params["engine_dir"])
+    backend = backend_for_clip(clip, models, name=params["backend"], device=dev, dtype=dtype,
+                               engine_dir=params["engine_dir"])
     Decoder(backend).decode_all(clip)
     _sync(dev)
     ready = time.perf_counter() - t0

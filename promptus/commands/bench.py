@@ -8,6 +8,7 @@ import math
 
 from ..backends import bench_defaults
 from ..bench import BENCH_BUDGETS
+from ..bench.command import COMMAND_OUTPUTS, OUTPUT_KINDS
 from ..config import COMPILE_MODES, CodecConfig
 
 log = logging.getLogger("promptus")
@@ -78,8 +79,9 @@ def register(subparsers) -> None:
     b.add_argument("--command-only", action="store_true", help="the command path alone (no backend table)")
     b.add_argument("--command-clips", nargs="+", type=int, default=None, metavar="FRAMES",
                    help=f"frames of the command-path clips, k·batch+1 each ({_both('command_clips')})")
-    b.add_argument("--command-outputs", nargs="+", default=["png", "mp4", "webm"], choices=["png", "mp4", "webm"],
-                   help="outputs of the command path (default: png mp4 webm)")
+    b.add_argument("--command-outputs", nargs="+", default=list(COMMAND_OUTPUTS), choices=list(OUTPUT_KINDS),
+                   help=f"outputs of the command path; png1: PNGs at --png-level 1 (default: "
+                        f"{' '.join(COMMAND_OUTPUTS)})")
     b.add_argument("--command-backend", default="auto", help="--backend of the timed decodes (default: auto)")
     b.add_argument("--engine-dir", default=None,
                    help="engine folder shared by the command path and the backend table (default: a temporary one)")
@@ -91,6 +93,8 @@ def resolve_defaults(args: argparse.Namespace, device_type: str) -> list[str]:
     """Fill the options left unset with the defaults for ``device_type``; returns the chosen ones as flags."""
     table = CPU_DEFAULTS if device_type == "cpu" else GPU_DEFAULTS
     skip = _ENCODE_ONLY if not args.encode else _DECODE_ONLY
+    if not (getattr(args, "command_path", False) or getattr(args, "command_only", False)):
+        skip = (*skip, "command_clips")  # set, but not worth a word when no command path runs
     chosen = []
     for name, value in table.items():
         if getattr(args, name) is None:

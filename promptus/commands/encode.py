@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..backends import BASELINE, backend_names
+from ..config import DEFAULT_ENGINE_DIR
 from .common import add_encode_args, add_model_args, codec_from_args, load_models, train_from_args
 
 # The closed loop needs a concrete backend: 'auto' could differ between encoder and decoder.
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
                    help="encode on several devices, one process each, summing their gradients every step: "
                         "cuda:0,cuda:1 (any list), all (every GPU), or cpu,cpu (gloo, a test); replaces --device; "
                         "--max-memory applies to each device (default: one device, --device)")
+    e.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR,
+                   help="with --compile-step: where the compiled training step is kept for later runs "
+                        f"(<dir>/trainer/; default: {DEFAULT_ENGINE_DIR}/)")
     e.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     e.add_argument("--closed-loop-backend", default=BASELINE, choices=CLOSED_LOOP_BACKENDS,
                    help="decoder backend the closed loop regenerates segments with; decoding with the same "
@@ -54,7 +58,7 @@ def run_encode(args: argparse.Namespace, source, output, models=None):
         models = load_models(args, device, need_vae=train.init_latent == "vae")
     backend = backend_for_clip(codec, models, name=getattr(args, "closed_loop_backend", BASELINE), device=device)
     enc = Encoder(codec, train, models, device=device, vgg=args.vgg, progress=not args.quiet, backend=backend,
-                  devices=devices, worker_models=worker_models)
+                  devices=devices, worker_models=worker_models, engine_dir=getattr(args, "engine_dir", None))
     return enc.encode(source, output, max_frames=args.max_frames, resume=args.resume)
 
 

@@ -25,6 +25,10 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     add_model_args(s)
+    s.add_argument("--devices", default=None, metavar="LIST",
+                   help="decode viewers on several devices: 'all' (every CUDA GPU) or a list such as cuda:0,cuda:1; "
+                        "one decoder and scheduler per device, a new viewer goes to the least loaded device with "
+                        "room (default: the one --device; see docs/serving.md)")
     s.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend for the viewer (default: auto)")
     s.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     s.add_argument("--no-viewer", action="store_true",
@@ -49,18 +53,27 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401 - only whether the serve extra is installed
     except ImportError:
         raise PromptusError("promptus serve needs the serve extra: pip install 'promptus[serve]'") from None
-    from ..backends import resolve_device
+    from ..backends import resolve_device, resolve_devices
     from ..streaming import backend_decoders
+    from ..streaming.devices import scheduler_pool
     from ..streaming.scheduler import StreamScheduler
     from ..streaming.server import create_app, run_server
 
     limits = ServerConfig(max_clients=args.max_clients, headroom=args.headroom, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
+    if args.no_viewer and args.devices:
+        raise PromptusError("--devices says where viewers are decoded, and --no-viewer loads no model: drop one")
     if not args.no_viewer:
-        device = resolve_device(args.device)
-        models = load_models(args, device)
-        decoders = backend_decoders(models, args.backend, device, engine_dir=args.engine_dir)
-        scheduler = StreamScheduler(decoders, headroom=limits.headroom, max_streams=limits.max_clients)
+        devices = resolve_devices(args.devices) if args.devices else [resolve_device(args.device)]
+        models = load_models(args, devices[0])
+        if len(devices) == 1:
+            decoders = backend_decoders(models, args.backend, devices[0], engine_dir=args.engine_dir)
+            scheduler = StreamScheduler(decoders, headroom=limits.headroom, max_streams=limits.max_clients,
+                                        device=devices[0])
+        else:
+            scheduler = scheduler_pool(models, devices, backend=args.backend, engine_dir=args.engine_dir,
+                                       headroom=limits.headroom, max_streams=limits.max_clients)
+            log.info("decoding viewers on %d devices: %s", len(devices), ", ".join(map(str, devices)))
     app = create_app(args.root, scheduler=scheduler, realtime=not args.fast, limits=limits)
     if args.studio:
         try:

@@ -5,13 +5,14 @@
 * :class:`Receiver` / :func:`receive` — an async iterator of decoded segments from a
   stream URL, concealing damaged records;
 * :class:`StreamScheduler` — fair real-time sharing of one decoding device with
-  admission control;
+  admission control; :class:`SchedulerPool` — one per device, new streams where capacity is free;
 * :mod:`.wire` — the message format (the .promptus records themselves).
 
 Importing this package needs only the core dependencies; FastAPI, websockets and
 aiortc are imported where they are used.
 """
 
+from .devices import SchedulerPool
 from .library import Clip, ClipForbidden, ClipLibrary, ClipNotFound
 from .receiver import ReceivedSegment, Receiver, ReceiverStats, backend_decoders, receive
 from .scheduler import Admission, AdmissionError, ProducedSegment, StreamHandle, StreamScheduler
@@ -27,6 +28,6 @@ def create_app(root, **kwargs):
 
 __all__ = [
     "Admission", "AdmissionError", "Clip", "ClipForbidden", "ClipLibrary", "ClipNotFound", "ConcealingReader",
-    "Damage", "ProducedSegment", "ReceivedSegment", "Receiver", "ReceiverStats", "StreamHandle", "StreamScheduler",
-    "backend_decoders", "create_app", "receive",
+    "Damage", "ProducedSegment", "ReceivedSegment", "Receiver", "ReceiverStats", "SchedulerPool", "StreamHandle",
+    "StreamScheduler", "backend_decoders", "create_app", "receive",
 ]

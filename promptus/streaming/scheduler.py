@@ -21,6 +21,7 @@ measures the device again once the last measurement is ``again_after`` seconds o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -49,7 +50,8 @@ class Admission:
     ``rate`` is what it may have (0 when refused); ``capacity`` the measured frames/s
     of the device (``nan`` before any measurement), ``load`` the frames/s already
     promised to ``streams`` open streams and ``offer`` the frames/s still free for one
-    more stream (at a lower rate than asked, when refused).
+    more stream (at a lower rate than asked, when refused). ``device``: the index of the
+    device that took the stream, on a server with several (None with one).
     """
 
     admitted: bool
@@ -60,6 +62,7 @@ class Admission:
     streams: int
     reason: str
     offer: float = 0.0
+    device: int | None = None
 
     @property
     def realtime(self) -> bool:
@@ -68,7 +71,7 @@ class Admission:
     def to_dict(self) -> dict:
         return {"admitted": self.admitted, "rate": self.rate, "requested": self.requested, "realtime": self.realtime,
                 "capacity": None if math.isnan(self.capacity) else self.capacity, "load": self.load,
-                "streams": self.streams, "offer": self.offer, "reason": self.reason}
+                "streams": self.streams, "offer": self.offer, "reason": self.reason, "device": self.device}
 
 
 class AdmissionError(PromptusError):
@@ -225,12 +228,14 @@ class StreamScheduler:
 
     ``decoder_for(header)`` returns the :class:`Decoder` for a clip (backends are
     specialised for the clip's interval and size; return the same one for equal
-    headers). Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    headers). Use as a context manager, or call :meth:`start` / :meth:`stop`. ``device``
+    (the decoders' device) is made the current CUDA device of the worker thread.
     """
 
     def __init__(self, decoder_for: Callable[[Header], Decoder], *, headroom: float = _SERVER.headroom,
                  max_streams: int = _SERVER.max_clients,
-                 max_queued: int = 3, max_pending: int = 64, min_rate_fraction: float = 0.25, smoothing: float = 0.2):
+                 max_queued: int = 3, max_pending: int = 64, min_rate_fraction: float = 0.25, smoothing: float = 0.2,
+                 device: torch.device | str | None = None):
         if not 0 < headroom <= 1:
             raise PromptusError(f"headroom={headroom} must lie in (0, 1]")
         self.decoder_for = decoder_for
@@ -240,6 +245,7 @@ class StreamScheduler:
         self.max_pending = max_pending
         self.min_rate_fraction = min_rate_fraction
         self.smoothing = smoothing
+        self.device = None if device is None else torch.device(device)
         self.capacity = math.nan  # frames/s the device sustains, measured
         self.busy_s = 0.0  # device time spent in segment steps
         self.frames = 0
@@ -299,12 +305,13 @@ class StreamScheduler:
         if again_after is not None:
             self._calibration, self.again_after = (header, init, keyframes, rounds), again_after
             self.measured_at = time.monotonic()  # measuring now: the worker need not
-        decoder = self.decoder_for(header)
+        with on_device(self.device):  # backends are built on the current CUDA device
+            decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]
         if not keyframes or not full:
             raise PromptusError("calibration needs a clip with at least one full segment")
         rates = []
-        with self._device:
+        with self._device, on_device(self.device):
             for r in range(max(2, rounds)):
                 if r % len(full) == 0:  # (re)start the clip: frame 0 first
                     state = decoder.start(header, init)
@@ -363,7 +370,8 @@ class StreamScheduler:
         benchmark uses it to show what overload does).
         """
         rate = float(rate or header.fps)
-        decoder = self.decoder_for(header)
+        with on_device(self.device):
+            decoder = self.decoder_for(header)
         with self._cv:
             adm = self._admit(rate)
             if not adm.admitted and not force:
@@ -377,7 +385,8 @@ class StreamScheduler:
             elif not adm.admitted:
                 adm = Admission(True, rate, rate, adm.capacity, adm.load, adm.streams, "forced past admission control",
                                 adm.offer)
-        state = decoder.start(header, init)  # checks the model identity, uploads the init latent
+        with on_device(self.device):
+            state = decoder.start(header, init)  # checks the model identity, uploads the init latent
         handle = StreamHandle(self, state, adm.rate, adm, self.max_pending, self.max_queued)
         with self._cv:
             self._streams.append(handle)
@@ -415,6 +424,10 @@ class StreamScheduler:
         log.info("scheduler: idle, measured the device again: %.0f frames/s (was %.0f)", self.capacity, before)
 
     def _run(self) -> None:
+        with on_device(self.device):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 job = self._next()
@@ -455,6 +468,11 @@ class StreamScheduler:
                         self._streams.remove(job)
                     self._cv.notify_all()
             job._wake()
+
+
+def on_device(device: torch.device | None):
+    """``device`` as the current CUDA device of this thread (CUDA graphs and streams follow it); else no-op."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
 
 
 def _host(frames: torch.Tensor) -> torch.Tensor:

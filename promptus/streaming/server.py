@@ -4,7 +4,9 @@ Routes (``create_app(root, ...)``), each group in its own module of :mod:`.route
 
 * ``GET /`` — the browser viewer (``static/index.html``);
 * ``GET /api/clips`` — the clips under the root with their header and bitrates;
-  ``GET /api/status`` — streams, device capacity, limits;
+  ``GET /api/status`` — streams, capacity per device and in total, limits;
+  ``GET /api/ready?fps=F`` — 200 when one more viewer at F frames/s would be served in
+  real time, else 503 (for load balancers; docs/serving.md);
 * ``GET /files/{name}`` — any file under the root, with HTTP range requests
   (:mod:`.routes.http`);
 * ``WS /ws/prompts/{name}`` — the prompt stream (:mod:`promptus.streaming.wire`,
@@ -36,6 +38,7 @@ except ImportError as e:
     raise PromptusError("the streaming server needs FastAPI: pip install 'promptus[serve]'") from e
 
 from .clients import ClientSlots, TaskOwner, TransportMiddleware
+from .devices import SchedulerPool, capacity_status, ready
 from .library import ClipLibrary
 from .routes import http, prompts, view, webrtc_offer
 from .scheduler import StreamScheduler
@@ -48,10 +51,11 @@ ServerLimits = ServerConfig
 
 @dataclass
 class StreamingState:
-    """What the routes share: the library, the scheduler, the bounds, the clients and the app's own tasks."""
+    """What the routes share: the library, the scheduler (one device's or a pool's), the bounds, the clients
+    and the app's own tasks."""
 
     library: ClipLibrary
-    scheduler: StreamScheduler | None
+    scheduler: StreamScheduler | SchedulerPool | None
     limits: ServerConfig
     realtime: bool = True
     slots: ClientSlots = None  # type: ignore[assignment]
@@ -73,21 +77,25 @@ class StreamingState:
         return self.slots.served
 
     def status(self) -> dict:
-        s = self.scheduler
         return {"clients": self.clients, "served": self.served, "max_clients": self.limits.max_clients,
-                "viewer": s is not None, "streams": s.streams if s else 0,
-                "capacity": None if s is None or s.capacity != s.capacity else s.capacity,
-                "load": s.load if s else 0.0, "headroom": s.headroom if s else None,
-                "webrtc": webrtc_offer.webrtc_available()[1]}
+                **capacity_status(self.scheduler), "webrtc": webrtc_offer.webrtc_available()[1]}
+
+    def ready(self, rate: float) -> tuple[bool, str]:
+        """Whether one more viewer at ``rate`` frames/s would be served in real time now, and why (not)."""
+        if self.clients >= self.limits.max_clients:
+            return False, f"the server has {self.clients} clients, its limit"
+        return ready(self.scheduler, rate)
 
 
-def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | None = None, realtime: bool = True,
-               limits: ServerConfig | None = None, calibrate: bool = True):
+def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | SchedulerPool | None = None,
+               realtime: bool = True, limits: ServerConfig | None = None, calibrate: bool = True):
     """The server's FastAPI app for the .promptus files under ``root``.
 
     ``decoder_for(header) -> Decoder`` (see :func:`promptus.streaming.backend_decoders`)
     lets the server regenerate frames for the browser viewer; without it (and
-    without ``scheduler``) only prompt streams and files are served. ``realtime``
+    without ``scheduler``) only prompt streams and files are served; a
+    :class:`~promptus.streaming.devices.SchedulerPool` as ``scheduler`` decodes on
+    several devices (``promptus serve --devices``). ``realtime``
     paces prompt streams at the clip's frame rate (a client may ask ``pace=fast``).
     With ``calibrate`` the scheduler measures the device on the first clip at start-up
     (and again whenever it has been idle ``limits.recalibrate_idle_s``).

@@ -22,8 +22,8 @@ continues from its checkpoint. A point's name carries a digest of every input th
 changes its result (``promptus_r8_t10_3fa2c1d0``), so a run with other iterations,
 size or model adds points next to the earlier ones instead of replacing them, and
 results.csv/json list them all with their settings as columns. Jobs run in order in this process, or through Ray
-(``--ray``, ``--ray-address``; ``pip install promptus[distributed]``), one task per
-point; results do not depend on how they were run (each job fixes its torch thread
+(``--ray [ADDRESS]``; ``pip install promptus[distributed]``) on long-lived actors, one per GPU
+(docs/many-gpus.md); results do not depend on how they were run (each job fixes its torch thread
 count, ``--threads``).
 
 Modules: :mod:`.config` (:class:`SweepConfig`), :mod:`.clips` (clip preparation),

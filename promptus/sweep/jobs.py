@@ -85,8 +85,10 @@ def promptus_spec(cfg: SweepConfig, clip: ClipInfo, rank: int, interval: int, *,
               "model": cfg.model, "model_digest": model_digest, "taesd": cfg.taesd, "checkpoints": cfg.checkpoints,
               "device": cfg.device, "decode_backend": cfg.decode_backend, **_metric_inputs(cfg),
               **_schedule_inputs(t)}
+    if t.compile != "off":  # compiled kernels round differently: part of the result (absent when off, as before)
+        inputs["compile"] = t.compile
     pid = point_id("promptus", rank, interval, settings_digest(inputs))
-    return {"point": pid, "inputs": inputs, "progress": cfg.progress,
+    return {"point": pid, "inputs": inputs, "progress": cfg.progress, "max_memory": t.max_memory,
             "paths": {"frames": clip.frames_dir, "file": str(folder / f"{pid}.promptus"),
                       "result": str(folder / f"{pid}.json")}}
 
@@ -225,7 +227,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
     from ..backends import resolve_device
     from ..startup import cached_backend
     from ..bitstream import file_rate, read
-    from ..config import CodecConfig, TrainConfig
+    from ..config import DEFAULT_ENGINE_DIR, CodecConfig, TrainConfig
     from ..decoder import Decoder
     from ..encoder import Encoder
     from ..video import read_frames
@@ -240,6 +242,7 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
                             interval=inputs["interval"], seed=inputs["seed"])
         train = TrainConfig(iters_first=inputs["iters_first"], iters=inputs["iters"], perceptual=inputs["perceptual"],
                             init_latent=inputs["init_latent"], init_precision=inputs["init_precision"],
+                            compile=inputs.get("compile", "off"), max_memory=spec.get("max_memory", "auto"),
                             **{k: inputs[k] for k in ("schedule", *FAST_SCHEDULE_FIELDS) if k in inputs})
         reference = read_frames(paths["frames"], inputs["size"], inputs["size"])
         devices = spec.get("devices")  # execution only (an actor with several GPUs): not part of the inputs
@@ -250,7 +253,8 @@ def run_promptus_point(spec: dict[str, Any]) -> dict[str, Any]:
             worker_models = ModelSource(inputs["model"], inputs["taesd"], inputs["checkpoints"],
                                         vae=inputs["init_latent"] == "vae")
         enc = Encoder(codec, train, models, device=None if devices else device, vgg=vgg,
-                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models)
+                      progress=spec.get("progress", False), devices=devices, worker_models=worker_models,
+                      engine_dir=DEFAULT_ENGINE_DIR)
         t0 = time.perf_counter()
         done_before = _keyframes_done(paths["file"])  # training seconds count this run's keyframes only
         res = enc.encode(reference, paths["file"], resume=True)  # continues a killed point from its checkpoint

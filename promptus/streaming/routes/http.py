@@ -1,4 +1,4 @@
-"""Plain HTTP routes: the viewer page, the clip listing, the status, the files under the root."""
+"""Plain HTTP routes: the viewer page, the clip listing, the status and readiness, the files under the root."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from ...config import CodecConfig
 from ...errors import PromptusError
 from ..library import ClipForbidden, ClipNotFound
 from . import state_of
@@ -49,6 +50,15 @@ async def clip_info(name: str, request: Request):
 @router.get("/api/status")
 async def status(request: Request):
     return state_of(request).status()
+
+
+@router.get("/api/ready")
+async def ready(request: Request, fps: float = CodecConfig.fps):
+    """200 when one more viewer at ``fps`` frames/s would be served in real time now, else 503."""
+    if not fps > 0:
+        raise HTTPException(422, "fps must be a positive number of frames per second")
+    ok, why = state_of(request).ready(fps)
+    return JSONResponse({"ready": ok, "fps": fps, "reason": why}, 200 if ok else 503)
 
 
 @router.get("/files/{name:path}")

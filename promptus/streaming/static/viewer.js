@@ -43,7 +43,8 @@ async function pollStatus() {
   try {
     const s = await (await fetch("/api/status")).json();
     $("server-status").textContent = s.viewer
-      ? `${s.streams} stream(s) on the GPU · capacity ${fmt(s.capacity)} frames/s · WebRTC ${s.webrtc}`
+      ? `${s.streams} stream(s) on ${s.devices.length > 1 ? `${s.devices.length} devices` : "the GPU"} · ` +
+        `capacity ${fmt(s.capacity)} frames/s · WebRTC ${s.webrtc}`
       : "this server streams prompts only (no model loaded)";
   } catch (e) { $("server-status").textContent = "server unreachable"; }
 }
