@@ -352,6 +352,29 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: Environment variable that sets the torch threads of CPU work, as ``--threads`` does.
+THREADS_ENV = "PROMPTUS_THREADS"
+#: Torch threads of CPU work per model name when neither ``--threads``, $PROMPTUS_THREADS nor
+#: $OMP_NUM_THREADS says; models not listed keep torch's default (one per core). The tiny
+#: model's layers are too small for a second thread to pay: on a loaded 2-core machine one thread
+#: encoded 17× and decoded 10× faster than two (benchmarks/cpu_threads.py, cpu_threads_2core.json).
+#: The full-size model keeps one per core: its layers use every core of an idle machine (one thread
+#: won there too, 2.8×, but at a load average of 10; PROMPTUS_THREADS=1 on a busy machine).
+CPU_THREADS = {"tiny": 1}
+
+#: Encoder settings on a CPU where the command line gives none of --size/--iters-first/--iters:
+#: the published 512 px and 10 000/1 500 iterations take hours there (the demo's quick run).
+CPU_ITERS_FIRST, CPU_ITERS = 150, 40
+#: Frame size of the tiny model on a CPU (it cannot reconstruct real images; small is enough).
+TINY_SIZE = 128
+#: A CPU encode projected to take longer than this many seconds is announced with a warning.
+SLOW_ENCODE_WARNING_S = 600
+
+
+#: Names of the built-in models with random weights: their pictures say nothing about real quality.
+RANDOM_WEIGHT_MODELS = ("tiny", "sd-turbo-random")
+
+
 #: Bytes of a model digest (:class:`ModelIdentity`; the bitstream header stores it as is).
 MODEL_DIGEST_SIZE = 16
 #: Longest model name, in UTF-8 bytes (the header stores its length as a u16).

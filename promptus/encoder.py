@@ -567,7 +567,8 @@ class Encoder:
         nbytes = write(out, Bitstream(header, init, keyframes))
         ckpt.remove()
         result = EncodeResult(out, nbytes, N, results, recon, c.fps)
-        log.info("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
+        # debug: the commands print their own summary of the file
+        log.debug("wrote %s: %d bytes, %.1f kbit/s, mean PSNR %.2f dB", out, nbytes, result.kbps, result.mean_psnr)
         if self.devices is not None and len(self.devices) > 1 and results and results[0].keyframe == 0:
             total = sum(r.seconds for r in results)
             log.info("keyframe 0 (one frame, on %s alone: the serial part) took %.1f s of %.1f s of training "

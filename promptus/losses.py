@@ -231,6 +231,14 @@ def _vgg19_state(state: object, source: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def vgg19_weights_available(online: bool | None = None) -> bool:
+    """Whether :func:`load_vgg19` without a path can find its weights: in torch.hub's checkpoints folder, or
+    by download when ``online`` (``None`` probes, as :func:`load_vgg19` does). Reads nothing."""
+    if (Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE).is_file():
+        return True
+    return _is_online() if online is None else online
+
+
 def load_vgg19(path: str | os.PathLike | None = None, *, online: bool | None = None) -> VGG19Features:
     """VGG-19 with torchvision's ImageNet weights, frozen and in eval mode, on the CPU.
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RANDOM_WEIGHT_MODELS
 from .files import atomic_write
 
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS (lower is better)"}
@@ -62,16 +63,25 @@ def rd_curves(rows: list[dict[str, Any]], metric: str, clip: str | None = None) 
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
     curves = []
     intervals = sorted({r["interval"] for r in rows if r["codec"] == "promptus"})
+    random = random_weight_model(rows)
+    note = f" ({random} model, random weights)" if random else ""
     for t in intervals:
         k, q = curve_points(rows, clip, "promptus", metric, interval=t)
         if k:
-            curves.append(Curve(f"promptus T={t}", "promptus", t, k, q))
+            curves.append(Curve(f"promptus T={t}{note}", "promptus", t, k, q))
     for codec in codecs:
         if codec != "promptus":
             k, q = curve_points(rows, clip, codec, metric)
             if k:
                 curves.append(Curve(codec, codec, None, k, q))
     return curves
+
+
+def random_weight_model(rows: list[dict[str, Any]]) -> str | None:
+    """The built-in random-weight model the promptus rows were made with, if any (its curve is no real quality)."""
+    models = {r.get("model") for r in rows if r.get("codec") == "promptus"}
+    random = sorted(m for m in models if m in RANDOM_WEIGHT_MODELS)
+    return ", ".join(random) or None
 
 
 def plotted_metrics(rows: list[dict[str, Any]]) -> list[str]:
@@ -95,7 +105,10 @@ def rd_figure(rows: list[dict[str, Any]], clip: str | None = None, metrics: list
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
     n_clips = len({r["clip"] for r in rows})
     title = f"{clip}" if clip is not None else f"mean over {n_clips} clip{'s' if n_clips != 1 else ''}"
-    fig.suptitle(f"rate–distortion: {title}")
+    random = random_weight_model(rows)
+    warning = (f"\npromptus curves: the built-in {random} model with random weights — they show the rate, not what "
+               "SD-Turbo's pictures look like" if random else "")
+    fig.suptitle(f"rate–distortion: {title}{warning}")
     for ax, metric in zip(axes, metrics):
         for c in rd_curves(rows, metric, clip):
             style = dict(marker="o", linestyle="-") if c.codec == "promptus" else dict(marker="s", linestyle="--")

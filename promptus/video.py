@@ -195,6 +195,11 @@ def _frame_count_hint(source: Path, max_frames: int | None) -> int:
     return min(n, max_frames) if max_frames is not None else n
 
 
+def frame_count_hint(source: str | os.PathLike, max_frames: int | None = None) -> int:
+    """How many frames ``source`` holds (at most ``max_frames``), as far as its container says (0: unknown)."""
+    return _frame_count_hint(Path(source), max_frames)
+
+
 def read_frames(source: str | os.PathLike, width: int = CodecConfig.width, height: int = CodecConfig.height,
                 max_frames: int | None = None) -> torch.Tensor:
     """All frames of ``source`` as a uint8 tensor N×H×W×3.
@@ -355,22 +360,91 @@ def save_png(frame: np.ndarray, path: Path, level: int) -> None:
     Image.fromarray(frame).save(path, format="PNG", compress_level=level)
 
 
-class PngPool:
-    """PNG files encoded on a pool of threads, at most ``depth`` frames in flight; PIL's encoder and zlib
-    release the GIL. A worker's failure is raised as a VideoError by the next :meth:`submit` or :meth:`drain`."""
+def _png_processes():
+    """A multiprocessing context for PNG workers: forkserver (a clean single-threaded server that has
+    imported this module once; workers fork from it), or None where there is none (Windows)."""
+    import multiprocessing as mp
 
-    def __init__(self, workers: int, level: int, depth: int):
-        from concurrent.futures import ThreadPoolExecutor
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:
+        return None
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def _save_png_in_worker(frame: np.ndarray, path: Path, level: int, umask: int) -> None:
+    """:func:`save_png` in a worker process, with the writer's umask (the forkserver kept the one it started
+    with), so the files get the permissions the serial writer gives them."""
+    os.umask(umask)
+    save_png(frame, path, level)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class PngPool:
+    """PNG files encoded by ``workers`` processes (threads with ``processes=False`` or where processes are
+    not available), at most ``depth`` frames in flight. Processes, because PIL holds the GIL while it
+    compresses a PNG (its IDAT writer is Python), so threads do not run in parallel: measured 87 frames/s
+    with 16 threads on an H200 host. A worker's failure is raised as a VideoError by the next
+    :meth:`submit` or :meth:`drain`."""
+
+    def __init__(self, workers: int, level: int, depth: int, *, processes: bool = True):
+        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
         self.level, self.depth = level, max(1, depth)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
+        ctx = _png_processes() if processes else None
+        self.processes = ctx is not None
+        self._workers = workers
+        self._ready = None
+        self._pool = None
+        if ctx is not None:
+            self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            try:
+                self._ready = self._pool.submit(_worker_ready)  # the server and a first worker start now
+            except Exception as e:  # noqa: BLE001 - no processes here: threads write the same files
+                log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
+                            type(e).__name__, e)
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self.processes = None, False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
         self._pending: collections.deque = collections.deque()
+        self._umask = _current_umask()
+
+    def _check_processes(self) -> None:
+        """At the first frame: the worker processes started, else threads (a host without forkserver support)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ready, self._ready = self._ready, None
+        try:
+            ready.result(timeout=120)
+        except Exception as e:  # noqa: BLE001 - any failure to start: threads still write the same files
+            log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
+                        type(e).__name__, e)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="promptus-png")
+            self.processes = False
 
     def submit(self, frame: np.ndarray, path: Path) -> None:
+        if self._ready is not None:
+            self._check_processes()
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         # A copy: the caller may reuse its buffer (the pipelined decoder's pinned host memory) at once.
-        self._pending.append((path, self._pool.submit(save_png, np.array(frame), path, self.level)))
+        if self.processes:  # an absolute path: the workers keep the forkserver's working folder
+            job = self._pool.submit(_save_png_in_worker, np.array(frame), path.absolute(), self.level, self._umask)
+        else:
+            job = self._pool.submit(save_png, np.array(frame), path, self.level)
+        self._pending.append((path, job))
 
     def _wait_oldest(self) -> None:
         path, future = self._pending.popleft()
@@ -426,10 +500,12 @@ class FrameWriter:
     frame files written here (00000.png, ...) replace their namesakes, one by one, and
     every other file in it is kept. ``size=(width, height)``: refuse frames of another
     size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
+    ``first``: the number of the first PNG (``00020.png`` for a clip played from frame 20).
 
-    PNG frames are encoded by ``workers`` threads (default: one per core; 1: on the calling
-    thread), at most two per thread waiting, each to its own numbered file, so the bytes do not
-    depend on the thread count; ``png_level`` is the zlib level (:data:`promptus.config.PNG_LEVEL`).
+    PNG frames are encoded by ``workers`` processes (default: one per core; 1: on the calling
+    thread; ``png_processes=False``: threads, which PIL's GIL-holding PNG writer keeps from running
+    in parallel), at most two per worker waiting, each to its own numbered file, so the bytes do not
+    depend on the worker count; ``png_level`` is the zlib level (:data:`promptus.config.PNG_LEVEL`).
     A worker's failure surfaces as a VideoError from the next :meth:`write` or :meth:`close` and
     leaves no output. ``video_encoder`` (:data:`promptus.config.VIDEO_ENCODERS`): "cpu" (the
     default here), "auto" (NVENC where it opens, else the CPU encoder, saying so) or "nvenc".
@@ -437,8 +513,10 @@ class FrameWriter:
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
                  size: tuple[int, int] | None = None, kind: str | None = None, png_level: int = PNG_LEVEL,
-                 workers: int | None = None, video_encoder: str = "cpu"):
+                 workers: int | None = None, video_encoder: str = "cpu", png_processes: bool = True,
+                 first: int = 0):
         self.out = Path(out)
+        self.first = first  # the number of the first PNG: a stream played from a seek point keeps the clip's
         self.fps = fps
         self.count = 0
         self.size = size
@@ -446,6 +524,7 @@ class FrameWriter:
             raise VideoError(f"PNG level {png_level!r}: choose a zlib level from 0 (fastest) to 9 (smallest)")
         self.png_level = png_level
         self.workers = _png_workers() if workers is None else max(1, int(workers))
+        self.png_processes = png_processes
         self._pngs: PngPool | None = None
         self.video_encoder = video_encoder
         try:
@@ -480,6 +559,9 @@ class FrameWriter:
                 self._tmp = temp_sibling(self.out, folder=True)
         except OSError as e:
             raise VideoError(f"cannot write {self.out}: {e.strerror or e}") from None
+        if not self._video and self.workers > 1:  # started now: its workers are up when the first frames come
+            self._pngs = PngPool(self.workers, self.png_level, self.workers * PNG_QUEUE_PER_THREAD,
+                                 processes=png_processes)
 
     def _open_video(self, h: int, w: int) -> None:
         import av
@@ -507,12 +589,10 @@ class FrameWriter:
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
-        elif self.workers > 1:
-            if self._pngs is None:
-                self._pngs = PngPool(self.workers, self.png_level, self.workers * PNG_QUEUE_PER_THREAD)
-            self._pngs.submit(frame, self._tmp / f"{self.count:05d}.png")
+        elif self._pngs is not None:
+            self._pngs.submit(frame, self._tmp / f"{self.first + self.count:05d}.png")
         else:
-            save_png(frame, self._tmp / f"{self.count:05d}.png", self.png_level)
+            save_png(frame, self._tmp / f"{self.first + self.count:05d}.png", self.png_level)
         self.count += 1
 
     def write_batch(self, frames: torch.Tensor | np.ndarray) -> None:
@@ -537,7 +617,7 @@ class FrameWriter:
             os.replace(self._tmp, self.out)
         elif self._into_existing:
             # Only our own frame files replace their namesakes; nothing else in the folder is touched.
-            for i in range(self.count):
+            for i in range(self.first, self.first + self.count):
                 name = f"{i:05d}.png"
                 try:
                     os.replace(self._tmp / name, self.out / name)
@@ -548,7 +628,7 @@ class FrameWriter:
             with contextlib.suppress(OSError):
                 os.rmdir(self._tmp)
             stale = [p.name for p in self.out.glob("[0-9][0-9][0-9][0-9][0-9].png")
-                     if int(p.stem) >= self.count]
+                     if int(p.stem) >= self.first + self.count]
             if stale:
                 log.warning("%s still holds %d older frame files after the %d written now (%s...); they were "
                             "kept", self.out, len(stale), self.count, min(stale))

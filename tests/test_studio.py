@@ -266,15 +266,17 @@ def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(mode
 
         app.run_decode_benchmark = small
         try:
-            note, table = studio.on_bench(["torch"], 32, 3)
+            steps = list(studio.on_bench(["torch"], 32, 3))  # what runs, at once; then the table
+            (first, _), (note, table) = steps[0], steps[-1]
         finally:
             app.run_decode_benchmark = real
     finally:
         studio.close()
     assert calls["size"] == 32 and calls["batch"] == 3
     assert list(table["backend"]) == ["eager", "torch"] and list(table["status"]) == ["ok", "ok"]
-    assert table["vs eager"][0] == "1.00×" and table["FPS (frames to host)"].min() > 0
-    assert "latency per segment of 3 (ms)" in table.columns and "model tiny" in note
+    assert table["vs eager"][0] == "1.00×" and table["FPS to host"].min() > 0
+    assert "segment ms" in table.columns and "one segment of 3 frames" in note and "model tiny" in note
+    assert "measuring eager, torch" in first and len(steps) == 2
     assert not (tmp_path / studio.sessions.root.name).exists()
 
 

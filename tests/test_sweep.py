@@ -184,7 +184,9 @@ def test_sweep_plots_show_every_curve_and_point(sweep):
         assert [p["ylabel"] for p in panels] == ["PSNR (dB)", "SSIM", "MS-SSIM"]  # LPIPS: unavailable here
         for p in panels:
             assert [(c["label"], c["points"]) for c in p["curves"]] == [
-                ("promptus T=4", 2), ("promptus T=6", 2), ("x264", 4), ("x265", 4)]
+                ("promptus T=4 (tiny model, random weights)", 2), ("promptus T=6 (tiny model, random weights)", 2),
+                ("x264", 4), ("x265", 4)]
+        assert "random weights" in fig._suptitle.get_text()  # the tiny model's curve is no real quality
         w, h = (fig.get_size_inches() * fig.dpi).round().astype(int)
         png = Path(cfg.out) / f"rd_{clip or 'mean'}.png"
         with Image.open(png) as im:

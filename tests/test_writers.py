@@ -36,11 +36,11 @@ def write_folder(out, frames, **kw):
     return sorted(out.iterdir())
 
 
-@pytest.mark.parametrize("level", [6, 1])
-def test_parallel_png_writer_gives_the_serial_writers_bytes_in_order(tmp_path, level):
+@pytest.mark.parametrize("level, processes", [(6, True), (1, True), (6, False)])
+def test_parallel_png_writer_gives_the_serial_writers_bytes_in_order(tmp_path, level, processes):
     frames = grainy()
     serial = write_folder(tmp_path / "serial", frames, workers=1, png_level=level)
-    parallel = write_folder(tmp_path / "parallel", frames, workers=4, png_level=level)
+    parallel = write_folder(tmp_path / "parallel", frames, workers=4, png_level=level, png_processes=processes)
     assert [p.name for p in parallel] == [f"{i:05d}.png" for i in range(len(frames))]
     assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
     for i, p in enumerate(parallel):  # frame i is file i
@@ -86,7 +86,7 @@ def test_a_failing_worker_is_a_clear_error_and_leaves_no_output(tmp_path, monkey
     monkeypatch.setattr(video, "save_png", failing_save(3))
     out = tmp_path / "frames"
     with pytest.raises(VideoError, match=r"cannot write frame 00003.png: No space left on device"):
-        with FrameWriter(out, 30, kind="folder", workers=3) as w:
+        with FrameWriter(out, 30, kind="folder", workers=3, png_processes=False) as w:
             for f in grainy(20):
                 w.write(f)
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -98,7 +98,7 @@ def test_a_failing_worker_leaves_an_existing_folder_as_it_was(tmp_path, monkeypa
     (out / "00001.png").write_bytes(b"old frame")
     (out / "keep.txt").write_text("mine")
     monkeypatch.setattr(video, "save_png", failing_save(5))
-    w = FrameWriter(out, 30, kind="folder", workers=4, force=True)
+    w = FrameWriter(out, 30, kind="folder", workers=4, force=True, png_processes=False)
     with pytest.raises(VideoError, match="00005.png"):
         for f in grainy(8):
             w.write(f)
@@ -113,9 +113,29 @@ def test_an_encoding_bug_in_a_worker_names_the_frame(tmp_path, monkeypatch):
 
     monkeypatch.setattr(video, "save_png", broken)
     with pytest.raises(VideoError, match=r"encoding frame 00000.png failed \(ValueError: bad mode\)"):
-        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2) as w:
+        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2, png_processes=False) as w:
             for f in grainy(6):
                 w.write(f)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_worker_process_is_a_clear_error_and_leaves_no_output(tmp_path):
+    """Worker processes: a file system that fails under them, and a frame PIL cannot encode."""
+    import shutil
+
+    out = tmp_path / "frames"
+    with pytest.raises(VideoError, match=r"cannot write frame \d{5}.png: No such file or directory"):
+        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+            assert w._pngs.processes
+            for i, f in enumerate(grainy(12)):
+                if i == 4:
+                    shutil.rmtree(w._tmp)  # the folder vanishes under the workers
+                w.write(f)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(VideoError, match=r"encoding frame 00001.png failed \(TypeError"):
+        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+            w.write(grainy(1)[0])
+            w.write(np.zeros((8, 8, 3), np.float64))  # PIL has no mode for it: it fails in the worker
     assert list(tmp_path.iterdir()) == []
 
 
@@ -312,3 +332,37 @@ def test_the_compiled_steps_key_is_known_before_the_weights_are_read(tiny, tmp_p
     assert seen == [loaded] and ahead == architecture_digest(loaded.unet, loaded.taesd.decoder)
     assert startup.architecture_skeleton("tiny") is None  # made in code: nothing to read, no skeleton
     startup.clear()
+
+
+def test_png_workers_follow_the_writers_working_folder(tmp_path, monkeypatch):
+    """The worker processes fork from a server started elsewhere: relative outputs still land here."""
+    frames = grainy(4)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for sub in ("a", "b"):
+        monkeypatch.chdir(tmp_path / sub)
+        with FrameWriter("frames", 30, kind="folder", workers=2) as w:
+            w.write_batch(frames)
+        assert sorted(p.name for p in (tmp_path / sub / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+
+
+def test_png_writer_falls_back_to_threads_when_processes_do_not_start(tmp_path, monkeypatch, caplog):
+    import multiprocessing
+
+    real = multiprocessing.get_context
+
+    def no_forkserver(method=None):
+        ctx = real("spawn")
+
+        class Broken(type(ctx)):
+            def Process(self, *a, **k):  # noqa: N802 - the context's own name
+                raise OSError("no process for you")
+
+        return Broken() if method == "forkserver" else real(method)
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_forkserver)
+    frames = grainy(5)
+    with caplog.at_level("WARNING", logger="promptus.video"):
+        files = write_folder(tmp_path / "f", frames, workers=2)
+    assert "encoding on threads" in caplog.text
+    assert [np.array_equal(np.asarray(Image.open(p)), f) for p, f in zip(files, frames)] == [True] * 5

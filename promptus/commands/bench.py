@@ -158,15 +158,20 @@ def _num(x, spec: str, width: int, suffix: str = "") -> str:
 
 
 def format_decode_table(result: dict) -> str:
+    # Words for the device the run used: a CPU run has no "GPU" column and no fp16 matmul ceiling.
+    on = "GPU" if str(result["device"]).startswith("cuda") else str(result["device"]).split()[0].upper()
+    ceiling = result.get("matmul_ceiling_tflops")
+    limit = (f"measured fp16 matmul ceiling {ceiling:.0f} TFLOP/s → arithmetic limit "
+             f"{result['arithmetic_limit_fps']:.0f} FPS" if ceiling is not None and not math.isnan(ceiling)
+             else "no matmul ceiling measured on this device")
     w = max([9] + [len(r["backend"]) for r in result["rows"]])  # registered names may be longer than "tensorrt"
     lines = [
         f"decode benchmark — {result['device']}, torch {result['torch']}, model {result['model']}, "
         f"{result['size']}×{result['size']}, batch {result['batch']}, {result['frames_timed']} frames, {result['dtype']}",
         f"FLOPs per batch: UNet {result['unet_tflop_per_batch']:.2f} TFLOP, TAESD decoder "
-        f"{result['decoder_tflop_per_batch']:.2f} TFLOP; measured fp16 matmul ceiling "
-        f"{result['matmul_ceiling_tflops']:.0f} TFLOP/s → arithmetic limit {result['arithmetic_limit_fps']:.0f} FPS",
+        f"{result['decoder_tflop_per_batch']:.2f} TFLOP; {limit}",
         f"{'backend':{w}} {'cold s':>7} {'warm s':>7} {'UNet ms':>8} {'TAESD ms':>9} {'segment ms':>11} "
-        f"{'FPS (GPU)':>10} {'FPS (host)':>11} {'host/GPU':>9} {'peak GiB':>9} {'PSNR vs fp32':>13} {'MFU':>6} "
+        f"{f'FPS ({on})':>10} {'FPS (host)':>11} {f'host/{on}':>9} {'peak GiB':>9} {'PSNR vs fp32':>13} {'MFU':>6} "
         f"{'speedup':>8}",
     ]
     for r in result["rows"]:
@@ -181,8 +186,8 @@ def format_decode_table(result: dict) -> str:
             f"{_num(r['speedup'], '.2f', 7, '×')}")
     lines.append("cold/warm s: a fresh process making the backend and decoding a 21-frame clip, with an empty engine "
                  "folder (cold) and with the folder the cold one filled (warm); inductor's own caches empty in both. "
-                 "FPS: end to end through the pipelined decoder (parse → GPU → frames); speedup over eager fp16 in "
-                 "this run (— without eager); PSNR (of the clip's mean MSE) of the frames of a 21-frame clip against "
+                 f"FPS: end to end through the pipelined decoder (parse → {on} → frames); speedup over eager "
+                 f"{result['dtype']} in this run (— without eager); PSNR (of the clip's mean MSE) of the frames of a 21-frame clip against "
                  "the eager fp32 pipeline. —: not measured (the compile backend compiles whole segments, not stages).")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from ..backends import backend_names
 from ..config import DEFAULT_ENGINE_DIR, PARITIES, PARITY_OURS, PARITY_RELEASE, PNG_LEVEL, VIDEO_ENCODERS
 from ..errors import BitstreamError, PromptusError
 from ..video import VIDEO_OUTPUTS
-from .common import add_model_args, model_for_header
+from .common import add_model_args, add_threads_arg, model_for_header, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
+    add_threads_arg(d)
     d.add_argument("--backend", default="auto", choices=backend_names(auto=True),
                    help=f"network backend, one of {', '.join(backend_names(auto=True))}: auto takes tensorrt where "
                         "it can run, else compile on CUDA, else torch (default: auto)")
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             log.info("loaded model %r and the %s backend on %s in %.1f s", loaded.models.name, args.backend, device,
                      time.perf_counter() - t_load)
             backend, identity = loaded.backend, loaded.identity
+            use_threads(args, loaded.models.name, device)
         except BaseException:
             writer.abort()
             raise

@@ -12,9 +12,9 @@ import argparse
 import time
 from pathlib import Path
 
-from ..config import CodecConfig, TrainConfig
-from ..errors import ModelNotFoundError, PromptusError
-from .common import add_encode_args, add_model_args, cpu_threads
+from ..config import CPU_ITERS, CPU_ITERS_FIRST, TINY_SIZE, CodecConfig, TrainConfig
+from ..errors import PromptusError
+from .common import add_encode_args, add_model_args, add_threads_arg, resolve_perceptual, use_threads
 from .encode import print_encode_summary, run_encode
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -22,10 +22,8 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 SAMPLE = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()) / "data" / "sky"
 #: Frames of the sample clip (all of them go into a --full run).
 SAMPLE_FRAMES = 141
-#: Frame size of the demo with the tiny model (it cannot reconstruct real images; small is enough).
-TINY_SIZE = 128
 #: The demo's frames and iterations: a short run by default, the published iterations on the whole clip with --full.
-QUICK = {"max_frames": 21, "iters_first": 150, "iters": 40}
+QUICK = {"max_frames": 21, "iters_first": CPU_ITERS_FIRST, "iters": CPU_ITERS}
 FULL = {"max_frames": SAMPLE_FRAMES, "iters_first": TrainConfig.iters_first, "iters": TrainConfig.iters}
 
 
@@ -49,9 +47,10 @@ def register(subparsers) -> None:
         "iters": (None, "default: " + both.format(QUICK["iters"], FULL["iters"])),
         "max_frames": (None, "default: " + both.format(QUICK["max_frames"], FULL["max_frames"])),
         "init_latent": (None, f"default: {TrainConfig.init_latent} with SD-Turbo, taesd with the tiny model"),
-        "perceptual": ("on", "default: on, and off with a note when no VGG-19 weights are found"),
+        "perceptual": ("auto", "default: auto"),
     })
     add_model_args(m, auto_help="SD-Turbo from checkpoints/ when present, else the tiny model, saying so")
+    add_threads_arg(m)
     m.set_defaults(func=run, resume=False)
 
 
@@ -74,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
     from ..bitstream import describe, read
     from ..decoder import Decoder
     from ..files import check_output_path
-    from ..losses import load_vgg19
     from ..metrics import clip_psnr
     from ..models import find_default_weights, load_models
     from ..video import FrameWriter, ensure_sample_clip, read_frames
@@ -93,17 +91,12 @@ def run(args: argparse.Namespace) -> int:
     tiny = spec == "tiny"
     args.model = spec
     resolve_settings(args, tiny)
-    if args.perceptual == "on" and args.vgg is None:
-        try:
-            load_vgg19(None)
-        except ModelNotFoundError:
-            print("demo: no VGG-19 weights here — perceptual loss off (lower quality; pass --vgg PATH to use it)")
-            args.perceptual = "off"
+    resolve_perceptual(args, "demo")
 
     clip = args.clip or str(ensure_sample_clip(SAMPLE))
     models = load_models(spec, device=device, dtype=default_dtype(device), taesd=args.taesd,
                          vae=args.init_latent == "vae", checkpoints_dir=args.checkpoints)
-    cpu_threads(models, device)
+    use_threads(args, models.name, device)
     print(f"demo: encoding {args.max_frames} frames of {clip} at {args.size}×{args.size}, rank {args.rank}, "
           f"interval {args.interval}, {args.iters_first}/{args.iters} iterations on {device}")
     path = out / "demo.promptus"
@@ -127,12 +120,13 @@ def run(args: argparse.Namespace) -> int:
     if decoded.shape[0] != res.frame_count:
         raise PromptusError(f"decoded {decoded.shape[0]} frames but the clip has {res.frame_count}")
     original = read_frames(clip, args.size, args.size, max_frames=res.frame_count)
-    print_encode_summary(res)
+    print_encode_summary(res, rate=False)  # the layout above gave the bitrate
     print(f"demo: decoded {decoded.shape[0]} frames with {backend.describe()} in {dt:.2f} s → {out / 'decoded'}/, "
           f"{out / 'decoded.mp4'}")
     print(f"demo: PSNR of the clip's mean MSE: decoded frames against the originals "
           f"{clip_psnr(original, decoded):.2f} dB; decoder vs encoder closed loop "
-          f"{clip_psnr(res.reconstruction, decoded):.2f} dB (inf = identical)")
+          f"{clip_psnr(res.reconstruction, decoded):.2f} dB (inf = identical; on a CPU `promptus decode` gives these "
+          f"frames with the same thread count, {torch.get_num_threads()} here: docs/determinism.md)")
     print(f"demo: done in {time.perf_counter() - t_start:.0f} s ({time.process_time() - cpu_start:.0f} CPU-seconds "
           f"in this process, {torch.get_num_threads()} torch thread(s))")
     return 0

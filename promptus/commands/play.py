@@ -11,7 +11,7 @@ import time
 from ..backends import backend_names
 from ..config import DEFAULT_ENGINE_DIR
 from ..errors import PromptusError
-from .common import add_model_args, load_models
+from .common import add_model_args, add_threads_arg, load_models, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -30,6 +30,7 @@ def register(subparsers) -> None:
                                                         "regenerated unseen)")
     p.add_argument("--fast", action="store_true", help="ask the server for the stream as fast as possible")
     add_model_args(p)
+    add_threads_arg(p)
     p.add_argument("--backend", default="auto", choices=backend_names(auto=True), help="decoder backend (default: auto)")
     p.add_argument("--engine-dir", default=DEFAULT_ENGINE_DIR, help=f"TensorRT engine cache (default: {DEFAULT_ENGINE_DIR}/)")
     p.set_defaults(func=run)
@@ -45,10 +46,29 @@ def stream_url(url: str, start: int, fast: bool) -> str:
         url = f"{'wss' if base == 'https' else 'ws'}://{host}/{path}"
     if not url.startswith(("ws://", "wss://")):
         raise PromptusError(f"{url!r} is not a stream URL; give ws://HOST:PORT/ws/prompts/CLIP")
+    if not url.split("?")[0].partition("/ws/prompts/")[2].strip("/"):
+        raise PromptusError(f"{url!r} names no clip: add the clip's name, e.g. {url.rstrip('/')}"
+                            f"{'' if '/ws/prompts' in url else '/ws/prompts'}/demo.promptus (the server's page at "
+                            "http://HOST:PORT/ lists its clips)")
     query = [f"start={start}"] if start else []
     if fast:
         query.append("pace=fast")
     return url + ("&" if "?" in url else "?") + "&".join(query) if query else url
+
+
+def check_server(url: str, timeout: float = 5.0) -> None:
+    """Raise a :class:`PromptusError` when nothing listens at the host and port of ``url``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise PromptusError(f"no server at {parts.hostname}:{port} ({e.strerror or e}); start one with "
+                            "'promptus serve FOLDER' or check the URL") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +76,15 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming import Receiver, backend_decoders
     from ..video import FrameWriter
 
+    url = stream_url(args.url, args.start, args.fast)
+    check_server(url)  # "no server" in a second, not after the model has loaded
     device = resolve_device(args.device)
     models = load_models(args, device)
-    url = stream_url(args.url, args.start, args.fast)
+    use_threads(args, models.name, device)
     rx = Receiver(url, decoder_for=backend_decoders(models, args.backend, device, engine_dir=args.engine_dir))
     writer = None
     reported = 0
+    shown = [None, 0]  # the first frame shown and the frames after the last one
 
     async def go():
         nonlocal writer, reported
@@ -69,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
         async for seg in rx:
             if seg.catchup:
                 continue
+            if shown[0] is None:
+                shown[0] = seg.start
+            shown[1] = seg.stop
             if args.out:
-                if writer is None:
-                    writer = FrameWriter(args.out, rx.header.fps)
+                if writer is None:  # PNGs keep the clip's frame numbers when playing from a seek point
+                    writer = FrameWriter(args.out, rx.header.fps, first=seg.start)
                 await asyncio.to_thread(writer.write_batch, seg.frames)  # the network keeps being read
             for d in rx.stats.damage[reported:]:
                 print(f"\nconcealed: {d}", file=sys.stderr)
@@ -95,5 +121,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for d in rx.stats.damage[reported:]:
             print(f"\nconcealed: {d}", file=sys.stderr)
-    print(f"\n{rx.stats.summary()}" + (f"; wrote {args.out}" if args.out else ""))
+    span = f"frames {shown[0]}–{shown[1] - 1} of {rx.header.frame_count}: " if shown[0] is not None else ""
+    print(f"\n{span}{rx.stats.summary()}" + (f"; wrote {args.out}" if args.out else ""))
     return 0

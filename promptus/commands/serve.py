@@ -8,7 +8,7 @@ import logging
 from ..backends import backend_names
 from ..config import DEFAULT_ENGINE_DIR, ServerConfig
 from ..errors import PromptusError
-from .common import add_model_args, load_models
+from .common import add_model_args, add_threads_arg, honour_ctrl_c, load_models, use_threads
 
 log = logging.getLogger("promptus")
 
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     add_model_args(s)
+    add_threads_arg(s)
     s.add_argument("--devices", default=None, metavar="LIST",
                    help="decode viewers on several devices: 'all' (every CUDA GPU) or a list such as cuda:0,cuda:1; "
                         "one decoder and scheduler per device, a new viewer goes to the least loaded device with "
@@ -48,6 +49,58 @@ def register(subparsers) -> None:
     s.set_defaults(func=run)
 
 
+#: Requests the viewer repeats every second or so: not worth a line of the access log each.
+POLLED_PATHS = ("/api/status", "/api/streams", "/favicon")
+
+
+class QuietPolls(logging.Filter):
+    """Drops the access-log lines of the viewer's periodic polls (``GET /api/status`` every second)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = str(args[2]) if len(args) > 2 else ""
+        return not path.startswith(POLLED_PATHS)
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's own logging set-up, with the viewer's polls left out of the access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["quiet_polls"] = {"()": QuietPolls}
+    config["handlers"]["access"]["filters"] = ["quiet_polls"]
+    return config
+
+
+def model_for_folder(args, root) -> str:
+    """The ``--model`` for serving ``root``: with ``--model auto``, the built-in model that every file's header
+    names (as ``decode`` takes it from one file), saying so; else ``args.model``."""
+    from ..bitstream import Header, iter_records
+    from ..errors import BitstreamError
+    from ..streaming.library import ClipLibrary
+    from .common import BUILT_IN_MODELS
+
+    if args.model != "auto":
+        return args.model
+    names = set()
+    library = ClipLibrary(root)
+    for name in library.names():
+        try:
+            with open(library.resolve(name), "rb") as f:
+                header = next(iter_records(f))
+        except (BitstreamError, OSError, StopIteration):
+            continue  # the listing reports a damaged file; it says nothing about the model
+        if isinstance(header, Header):
+            names.add(header.model.name)
+    if len(names) == 1 and (name := names.pop()) in BUILT_IN_MODELS:
+        log.info("serve: the files under %s were made with the built-in %s model; using it (--model chooses other "
+                 "weights)", root, name)
+        return BUILT_IN_MODELS[name]
+    return args.model
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: F401 - only whether the serve extra is installed
@@ -59,13 +112,16 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming.scheduler import StreamScheduler
     from ..streaming.server import create_app, run_server
 
+    honour_ctrl_c()
     limits = ServerConfig(max_clients=args.max_clients, headroom=args.headroom, webrtc_loopback=args.webrtc_loopback)
     scheduler = None
     if args.no_viewer and args.devices:
         raise PromptusError("--devices says where viewers are decoded, and --no-viewer loads no model: drop one")
     if not args.no_viewer:
         devices = resolve_devices(args.devices) if args.devices else [resolve_device(args.device)]
+        args.model = model_for_folder(args, args.root)
         models = load_models(args, devices[0])
+        use_threads(args, models.name, devices[0])
         if len(devices) == 1:
             decoders = backend_decoders(models, args.backend, devices[0], engine_dir=args.engine_dir)
             scheduler = StreamScheduler(decoders, headroom=limits.headroom, max_streams=limits.max_clients,
@@ -89,5 +145,6 @@ def run(args: argparse.Namespace) -> int:
     if args.studio:
         print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
-    run_server(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    run_server(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+               log_config=uvicorn_log_config())
     return 0

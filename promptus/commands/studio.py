@@ -8,7 +8,7 @@ import signal
 
 from ..errors import PromptusError
 from ..studio.uploads import DEFAULT_MAX_UPLOAD_MB, MB, UploadLimits
-from .common import add_model_args
+from .common import add_model_args, add_threads_arg, honour_ctrl_c, use_threads
 
 
 def register(subparsers) -> None:
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
                    help="folder for the sessions' temporary files (default: a new folder in the system's temp dir)")
     p.add_argument("--vgg", default=None, help="local VGG-19 weights for the perceptual loss")
     add_model_args(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -42,10 +43,12 @@ def run(args: argparse.Namespace) -> int:
     blocks = build_studio(args.model, checkpoints=args.checkpoints, device=args.device, taesd=args.taesd,
                           vgg=args.vgg, limits=UploadLimits(max_bytes=args.max_upload_mb * MB), workdir=args.workdir)
     studio = blocks.promptus_studio
+    use_threads(args, studio.model.models.name, studio.model.device)  # encodes run in this process
     print(f"studio: model {studio.model.spec} on {studio.model.device}; open http://{args.host}:{args.port}/ "
           "(Ctrl-C stops it)", flush=True)
     # A service manager stops servers with SIGTERM: close as on Ctrl-C, removing the sessions' files.
     signal.signal(signal.SIGTERM, _interrupt)
+    honour_ctrl_c()
     try:
         studio.launch(args.host, args.port, quiet=True)
     finally:

@@ -55,6 +55,7 @@ class ReceiverStats:
     started: float = field(default_factory=time.perf_counter)
     bytes: int = 0
     frames: int = 0
+    catchup_frames: int = 0
     segments: int = 0
     latencies: list[float] = field(default_factory=list)
     damage: list[Damage] = field(default_factory=list)
@@ -74,6 +75,9 @@ class ReceiverStats:
 
     def on_segment(self, seg: ReceivedSegment) -> None:
         self.segments += 1
+        if seg.catchup:  # regenerated to reach a seek point, never shown: not part of the frame rate
+            self.catchup_frames += seg.frames.shape[0]
+            return
         self.frames += seg.frames.shape[0]
         self.latencies.append(seg.latency)
         self._recent_frames.append((seg.ready, seg.frames.shape[0]))
@@ -99,7 +103,8 @@ class ReceiverStats:
 
     def summary(self) -> str:
         dt = time.perf_counter() - self.started
-        return (f"{self.frames} frames in {dt:.1f} s ({self.frames / dt if dt else 0:.1f} fps), "
+        catchup = f" (and {self.catchup_frames} regenerated unseen to reach the start)" if self.catchup_frames else ""
+        return (f"{self.frames} frames{catchup} in {dt:.1f} s ({self.frames / dt if dt else 0:.1f} fps), "
                 f"{self.bytes} bytes ({8 * self.bytes / dt / 1000 if dt else 0:.1f} kbit/s), latency median "
                 f"{self.latency_ms(0.5):.1f} ms, p95 {self.latency_ms(0.95):.1f} ms, "
                 f"{len(self.damage)} damaged or lost records")

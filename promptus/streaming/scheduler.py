@@ -258,6 +258,12 @@ class StreamScheduler:
         self.again_after = math.inf  # seconds; see calibrate()
         self.measured_at = -math.inf  # time.monotonic() of the last measurement
 
+    def _device_word(self) -> str:
+        """"GPU", "CPU" or "decoding device", for messages people read."""
+        if self.device is None:
+            return "decoding device"
+        return "GPU" if self.device.type == "cuda" else self.device.type.upper()
+
     # -- lifecycle
 
     def start(self) -> "StreamScheduler":
@@ -355,7 +361,8 @@ class StreamScheduler:
         if load + rate <= budget:
             return Admission(True, rate, rate, cap, load, n, "admitted in real time", left)
         return Admission(False, 0.0, rate, cap, load, n,
-                         f"the GPU is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s it sustains "
+                         f"the {self._device_word()} is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s "
+                         "it sustains "
                          f"({100 * self.headroom:.0f}% usable); one more at {rate:g} frames/s would make every "
                          f"stream late. {left:.1f} frames/s are free: watch at that rate (slower than real time) "
                          "or try again later", left)

@@ -77,7 +77,7 @@ def progress_html(p: Progress | None) -> str:
         return '<div id="studio-progress-bar" data-state="idle" data-done="0" data-total="0"></div>'
     pct = 100 * p.fraction
     colour = {"aborted": "#d97706", "failed": "#dc2626", "done": "#16a34a"}.get(p.state, "#2563eb")
-    detail = (f"keyframe {p.keyframe} of {p.keyframes - 1} · iteration {p.iteration}/{p.iterations} · "
+    detail = (f"keyframe {p.keyframe + 1} of {p.keyframes} · iteration {p.iteration}/{p.iterations} · "
               f"loss {_fmt(p.loss, '.4f')} · PSNR {_fmt(p.psnr, '.2f')} dB" if p.iterations else p.message)
     return (
         f'<div id="studio-progress-bar" data-state="{p.state}" data-done="{p.done}" data-total="{p.total}" '
@@ -117,7 +117,8 @@ class Studio:
         # Only published files are served; sessions' uploads, encodes and checkpoints never are.
         r = self.sessions
         return dict(max_file_size=self.limits.max_bytes, allowed_paths=[str(r.public)],
-                    blocked_paths=[str(r.private), str(r.root / OWNER_FILE)], footer_links=[])
+                    blocked_paths=[str(r.private), str(r.root / OWNER_FILE)], footer_links=[],
+                    theme=offline_theme(), css=STUDIO_CSS)
 
     def launch(self, host: str = "127.0.0.1", port: int = 7860, **kwargs):
         return self.blocks.launch(server_name=host, server_port=port, **self.mount_kwargs(), **kwargs)
@@ -264,7 +265,7 @@ class Studio:
                 status = _status("stopping", "after the current iteration…")
             else:
                 status = _status("busy", p.message if p.state != "encoding" else
-                                 f"encoding keyframe {p.keyframe} of {p.keyframes - 1}")
+                                 f"encoding keyframe {p.keyframe + 1} of {p.keyframes}")
             return (progress_html(p), preview, status, gr.skip(), *self._buttons(True), *skip_results)
         kind = {"done": "done", "aborted": "stop", "failed": "error"}[p.state]
         message = p.message + (" — see the Results tab." if p.state == "done" else "")
@@ -336,24 +337,30 @@ class Studio:
         return pd.DataFrame(rows, columns=KEYFRAME_COLUMNS)
 
     def on_bench(self, backends, size, batch):
+        """A generator: says at once what runs and for about how long, then gives the table."""
+        chosen = [BASELINE, *(b for b in backends or [] if b != BASELINE)]
+        yield (_status("busy", f"measuring {', '.join(chosen)} at {size}×{size}, batch {batch}: each backend is "
+                                  "built, warmed up and timed in turn (about a minute on a CPU, longer with "
+                                  "compilation); the table appears when all are done."), gr.skip())
         try:
             result = run_decode_benchmark(self.model, list(backends or []), size=int(size), batch=int(batch),
                                           machine=self.machine)
         except PromptusError as e:
-            return _status("error", str(e)), gr.skip()
+            yield _status("error", str(e)), gr.skip()
+            return
         rows = []
         for r in result["rows"]:
             ok = r["status"] == "ok"
             num = lambda x, d=1: round(x, d) if ok and math.isfinite(x) else None  # noqa: E731
-            rows.append({"backend": r["backend"], "status": r["status"], "FPS (frames on device)": num(r["fps_gpu"]),
-                         "FPS (frames to host)": num(r["fps_host"]),
-                         f"latency per segment of {batch} (ms)": num(r["segment_ms"], 2),
-                         "UNet (ms)": num(r["unet_ms"], 2), "TAESD (ms)": num(r["decoder_ms"], 2),
+            rows.append({"backend": r["backend"], "status": r["status"], "FPS": num(r["fps_gpu"]),
+                         "FPS to host": num(r["fps_host"]), "segment ms": num(r["segment_ms"], 2),
+                         "UNet ms": num(r["unet_ms"], 2), "TAESD ms": num(r["decoder_ms"], 2),
                          "vs eager": f"{r['speedup']:.2f}×" if ok and math.isfinite(r["speedup"]) else None})
         note = (f"{result['device']}, torch {result['torch']}, model {result['model']}, {size}×{size}, "
                 f"batch {batch}, {result['frames_timed']} frames timed, {result['dtype']}. Eager is the baseline; "
-                "'compile' is torch.compile, 'torch' CUDA-graph replay (plain fp32 on a CPU).")
-        return note, pd.DataFrame(rows)
+                "'compile' is torch.compile, 'torch' CUDA-graph replay (plain fp32 on a CPU). FPS: frames made on "
+                f"the device; FPS to host: frames copied back too; segment ms: one segment of {batch} frames.")
+        yield note, pd.DataFrame(rows)
 
     def on_unload(self, request: gr.Request):
         self.sessions.close(getattr(request, "session_hash", None))
@@ -406,7 +413,7 @@ class Studio:
                                                              info=None if m.vgg is not None else
                                                              "off: the tiny model" if m.tiny else
                                                              "off: no VGG-19 weights here (--vgg PATH)")
-                                    backend = gr.Dropdown(list(STUDIO_BACKENDS), value=d.backend,
+                                    backend = gr.Dropdown(offered_backends(m.device.type), value=d.backend,
                                                           label="Decoder backend (closed loop and decode)")
                             rate_md = gr.Markdown(self._rate_text(d, None), elem_id="studio-rate")
                             with gr.Row():
@@ -445,7 +452,8 @@ class Studio:
                                 "benchmark (random prompts, the studio's model); eager is the baseline. Running it "
                                 "takes the machine for a while, like an encode.")
                     with gr.Row():
-                        bench_backends = gr.CheckboxGroup([b for b in STUDIO_BACKENDS if b != BASELINE],
+                        bench_backends = gr.CheckboxGroup([b for b in offered_backends(m.device.type)
+                                                           if b != BASELINE],
                                                           value=quick_backends(m.device.type),
                                                           label=f"Backends besides {BASELINE}")
                         bench_size = gr.Dropdown(sizes, value=d.size, label="Frame size (px)")
@@ -482,6 +490,28 @@ class Studio:
             bench_btn.click(self.on_bench, [bench_backends, bench_size, bench_batch], [bench_md, bench_table])
             blocks.unload(self.on_unload)
         return blocks
+
+
+#: Backends that only pay on a CUDA GPU: not offered on a CPU machine (torch.compile compiles for minutes there).
+GPU_ONLY_BACKENDS = ("compile", "tensorrt")
+#: The disabled Abort button stays readable; wide tables scroll inside their box instead of being cut off.
+STUDIO_CSS = """
+#studio-abort:disabled, #studio-abort[disabled] { background: #e5e7eb !important; color: #4b5563 !important;
+  border-color: #d1d5db !important; opacity: 1 !important; }
+#studio-bench-table, #studio-keyframe-table { max-width: 100%; overflow-x: auto; }
+"""
+
+
+def offline_theme():
+    """Gradio's default theme with the system's fonts: its web fonts cannot load on an offline machine, and a
+    page that mixes them with a fallback renders some letters in another typeface."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
+def offered_backends(device_type: str) -> list[str]:
+    """The backends the page offers on this machine (the GPU-only ones only with CUDA)."""
+    return [b for b in STUDIO_BACKENDS if device_type == "cuda" or b not in GPU_ONLY_BACKENDS]
 
 
 def build_studio(model: str | StudioModel = "auto", *, checkpoints: str = "checkpoints", device: str = "auto",

@@ -107,7 +107,7 @@ def prepare_clip(upload: str | Path, dest: str | Path, limits: UploadLimits = Up
     except Exception as e:  # noqa: BLE001 - a reader's surprise is still the upload's fault, never a traceback
         shutil.rmtree(dest, ignore_errors=True)
         log.info("studio: upload %s refused: %s: %s", name, type(e).__name__, e)
-        raise UploadError(f"{name} cannot be read ({type(e).__name__}: {str(e)[:200]}); upload an mp4 (H.264) "
+        raise UploadError(f"{name} cannot be read ({_reason(e)[:200]}); upload an mp4 (H.264) "
                           "or a zip of frames") from None
 
 
@@ -161,9 +161,15 @@ def _probe_video(path: Path, name: str, limits: UploadLimits, default_fps: float
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
         raise UploadError(f"{name} is not a readable video, or its frames are over {limits.max_frame_pixels:,} "
-                          f"pixels ({e}); upload an mp4 (H.264) or a zip of frames") from None
+                          f"pixels ({_reason(e)}); upload an mp4 (H.264) or a zip of frames") from None
     fps = video_fps(path) or default_fps
     return ClipInfo(path, name, int(count), first.width, first.height, fps)
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in words: no errno and no server-side temporary path (the person uploaded a file of theirs)."""
+    text = getattr(e, "strerror", None) or str(e)
+    return text.split(": '/")[0].strip() or type(e).__name__
 
 
 def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
@@ -176,7 +182,7 @@ def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
         with Image.open(files[0]) as im:  # lazy: the header only
             width, height = im.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise UploadError(f"{files[0].name} of {name} is not a readable image, or too large ({e})") from None
+        raise UploadError(f"{files[0].name} of {name} is not a readable image, or too large ({_reason(e)})") from None
     _check_size(name, width, height, limits)
     return ClipInfo(folder, name, len(files), width, height, default_fps)
 
@@ -185,8 +191,8 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
     try:
         zf = zipfile.ZipFile(src)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise UploadError(f"{src.name} is not a readable zip ({e}); zip a folder of frames "
-                          "(00000.png, 00001.png, ...)") from e
+        raise UploadError(f"{src.name} is not a readable zip ({_reason(e)}); zip a folder of frames "
+                          "(00000.png, 00001.png, ...)") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith((".", "__MACOSX")) for part in Path(m.filename).parts)]
@@ -210,7 +216,7 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
                     _unpack_image(f, folder / f"{i:05d}{Path(m.filename).suffix.lower()}", m.filename, src.name,
                                   budget, limits)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as e:
-                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({e})") from None
+                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({_reason(e)})") from None
     return folder
 
 
@@ -237,9 +243,9 @@ def _unpack_image(f, out: Path, member: str, zip_name: str, budget: list[int], l
             with Image.open(io.BytesIO(head)) as im:  # the header only: no pixel is decoded
                 size = im.size
         except Image.DecompressionBombError as e:
-            raise UploadError(f"{member} in {zip_name} is too large a picture ({e})") from None
+            raise UploadError(f"{member} in {zip_name} is too large a picture ({_reason(e)})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UploadError(f"{member} in {zip_name} is not a readable image ({e})") from None
+            raise UploadError(f"{member} in {zip_name} is not a readable image ({_reason(e)})") from None
     width, height = size
     _check_size(f"{member} in {zip_name}", width, height, limits)
     most = min(budget[0], 4 * width * height + HEADER_BYTES)  # no image file is longer than its raw pixels

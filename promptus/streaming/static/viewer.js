@@ -7,11 +7,15 @@ const params = new URLSearchParams(location.search);
 const state = window.promptusViewer = {
   clip: null, transport: "idle", codec: null, fallbackReason: null, framesShown: 0, fps: 0,
   stats: null, statsUpdates: 0, rtt: 0, jitterMs: 0, videoKbps: null, error: null, ended: false, admission: null,
+  device: null, webrtcFailedAfterMs: null,
 };
+const RTC_CONNECT_MS = 3000;  // no WebRTC connection by then: fall back to WebSocket
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 let session = null;  // {close()}
 const history = [];  // [{prompt, video, h264}]
 
 function clipPath(name) { return name.split("/").map(encodeURIComponent).join("/"); }
+function escapeHtml(t) { return String(t).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]); }
 function fmt(x, digits = 0) { return x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits); }
 
 async function loadClips() {
@@ -42,10 +46,14 @@ async function loadClips() {
 async function pollStatus() {
   try {
     const s = await (await fetch("/api/status")).json();
+    const kinds = new Set((s.devices || []).map((d) => String(d.device || "").startsWith("cuda") ? "GPU"
+                                                     : d.device === "cpu" ? "CPU" : "server"));
+    state.device = kinds.size === 1 ? [...kinds][0] : "server";
     $("server-status").textContent = s.viewer
-      ? `${s.streams} stream(s) on ${s.devices.length > 1 ? `${s.devices.length} devices` : "the GPU"} · ` +
-        `capacity ${fmt(s.capacity)} frames/s · WebRTC ${s.webrtc}`
+      ? `${plural(s.streams, "stream")} decoding on ${s.devices.length > 1 ? `${s.devices.length} devices` : `the ${state.device}`}` +
+        (s.capacity ? ` · capacity ${fmt(s.capacity)} frames/s` : "") + ` · WebRTC ${s.webrtc}`
       : "this server streams prompts only (no model loaded)";
+    $("device-label").textContent = `decoding on the ${state.device}`;
   } catch (e) { $("server-status").textContent = "server unreachable"; }
 }
 
@@ -77,18 +85,27 @@ function showOriginal(clip, rate) {
 }
 
 function updateStats(s) {
+  const ended = s.frames >= s.frame_count;
+  if (ended && state.ended && state.stats) return;  // the clip is over: keep the numbers it ended with
+  if (ended) {
+    state.ended = true;
+    // The window's rates fall to 0 once the last prompt is sent: show the clip's own average instead.
+    s = { ...s, prompt_kbps: s.prompt_kbps || s.clip_kbps };
+    $("stat-prompt-kbps").title = "the clip's average (the stream has ended)";
+  }
   state.stats = s; state.statsUpdates += 1;
   const extraLatency = 1000 * state.rtt / 2 + state.jitterMs;
   $("stat-prompt-kbps").textContent = fmt(s.prompt_kbps);
   $("stat-h264-kbps").textContent = fmt(s.h264_kbps);
   $("stat-h264-kbps").title = s.h264_kbps ? `the original file (${s.original_codec})` : "no original next to this clip";
-  const video = state.transport === "webrtc" ? state.videoKbps : s.video_kbps;
+  let video = state.transport === "webrtc" ? state.videoKbps : s.video_kbps;
+  if (ended && !video) video = history.length ? Math.max(...history.map((p) => p.video)) : video;
   $("stat-video-kbps").textContent = fmt(video);
   $("stat-latency").textContent = s.latency_ms === null ? "–" : fmt(s.latency_ms + extraLatency);
   $("stat-frame").textContent = fmt(s.frames);
   $("stat-frames-total").textContent = `of ${s.frame_count}`;
   $("stat-streams").textContent = s.streams;
-  $("stat-capacity").textContent = `stream${s.streams === 1 ? "" : "s"}` + (s.capacity ? ` of ${fmt(s.capacity)} fps` : "");
+  $("stat-capacity").textContent = `stream${s.streams === 1 ? "" : "s"}` + (s.capacity ? ` · ${fmt(s.capacity)} fps max` : "");
   history.push({ prompt: s.prompt_kbps, video: video || 0, h264: s.h264_kbps || 0 });
   if (history.length > 120) history.shift();
   drawChart();
@@ -99,15 +116,18 @@ function drawChart() {
   const w = c.width, h = c.height;
   g.clearRect(0, 0, w, h);
   const top = Math.max(1, ...history.map((p) => Math.max(p.prompt, p.video, p.h264))) * 1.15;
-  g.strokeStyle = "#263040"; g.fillStyle = "#8b96a3"; g.font = "11px sans-serif";
+  const axis = 78;  // the labels' column on the left; the lines start right of it
+  g.strokeStyle = "#263040"; g.fillStyle = "#8b96a3"; g.font = "11px sans-serif"; g.textAlign = "right";
   for (const f of [0.25, 0.5, 0.75]) {
-    g.beginPath(); g.moveTo(0, h - f * h); g.lineTo(w, h - f * h); g.stroke();
-    g.fillText(`${fmt(f * top)} kbit/s`, 4, h - f * h - 2);
+    g.beginPath(); g.moveTo(axis, h - f * h); g.lineTo(w, h - f * h); g.stroke();
+    g.fillText(`${fmt(f * top)} kbit/s`, axis - 6, h - f * h + 4);
   }
+  // A short clip fills the width too: x spans the points there are (up to the last 120).
+  const span = Math.max(1, Math.min(119, history.length - 1));
   const line = (key, color) => {
     g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
     history.forEach((p, i) => {
-      const x = (i / 119) * w, y = h - (p[key] / top) * h;
+      const x = axis + (i / span) * (w - axis), y = h - (p[key] / top) * h;
       if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
     });
     g.stroke();
@@ -130,8 +150,10 @@ function stop() {
   if (session) session.close();
   session = null;
   frameTimes = []; history.length = 0;
+  for (const id of ["stat-prompt-kbps"]) $(id).title = "";
   Object.assign(state, { framesShown: 0, fps: 0, stats: null, statsUpdates: 0, ended: false, error: null,
-                         fallbackReason: null, admission: null, videoKbps: null, jitterMs: 0, rtt: 0 });
+                         fallbackReason: null, admission: null, videoKbps: null, jitterMs: 0, rtt: 0,
+                         webrtcFailedAfterMs: null });
 }
 
 async function play(clip, opts = {}) {
@@ -142,6 +164,7 @@ async function play(clip, opts = {}) {
   setTransport("connecting…");
   const choice = params.get("transport") || $("transport-choice").value;
   const query = { rate: opts.rate || "", accept_lower: opts.acceptLower ? 1 : 0 };
+  const t0 = performance.now();
   if (choice !== "websocket" && window.RTCPeerConnection) {
     try {
       session = await playWebRTC(clip, query);
@@ -149,8 +172,12 @@ async function play(clip, opts = {}) {
     } catch (e) {
       if (e.admission) return admissionNotice(clip, e.admission);
       state.fallbackReason = String(e.message || e);
+      state.webrtcFailedAfterMs = Math.round(performance.now() - t0);
       console.warn("WebRTC failed, falling back to WebSocket:", state.fallbackReason);
       if (choice === "webrtc") { state.error = state.fallbackReason; notice(`WebRTC failed: ${state.fallbackReason}`); return; }
+      notice(`WebRTC did not connect (${escapeHtml(state.fallbackReason)}): showing the frames over WebSocket ` +
+        "instead (JPEG, more bytes to this page). A browser on another machine, or Chromium with " +
+        "--allow-loopback-in-peer-connection, usually connects.");
     }
   } else if (choice !== "websocket") {
     state.fallbackReason = "this browser has no WebRTC";
@@ -161,7 +188,7 @@ async function play(clip, opts = {}) {
 function admissionNotice(clip, adm) {
   state.admission = adm;
   setTransport("refused");
-  notice(`The GPU is busy: ${adm.streams} streams use ${fmt(adm.load)} of ${fmt(adm.capacity)} frames/s. ` +
+  notice(`The ${state.device || "server"} is busy: ${adm.streams} streams use ${fmt(adm.load)} of ${fmt(adm.capacity)} frames/s. ` +
     (adm.offer > 1 ? `You can watch at ${fmt(adm.offer, 1)} fps (slower than real time) ` +
       `<button id="accept-lower">watch at ${fmt(adm.offer, 1)} fps</button>` : "Try again later."));
   const b = $("accept-lower");
@@ -203,10 +230,23 @@ async function playWebRTC(clip, query) {
       throw err;
     }
     await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+    // The connection state says within seconds whether ICE got through; no need to wait for a frame.
+    await new Promise((resolve, reject) => {
+      const fail = (why) => { clearTimeout(timer); pc.removeEventListener("connectionstatechange", check); reject(new Error(why)); };
+      const check = () => {
+        const st = pc.connectionState || pc.iceConnectionState;
+        if (st === "connected" || st === "completed") { clearTimeout(timer); pc.removeEventListener("connectionstatechange", check); resolve(); }
+        else if (st === "failed" || st === "closed") fail(`the WebRTC connection ${st}`);
+      };
+      const timer = setTimeout(() => fail(`no WebRTC connection within ${RTC_CONNECT_MS / 1000} s (ICE could not connect)`),
+                               RTC_CONNECT_MS);
+      pc.addEventListener("connectionstatechange", check);
+      check();
+    });
     const onFrame = () => { if (closed) return; countFrame(); video.requestVideoFrameCallback(onFrame); };
     if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(onFrame);
     video.play().catch(() => {});
-    await waitFor(() => state.framesShown > 0, 15000, "no video frame within 15 s (ICE could not connect?)");
+    await waitFor(() => state.framesShown > 0, 15000, "connected, but no video frame within 15 s");
     setTransport("webrtc", answer.codec);
     const orig = showOriginal(clip, answer.admission.rate);
     if (orig) orig.play().catch(() => {});
