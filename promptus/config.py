@@ -433,6 +433,8 @@ class ServerConfig:
         jpeg_quality: quality of the frames of /ws/view.
         webrtc_connect_timeout_s: a WebRTC session not connected by then is closed.
         close_timeout_s: a closing handshake the client does not answer within this is cut.
+        shutdown_timeout_s: on Ctrl-C or SIGTERM, connections still open after this are cut (an open
+            page keeps one open forever) and the server shuts down, removing the Studio's files.
         ice_servers: STUN/TURN URLs for WebRTC across NATs (none: host candidates only).
         webrtc_loopback: WebRTC media on 127.0.0.1 only (``--webrtc-loopback``; tests keep it on).
     """
@@ -451,6 +453,7 @@ class ServerConfig:
     jpeg_quality: int = 85
     webrtc_connect_timeout_s: float = 20.0
     close_timeout_s: float = 2.0
+    shutdown_timeout_s: float = 5.0
     ice_servers: tuple[str, ...] = ()
     webrtc_loopback: bool = False
 
@@ -460,7 +463,7 @@ class ServerConfig:
         if not 0 < self.headroom <= 1:
             raise PromptusError(f"headroom={self.headroom!r} must lie in (0, 1]")
         for name in ("recalibrate_idle_s", "send_timeout_s", "max_messages_per_s", "webrtc_connect_timeout_s",
-                     "close_timeout_s"):
+                     "close_timeout_s", "shutdown_timeout_s"):
             if not getattr(self, name) > 0:
                 raise PromptusError(f"{name}={getattr(self, name)!r} must be positive")
         for name in ("max_queued_bytes", "max_control_bytes", "message_burst", "max_json_depth", "max_offer_bytes",

@@ -258,12 +258,11 @@ def test_bench_stream_devices_admits_and_serves_real_time_streams_on_two_cpu_dev
 
 def test_serve_command_builds_one_scheduler_per_listed_device_and_one_without_the_option(tmp_path, monkeypatch,
                                                                                            capsys):
-    import uvicorn
-
+    import promptus.streaming.server as server
     from promptus.commands.main import main
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(server, "run_server", lambda app, **kw: apps.append(app))  # builds, does not serve
     assert main(["-q", "serve", str(tmp_path), "--model", "tiny", "--device", "cpu", "--backend", "torch"]) == 0
     assert main(["-q", "serve", str(tmp_path), "--model", "tiny", "--devices", "cpu,cpu", "--backend", "torch",
                  "--headroom", "0.5"]) == 0

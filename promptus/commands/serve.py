@@ -103,14 +103,14 @@ def model_for_folder(args, root) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only whether the serve extra is installed
     except ImportError:
         raise PromptusError("promptus serve needs the serve extra: pip install 'promptus[serve]'") from None
     from ..backends import resolve_device, resolve_devices
     from ..streaming import backend_decoders
     from ..streaming.devices import scheduler_pool
     from ..streaming.scheduler import StreamScheduler
-    from ..streaming.server import create_app
+    from ..streaming.server import create_app, run_server
 
     honour_ctrl_c()
     limits = ServerConfig(max_clients=args.max_clients, headroom=args.headroom, webrtc_loopback=args.webrtc_loopback)
@@ -145,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     if args.studio:
         print(f"studio at http://{args.host}:{args.port}/studio/", flush=True)
     # Client messages are small control messages: the WebSocket layer refuses anything larger.
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.max_control_bytes,
-                log_level="warning" if args.quiet else "info", log_config=uvicorn_log_config())
+    run_server(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+               log_config=uvicorn_log_config())
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity
-from ..config import DEFAULT_ENGINE_DIR, CodecConfig
+from ..config import DEFAULT_ENGINE_DIR, CodecConfig, ServerConfig
 from ..prompts import quantize_tensor
 from .receiver import quantile
 from .scheduler import AdmissionError, StreamScheduler
@@ -160,8 +160,8 @@ def _sync(device):
 
 
 def bench_streams(models, device, *, backend: str = "compile", size: int = 512, interval: int = 10,
-                  fps: float = 30.0, counts=(1, 2, 4, 8, 12, 16), seconds: float = 6.0, headroom: float = 0.9,
-                  lever: bool = True) -> dict:
+                  fps: float = 30.0, counts=(1, 2, 4, 8, 12, 16), seconds: float = 6.0,
+                  headroom: float = ServerConfig.headroom, lever: bool = True) -> dict:
     """The whole benchmark: calibration, admission limit, one run per stream count, the batch lever."""
     from .receiver import backend_decoders
 
@@ -196,8 +196,8 @@ def bench_streams(models, device, *, backend: str = "compile", size: int = 512, 
 
 
 def bench_stream_devices(devices, models, *, backend: str = "torch", size: int = 512, interval: int = 10,
-                         fps: float = 30.0, seconds: float = 6.0, headroom: float = 0.9, max_streams: int = 64,
-                         engine_dir: str = DEFAULT_ENGINE_DIR) -> dict:
+                         fps: float = 30.0, seconds: float = 6.0, headroom: float = ServerConfig.headroom,
+                         max_streams: int = ServerConfig.max_clients, engine_dir: str = DEFAULT_ENGINE_DIR) -> dict:
     """Real-time streams admitted and served by one server's decoders on ``devices`` together.
 
     ``models`` is copied to every device (:func:`~promptus.streaming.devices.replicate_models`);

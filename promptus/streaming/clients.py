@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -178,7 +180,7 @@ class Connection:
         await self.send(control(message))
 
     async def close(self, code: int = 1000) -> None:
-        """Close politely; a client that does not take the close frame in time is cut."""
+        """Close politely; a client that does not answer the close frame in time is cut."""
         if self.closed:
             return
         self.closed = True
@@ -186,8 +188,15 @@ class Connection:
             await asyncio.wait_for(self.ws.close(code), self.config.close_timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             self.drop()
+            return
         except (WebSocketDisconnect, RuntimeError, OSError):
-            pass
+            return
+        if self.transport is not None:  # a client that reads answers at once; one that does not is cut
+            asyncio.get_running_loop().call_later(self.config.close_timeout_s, self._cut_if_open)
+
+    def _cut_if_open(self) -> None:
+        if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self.drop()
 
     async def refuse(self, message: str, code: int = 1008) -> None:
         """Tell the client what is wrong, then close with ``code``."""
@@ -199,10 +208,15 @@ class Connection:
                 await self.close(code)
 
     def drop(self) -> None:
-        """Cut the connection at once (its unsent data is discarded)."""
+        """Cut the connection at once with a reset: its unsent data is discarded, here and in the kernel."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # linger 0: close() resets instead of sending what is queued
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     # ----------------------------------------------------------------- in
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..bitstream import Header, InitLatent, Keyframe, StreamParser, split_records
+from ..config import ServerConfig
 from ..errors import BitstreamError, PromptusError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class Clip:
 class ClipLibrary:
     """The .promptus files under ``root``, parsed on demand and cached by (path, mtime, size)."""
 
-    def __init__(self, root: str | os.PathLike, *, max_file_bytes: int = 256 << 20, cache_size: int = 64):
+    def __init__(self, root: str | os.PathLike, *, max_file_bytes: int = ServerConfig.max_file_bytes,
+                 cache_size: int = 64):
         root = Path(root)
         if not root.is_dir():
             raise PromptusError(f"{root} is not a folder; give the folder that holds the .promptus files to serve")

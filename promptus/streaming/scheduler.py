@@ -310,6 +310,7 @@ class StreamScheduler:
         """
         if again_after is not None:
             self._calibration, self.again_after = (header, init, keyframes, rounds), again_after
+            self.measured_at = time.monotonic()  # measuring now: the worker need not
         with on_device(self.device):  # backends are built on the current CUDA device
             decoder = self.decoder_for(header)
         full = [kf for kf in keyframes[1:] if kf.index <= header.frame_count - 1]

@@ -61,6 +61,8 @@ class StreamingState:
     slots: ClientSlots = None  # type: ignore[assignment]
     webrtc: set = field(default_factory=set)
     tasks: TaskOwner = field(default_factory=lambda: TaskOwner("server"))
+    on_stopping: list = field(default_factory=list)  # called in the event loop when the server begins to stop
+    on_shutdown: list = field(default_factory=list)  # callables run when the app stops (the Studio's clean-up)
 
     def __post_init__(self) -> None:
         if self.slots is None:
@@ -118,6 +120,11 @@ def create_app(root, *, decoder_for=None, scheduler: StreamScheduler | Scheduler
             await state.tasks.aclose()
             if scheduler is not None:
                 await asyncio.to_thread(scheduler.stop)
+            for stop in state.on_shutdown:
+                try:
+                    await asyncio.to_thread(stop)
+                except Exception as e:  # noqa: BLE001 - one failing clean-up must not skip the others
+                    log.warning("shutdown: %s failed: %s", getattr(stop, "__qualname__", stop), e)
 
     app = FastAPI(title="Promptus streaming", lifespan=lifespan)
     app.state.promptus = state
@@ -140,3 +147,28 @@ def _calibrate(state: StreamingState) -> None:
         except PromptusError as e:
             log.info("not calibrating on %s: %s", name, e)
     log.info("no clip to calibrate on; the first stream measures the device")
+
+
+def run_server(app, *, host: str, port: int, **uvicorn_kwargs) -> None:
+    """Serve ``app`` with uvicorn until Ctrl-C or SIGTERM, then shut down within ``shutdown_timeout_s``.
+
+    Before uvicorn waits for open connections, ``state.on_stopping`` runs: a page's
+    endless streams (the Studio's heartbeat) end then, instead of being cut with a
+    traceback; the app's shutdown (``on_shutdown``: the Studio's files) runs after.
+    """
+    import uvicorn
+
+    state: StreamingState = app.state.promptus
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            for stop in state.on_stopping:
+                try:
+                    stop()
+                except Exception as e:  # noqa: BLE001 - the others must still run
+                    log.warning("stopping: %s failed: %s", getattr(stop, "__qualname__", stop), e)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, ws_max_size=state.limits.max_control_bytes,
+                            timeout_graceful_shutdown=state.limits.shutdown_timeout_s, **uvicorn_kwargs)
+    Server(config).run()

@@ -105,6 +105,7 @@ class ViewSession:
     async def frames(self) -> AsyncIterator[ViewFrame]:
         """Frames from the seek point on, each at its display time."""
         self._feeder = asyncio.create_task(self._feed())
+        self._feeder.add_done_callback(_collected)  # its outcome is read, never "never retrieved"
         first = self.start * self.clip.header.interval
         origin = None
         try:
@@ -154,6 +155,11 @@ class ViewSession:
             self.handle.close()
             if self._feeder is not None:
                 self._feeder.cancel()
+
+
+def _collected(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("viewer: releasing keyframes failed: %s", task.exception())
 
 
 def _finite(x: float) -> float | None:

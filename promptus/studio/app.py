@@ -28,12 +28,12 @@ from ..config import CodecConfig  # noqa: E402
 from ..errors import PromptusError  # noqa: E402
 from ..video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ensure_sample_clip  # noqa: E402
 from .jobs import EncodeJob, EncodeOutcome, Progress, StudioModel, decoded_psnr, load_studio_model, run_decode_benchmark  # noqa: E402
-from .session import Session, SessionRegistry  # noqa: E402
+from .session import OWNER_FILE, Session, SessionRegistry  # noqa: E402
 from .settings import (  # noqa: E402
     DEFAULT_PRESET, PRESETS, SIZES, STUDIO_BACKENDS, StudioSettings, describe_rate, expected_rate, frames_to_encode,
     preset_by_label,
 )
-from .uploads import ClipInfo, UploadLimits, human_bytes, prepare_clip, probe_frames  # noqa: E402
+from .uploads import ClipInfo, UploadError, UploadLimits, human_bytes, prepare_clip, probe_frames  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,10 @@ class Studio:
     # ------------------------------------------------------------ serving
 
     def mount_kwargs(self) -> dict:
-        return dict(max_file_size=self.limits.max_bytes, allowed_paths=[str(self.sessions.root)], footer_links=[],
+        # Only published files are served; sessions' uploads, encodes and checkpoints never are.
+        r = self.sessions
+        return dict(max_file_size=self.limits.max_bytes, allowed_paths=[str(r.public)],
+                    blocked_paths=[str(r.private), str(r.root / OWNER_FILE)], footer_links=[],
                     theme=offline_theme(), css=STUDIO_CSS)
 
     def launch(self, host: str = "127.0.0.1", port: int = 7860, **kwargs):
@@ -152,7 +155,7 @@ class Studio:
     def _sample_clip(self) -> ClipInfo:
         with self._sample_lock:
             if self._sample is None:
-                folder = ensure_sample_clip(self.sessions.root / "sample" / "sky")
+                folder = ensure_sample_clip(self.sessions.private / "sample" / "sky")
                 self._sample = probe_frames(folder, "sample clip (sky, made in code)", self.limits)
             return self._sample
 
@@ -180,11 +183,15 @@ class Studio:
             s.set_clip(None)
             if file is None:
                 return "", _status("info", "Upload a clip or pick the sample."), self.on_settings(request, *values)
-            clip = prepare_clip(file, s.upload_dir, self.limits)
+            if self.sessions.inside(file):  # a path the page never uploads: a visitor naming a server file
+                raise PromptusError("the upload did not arrive; upload the clip again")
+            try:
+                clip = prepare_clip(file, s.upload_dir, self.limits)
+            except UploadError:
+                Path(file).unlink(missing_ok=True)  # a refused upload goes at once, not when Gradio's cache expires
+                raise
             s.set_clip(clip)
         except PromptusError as e:
-            if file is not None:  # a refused upload goes at once, not when Gradio's cache expires
-                Path(file).unlink(missing_ok=True)
             return "", _status("error", f"cannot use this upload: {e}"), self.on_settings(request, *values)
         return (clip.describe(), _status("ok", "clip loaded: choose a bitrate and press Encode."),
                 self.on_settings(request, *values))
@@ -300,13 +307,13 @@ class Studio:
         n = len(o.psnr)
         return (
             summary,
-            str(o.videos["side_by_side"]),
+            str(session.publish(o.videos["side_by_side"])),
             gr.update(maximum=n - 1, value=0, interactive=True),
             self._pair(session, o, 0),
             psnr_df,
             ssim_df,
-            gr.update(value=str(o.path), interactive=True),
-            gr.update(value=str(o.videos["decoded"]), interactive=True),
+            gr.update(value=str(session.publish(o.path)), interactive=True),
+            gr.update(value=str(session.publish(o.videos["decoded"])), interactive=True),
             f"```\n{o.report}\n```",
             self._keyframe_table(o),
         )
@@ -529,4 +536,12 @@ def mount_studio(app, path: str = "/studio", blocks: gr.Blocks | None = None, **
     """
     blocks = blocks or build_studio(**build_kwargs)
     studio: Studio = blocks.promptus_studio
-    return gr.mount_gradio_app(app, blocks, path, **studio.mount_kwargs())
+    gr.mount_gradio_app(app, blocks, path, **studio.mount_kwargs())
+    state = getattr(app.state, "promptus", None)
+    if state is not None:  # the streaming server: its shutdown (SIGTERM included) removes the visitors' files
+        mounted = [r.app for r in app.routes if getattr(r, "path", None) == path.rstrip("/")
+                   and hasattr(getattr(r, "app", None), "stop_event")]
+        for page in mounted:  # an open page's heartbeat stream ends when the server begins to stop
+            state.on_stopping.append(page.stop_event.set)
+        state.on_shutdown.append(studio.close)
+    return app

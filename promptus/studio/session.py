@@ -3,6 +3,12 @@
 Sessions are keyed by the web framework's session id, which the browser sends: it is
 only a key, never part of a path (folders get random names). The number of
 sessions is bounded; the least recently used idle one is closed to make room.
+
+A server's folder holds ``private/`` (every session's uploads, encodes and
+checkpoints: never served) and ``public/`` (what a page shows or offers for
+download). A file is published under a fresh random folder of its own
+(:meth:`Session.publish`), so that its URL reveals no other file: not the session's
+private folder, not another session's files.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ STOP_WAIT_S = 10.0
 
 
 class Session:
-    """One visitor's files and work, all under ``folder``."""
+    """One visitor's files and work: private ones under ``folder``, published ones under ``public``."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, public: Path | None = None):
         self.folder = folder
+        self.public = public if public is not None else folder / "public"
         folder.mkdir(parents=True)
+        self.public.mkdir(parents=True, exist_ok=True)
+        self._published: list[Path] = []  # the random folders of published files
         self.clip: ClipInfo | None = None
         self.job: EncodeJob | None = None
         self.shown_job: EncodeJob | None = None  # whose results the page shows
@@ -57,21 +66,41 @@ class Session:
     def busy(self) -> bool:
         return self.job is not None and not self.job.snapshot().finished
 
+    def _public_folder(self) -> Path:
+        folder = self.public / uuid.uuid4().hex
+        folder.mkdir()
+        self._published.append(folder)
+        return folder
+
+    def _unpublish(self, path: Path) -> None:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        if path.parent in self._published:
+            self._published.remove(path.parent)
+
+    def publish(self, path: str | Path) -> Path:
+        """A copy of the session's file ``path`` that the page may show or offer (a hard link where possible)."""
+        path = Path(path)
+        out = self._public_folder() / path.name
+        try:
+            os.link(path, out)
+        except OSError:
+            shutil.copyfile(path, out)
+        return out
+
     def view(self, name: str, image: np.ndarray) -> Path:
-        """``image`` (uint8 H×W×3) as a PNG of this session, for the page to show.
+        """``image`` (uint8 H×W×3) as a published PNG of this session, for the page to show.
 
         A new name every time (browsers cache by URL); older pictures of that ``name``
         are removed (the last two stay, one may still be loading), so that a long
         encode leaves two previews, not thousands.
         """
         self._view_count += 1
-        path = self.folder / "view" / f"{name}-{self._view_count}.png"
-        path.parent.mkdir(exist_ok=True)
+        path = self._public_folder() / f"{name}-{self._view_count}.png"
         Image.fromarray(image).save(path)
         shown = self._views.setdefault(name, [])
         shown.append(path)
         while len(shown) > 2:
-            shown.pop(0).unlink(missing_ok=True)
+            self._unpublish(shown.pop(0))
         return path
 
     def set_clip(self, clip: ClipInfo | None) -> None:
@@ -92,9 +121,18 @@ class Session:
             if not self.job.wait(wait):
                 log.warning("studio: the encode of %s did not stop within %.0f s", self.folder, wait)
 
+    def owns(self, path: str | Path) -> bool:
+        """Whether ``path`` is one of this session's files (private or published)."""
+        real = Path(path).resolve()
+        return real.is_relative_to(self.folder.resolve()) or any(
+            real.is_relative_to(p.resolve()) for p in self._published)
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+        for folder in self._published:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._published.clear()
 
 
 ROOT_PREFIX = "promptus-studio-"
@@ -127,6 +165,10 @@ class SessionRegistry:
         _remove_orphans(Path(parent) if parent is not None else Path(tempfile.gettempdir()))
         self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir=parent))
         (self.root / OWNER_FILE).write_text(str(os.getpid()))
+        self.private = self.root / "private"  # never served
+        self.public = self.root / "public"  # published files, each in a random folder of its own
+        self.private.mkdir()
+        self.public.mkdir()
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
@@ -138,7 +180,7 @@ class SessionRegistry:
             s = self._sessions.get(session_id)
             if s is None:
                 self._make_room()
-                s = self._sessions[session_id] = Session(self.root / uuid.uuid4().hex)
+                s = self._sessions[session_id] = Session(self.private / uuid.uuid4().hex, self.public)
             self._sessions.move_to_end(session_id)
             s.used = time.monotonic()
             return s
@@ -168,4 +210,8 @@ class SessionRegistry:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def inside(self, path: str | Path) -> bool:
+        """Whether ``path`` lies in this server's folder (any session's files, published or not)."""
+        return Path(path).resolve().is_relative_to(self.root.resolve())
 

@@ -1,13 +1,21 @@
 """Turning an upload (a video file or a zip of frames) into a clip the encoder can read.
 
 Every way an upload can be wrong ends in an :class:`UploadError` whose message the
-page shows as it is: too large, not a video, an unreadable video, frames too small,
-a zip without images or with too much inside. Nothing is extracted outside the
-session's folder: zip member names are never used as paths.
+page shows as it is: too large, not a video, an unreadable video, frames too small
+or too large, a zip without images or with too much inside. Nothing is extracted
+outside the session's folder: zip member names are never used as paths.
+
+Sizes are read from headers before any pixel is decoded: a video's frame size from
+its stream parameters (FFmpeg's probe itself refuses frames over ``max_frame_pixels``),
+a zipped image's from its header, read from the first bytes of the member before the
+rest is unpacked; a member is unpacked in chunks and may not be longer than its
+image's raw pixels. So an upload under 1 MB cannot make the server allocate much more
+than a valid upload of the same kind (tests/test_studio_hardening.py measures it).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import zipfile
@@ -42,6 +50,7 @@ class UploadLimits:
     max_unpacked_bytes: int = 1024 * MB
     max_zip_frames: int = 5000
     min_side: int = 16
+    max_frame_pixels: int = 3840 * 2160  # 4K: frames are cropped and scaled to the codec's size anyway
 
 
 @dataclass(frozen=True)
@@ -95,16 +104,21 @@ def prepare_clip(upload: str | Path, dest: str | Path, limits: UploadLimits = Up
     except UploadError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+    except Exception as e:  # noqa: BLE001 - a reader's surprise is still the upload's fault, never a traceback
+        shutil.rmtree(dest, ignore_errors=True)
+        log.info("studio: upload %s refused: %s: %s", name, type(e).__name__, e)
+        raise UploadError(f"{name} cannot be read ({_reason(e)[:200]}); upload an mp4 (H.264) "
+                          "or a zip of frames") from None
 
 
 def _place(src: Path, dest: Path, suffix: str, name: str, limits: UploadLimits, default_fps: float) -> ClipInfo:
     if suffix in VIDEO_SUFFIXES:
+        # Copied, never moved: the web framework may hand two visitors' identical uploads the same file.
         target = dest / f"clip{suffix}"
-        shutil.move(str(src), target)
+        shutil.copyfile(src, target)
         return _probe_video(target, name, limits, default_fps)
     if suffix == ".zip":
         folder = _extract_frames(src, dest / "frames", limits)
-        src.unlink(missing_ok=True)
         return probe_frames(folder, name, limits, default_fps)
     if suffix in IMAGE_SUFFIXES:
         raise UploadError(f"{name} is a single image; upload a video or a zip of its frames")
@@ -112,6 +126,9 @@ def _place(src: Path, dest: Path, suffix: str, name: str, limits: UploadLimits, 
 
 
 def _check_size(name: str, width: int, height: int, limits: UploadLimits) -> None:
+    if width * height > limits.max_frame_pixels:
+        raise UploadError(f"the frames of {name} are {width}×{height} pixels; the studio takes frames of up to "
+                          f"{limits.max_frame_pixels:,} pixels (4K): scale the clip down first")
     if min(width, height) < limits.min_side:
         raise UploadError(f"the frames of {name} are {width}×{height} pixels; the studio needs at least "
                           f"{limits.min_side}×{limits.min_side} (frames are cropped to a square and scaled to the "
@@ -121,11 +138,17 @@ def _check_size(name: str, width: int, height: int, limits: UploadLimits) -> Non
 def _probe_video(path: Path, name: str, limits: UploadLimits, default_fps: float) -> ClipInfo:
     import av
 
+    # FFmpeg's own probe decodes a frame to learn the stream: max_pixels stops it at a bomb's size.
+    bound = {"max_pixels": str(limits.max_frame_pixels)}
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), stream_options=[bound] * 64) as container:
             if not container.streams.video:
                 raise UploadError(f"{name} holds no video stream (audio only?); upload a video")
             stream = container.streams.video[0]
+            cc = stream.codec_context
+            if cc.width and cc.height:  # from the stream's parameters, before any frame is decoded
+                _check_size(name, cc.width, cc.height, limits)
+            cc.options = bound
             first = next(container.decode(stream), None)
             if first is None:
                 raise UploadError(f"{name} holds no decodable video frames")
@@ -137,7 +160,8 @@ def _probe_video(path: Path, name: str, limits: UploadLimits, default_fps: float
     except UploadError:
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
-        raise UploadError(f"{name} is not a readable video ({_reason(e)}); upload an mp4 (H.264) or a zip of frames") from e
+        raise UploadError(f"{name} is not a readable video, or its frames are over {limits.max_frame_pixels:,} "
+                          f"pixels ({_reason(e)}); upload an mp4 (H.264) or a zip of frames") from None
     fps = video_fps(path) or default_fps
     return ClipInfo(path, name, int(count), first.width, first.height, fps)
 
@@ -155,10 +179,10 @@ def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
 
     files = list_images(folder)
     try:
-        with Image.open(files[0]) as im:
+        with Image.open(files[0]) as im:  # lazy: the header only
             width, height = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise UploadError(f"{files[0].name} of {name} is not a readable image ({_reason(e)})") from e
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UploadError(f"{files[0].name} of {name} is not a readable image, or too large ({_reason(e)})") from None
     _check_size(name, width, height, limits)
     return ClipInfo(folder, name, len(files), width, height, default_fps)
 
@@ -166,9 +190,9 @@ def probe_frames(folder: Path, name: str, limits: UploadLimits = UploadLimits(),
 def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
     try:
         zf = zipfile.ZipFile(src)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise UploadError(f"{src.name} is not a readable zip ({_reason(e)}); zip a folder of frames "
-                          "(00000.png, 00001.png, ...)") from e
+                          "(00000.png, 00001.png, ...)") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith((".", "__MACOSX")) for part in Path(m.filename).parts)]
@@ -179,18 +203,60 @@ def _extract_frames(src: Path, folder: Path, limits: UploadLimits) -> Path:
             raise UploadError(f"{src.name} holds {len(members)} images; the studio takes up to "
                               f"{limits.max_zip_frames} frames")
         members.sort(key=lambda m: _natural_key(Path(m.filename)))
+        declared = sum(m.file_size for m in members)
+        if declared > limits.max_unpacked_bytes:
+            raise UploadError(f"{src.name} unpacks to more than {human_bytes(limits.max_unpacked_bytes)} (its "
+                              f"entries declare {human_bytes(declared)}); zip fewer or smaller frames")
         folder.mkdir(parents=True)
-        budget = limits.max_unpacked_bytes
+        budget = [limits.max_unpacked_bytes]
         for i, m in enumerate(members):
-            # Written under our own names, read at most `budget` bytes: no path escapes, no zip bombs.
+            # Written under our own names, in chunks, at most the image's raw size: no path escapes, no bombs.
             try:
                 with zf.open(m) as f:
-                    data = f.read(budget + 1)
+                    _unpack_image(f, folder / f"{i:05d}{Path(m.filename).suffix.lower()}", m.filename, src.name,
+                                  budget, limits)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as e:
-                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({_reason(e)})") from e
-            budget -= len(data)
-            if budget < 0:
-                raise UploadError(f"{src.name} unpacks to more than {human_bytes(limits.max_unpacked_bytes)}; "
-                                  "zip fewer or smaller frames")
-            (folder / f"{i:05d}{Path(m.filename).suffix.lower()}").write_bytes(data)
+                raise UploadError(f"{m.filename} in {src.name} cannot be unpacked ({_reason(e)})") from None
     return folder
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk (None when ``head`` is no PNG)."""
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR" or len(head) < 24:
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+#: Bytes of a zipped image read before its header is judged (PNG's is in the first 33, JPEG's within a few kB).
+HEADER_BYTES = 64 << 10
+CHUNK_BYTES = 1 << 20
+
+
+def _unpack_image(f, out: Path, member: str, zip_name: str, budget: list[int], limits: UploadLimits) -> None:
+    """Copy one zipped image to ``out``: its header (size) checked first, then at most its raw size in chunks."""
+    from PIL import Image, UnidentifiedImageError
+
+    head = f.read(HEADER_BYTES)
+    size = _png_size(head)
+    if size is None:
+        try:
+            with Image.open(io.BytesIO(head)) as im:  # the header only: no pixel is decoded
+                size = im.size
+        except Image.DecompressionBombError as e:
+            raise UploadError(f"{member} in {zip_name} is too large a picture ({_reason(e)})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UploadError(f"{member} in {zip_name} is not a readable image ({_reason(e)})") from None
+    width, height = size
+    _check_size(f"{member} in {zip_name}", width, height, limits)
+    most = min(budget[0], 4 * width * height + HEADER_BYTES)  # no image file is longer than its raw pixels
+    n = len(head)
+    with open(out, "wb") as w:
+        w.write(head)
+        while chunk := f.read(CHUNK_BYTES):
+            n += len(chunk)
+            if n > most:
+                what = (f"a {width}×{height} image holds" if most < budget[0]
+                        else human_bytes(limits.max_unpacked_bytes) + " in all")
+                raise UploadError(f"{member} in {zip_name} unpacks to more than {what}; zip fewer or smaller frames")
+            w.write(chunk)
+    budget[0] -= n
