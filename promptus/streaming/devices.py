@@ -182,7 +182,9 @@ class SchedulerPool:
             reason = (f"no device decodes {rate:g} frames/s in real time: the most one of the {len(self.schedulers)} "
                       f"devices has usable is {offer:.1f} frames/s; watch at that rate (slower than real time)")
         else:
-            reason = (f"every GPU is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s that the "
+            kinds = {getattr(getattr(sc, "device", None), "type", None) for sc in self.schedulers}
+            word = "GPU" if kinds == {"cuda"} else "device"  # never "GPU" on a CPU server
+            reason = (f"every {word} is busy: {n} streams take {load:.0f} of the {cap:.0f} frames/s that the "
                       f"{len(self.schedulers)} devices sustain ({100 * self.headroom:.0f}% usable); the most one "
                       f"device has free is {offer:.1f} frames/s: watch at that rate (slower than real time) or "
                       "try again later")
