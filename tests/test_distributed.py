@@ -34,6 +34,16 @@ SAME_SPLIT = MemoryPlan(micro_batch=2, cache_targets=False)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """CPU bytes are identical for one thread count (docs/determinism.md): every encode here, the command's
+    (--threads 1), the API's and the references, runs on one thread, whatever the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip():
     return synthetic_clip(12, 32, 32)
@@ -87,7 +97,7 @@ def test_encode_on_two_cpu_processes_is_byte_identical_to_one_process(tiny, clip
     out = tmp_path / "two.promptus"
     rc = main(["-q", "encode", str(folder), "-o", str(out), "--devices", "cpu,cpu", "--model", "tiny",
                "--size", "32", "--rank", "2", "--interval", "4", "--fps", "24", "--iters-first", "6", "--iters", "4",
-               "--perceptual", "off", "--init-latent", "taesd"])
+               "--perceptual", "off", "--init-latent", "taesd", "--threads", "1"])
     assert rc == 0
     assert out.read_bytes() == one_process(tiny, clip, TRAIN, tmp_path)[0]
     entries = [json.loads(line) for line in log_path(out).read_text().splitlines()]
