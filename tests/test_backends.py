@@ -27,6 +27,7 @@ def reference(tiny, clip):
     return Decoder(make_backend("eager", tiny, "cpu", **for_clip(clip)), tiny.identity()).decode_all(clip)
 
 
+@pytest.mark.slow  # 6 s on 2 cores: full tier
 def test_backend_parity_on_cpu(tiny, clip, reference):
     backends = [
         make_backend("torch", tiny, "cpu", **for_clip(clip)),
@@ -96,13 +97,14 @@ def test_sink_errors_propagate(tiny, clip):
             [clip.header, clip.init, *clip.keyframes], sink)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: CUDA-graph replay runs only in the GPU benchmark")
+@pytest.mark.gpu  # CUDA-graph replay; skipped with its reason where PyTorch sees no CUDA GPU
 def test_cuda_graph_matches_eager_on_gpu(tiny, clip):
     eager = Decoder(make_backend("eager", tiny, "cuda", **for_clip(clip))).decode_all(clip)
     graph = Decoder(make_backend("torch", tiny, "cuda", **for_clip(clip))).decode_all(clip)
     assert (graph.int() - eager.int()).abs().max() <= 2
 
 
+@pytest.mark.slow  # 9 s on 2 cores: full tier
 def test_realtime_demo_published_flags(tiny, tmp_path):
     import subprocess
     import sys

@@ -107,6 +107,7 @@ def test_demo_runs_with_the_tiny_model(tmp_path, capsys):
     assert promptus.read(out / "demo.promptus").header.frame_count == 7
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "promptus", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0

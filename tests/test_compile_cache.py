@@ -136,6 +136,7 @@ def test_list_and_clean(tmp_path):
 
 @pytest.mark.skipif("aot_compile" not in available_mechanisms(),
                     reason=f"torch {torch.__version__} has no torch.compile(...).aot_compile (torch >= 2.10)")
+@pytest.mark.slow  # 14 s on 2 cores: full tier
 def test_a_new_backend_loads_the_built_step_and_decodes_the_same_frames(tiny, tmp_path, caplog):
     # aot_eager: Dynamo and AOTAutograd run and are stored as on a GPU; inductor's C++ build would take minutes here.
     clip = make_bitstream(tiny, frame_count=6, interval=4)  # frame 0 (padded to 4), then 4, then 1 (padded)

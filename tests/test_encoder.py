@@ -152,6 +152,7 @@ def encode_cmd(src, out, *extra):
             "--iters", "40", "--perceptual", "off", "--init-latent", "taesd", *extra]
 
 
+@pytest.mark.slow  # 24 s on 2 cores: full tier
 def test_resume_after_kill_is_byte_identical(tmp_path):
     src = save_clip(tmp_path / "clip", synthetic_clip(13, 32, 32))  # keyframes 0,3,6,9,12
     ref = tmp_path / "ref.promptus"
@@ -229,6 +230,7 @@ def test_should_stop_aborts_at_once_keeps_keyframes_and_resumes(tiny, tmp_path):
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow  # 13 s on 2 cores: full tier
 def test_published_script_flags(tmp_path):
     src = save_clip(tmp_path / "sky", synthetic_clip(10, 32, 32))
     common = ["--model", "tiny", "--device", "cpu", "-q"]

@@ -266,6 +266,7 @@ def test_frame_writer_numbers_pngs_from_the_first_frame(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00020.png", "00021.png", "00022.png"]
 
 
+@pytest.mark.slow  # 13 s on 2 cores: full tier
 def test_serve_started_in_the_background_stops_on_ctrl_c_and_play_from_a_seek_point(tmp_path, tiny):
     """`promptus serve &` from a script inherits SIGINT as ignored; Ctrl-C must still stop it. Served without
     --model: the files' headers name the tiny model. `play --start 2` writes the frames it shows, numbered as in
@@ -321,6 +322,7 @@ def test_ctrl_c_is_honoured_again_when_inherited_as_ignored():
     assert run.stdout.strip() == "interrupted", run.stderr
 
 
+@pytest.mark.slow  # 10 s on 2 cores: full tier
 def test_studio_started_in_the_background_stops_on_ctrl_c(tmp_path):
     pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
     with socket.socket() as s:
@@ -396,6 +398,7 @@ def test_demo_prints_the_rate_once_and_bench_on_a_cpu_has_no_gpu_words(tmp_path,
 # ------------------------------------------------------------------ 5, 11. the viewer
 
 
+@pytest.mark.browser  # 8 s on 2 cores: headless Chromium
 def test_viewer_falls_back_within_seconds_and_says_so_on_the_page(tiny, tmp_path):
     """A peer connection that never connects (as where ICE cannot get through) is given up after ~3 s from its
     connection state, the page says why and shows the WebSocket frames; a short clip's chart spans the width;

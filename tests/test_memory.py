@@ -226,6 +226,7 @@ def test_a_budget_on_the_cpu_picks_a_plan_and_logs_why(tiny, vgg, clip, tmp_path
 # ------------------------------------------------------------------ compiled step
 
 
+@pytest.mark.slow  # 23 s on 2 cores: full tier
 def test_compiled_step_traces_and_matches_eager(tiny, targets, reference):
     """Dynamo + AOTAutograd of the forward and backward (aot_eager: no C++ build), micro-batched and checkpointed."""
     enc = Encoder(codec(), train(), tiny, device="cpu", vgg=random_vgg19(), progress=False)

@@ -126,6 +126,7 @@ def test_cleanup_when_polygraphy_is_absent(tiny, tmp_path, monkeypatch):
     onnx.checker.check_model(cleaned)
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_large_graphs_keep_weights_in_one_external_file(tiny, tmp_path, monkeypatch):
     # pretend the protobuf limit is tiny: the path taken by the full-size float32 UNet (3.4 GB)
     monkeypatch.setattr(ox, "PROTOBUF_LIMIT", 2**26 + 1)
@@ -150,6 +151,7 @@ def test_exporter_order():
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.slow  # 10 s on 2 cores: full tier
 def test_both_exporters_give_the_same_function(tiny, tmp_path, exporter, precision):
     if exporter == "dynamo":
         pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")

@@ -171,6 +171,7 @@ async def _view(server, name: str, started: asyncio.Event | None = None):
     return msgs, c.close_code
 
 
+@pytest.mark.slow  # 3 s on 2 cores: full tier
 def test_two_viewers_land_on_different_devices_and_get_every_frame_of_the_offline_decode(served):
     server, pool, bs, offline = served
     st = httpx.get(server.http("/api/status"), timeout=10).json()

@@ -187,6 +187,7 @@ def server(root, decoder_for):
 # ------------------------------------------------------------------ finding 2
 
 
+@pytest.mark.slow  # 5 s on 2 cores: full tier
 def test_clients_that_never_read_are_dropped_and_free_their_slots(server):
     """Finding 2: as many clients as the limit, none reading, ask for 2.5 MB each, fast, and again and again."""
     before = rss_mb()
@@ -226,6 +227,7 @@ async def _stream_bytes(url: str) -> int:
 # ------------------------------------------------------------------ finding 3
 
 
+@pytest.mark.slow  # 11 s on 2 cores: full tier
 def test_a_seek_flood_writes_no_traceback_and_frees_the_slot_at_once(server):
     """Finding 3: 10,000 seeks then a close."""
     async def flood():
@@ -349,6 +351,7 @@ def offer_sdp():
         aioice.ice.get_host_addresses = original
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_concurrent_webrtc_offers_never_pass_the_client_limit(server, offer_sdp):
     """Finding 7: with limit − 1 clients held, 10 offers at once: one is admitted, the others refused."""
     peak = []
@@ -426,6 +429,7 @@ class _SlowState:
         return self.inner.push(keyframe)
 
 
+@pytest.mark.slow  # 5 s on 2 cores: full tier
 def test_capacity_is_measured_again_once_the_load_is_gone(root, decoder_for):
     """Finding 8: capacity measured under load recovers when the server is idle, and viewers are admitted."""
     from promptus.streaming import StreamScheduler
@@ -470,6 +474,7 @@ def test_capacity_is_measured_again_once_the_load_is_gone(root, decoder_for):
 # ------------------------------------------------------------------ after the attacks
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_the_server_that_survived_serves_a_well_behaved_client_at_full_rate(server, root):
     """Runs last: a real-time prompt stream keeps the clip's pace, and a viewer gets the clip's frame rate."""
     from test_streaming import receive_all

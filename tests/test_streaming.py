@@ -542,6 +542,7 @@ def _artifact(path: Path) -> None:
     shutil.copy(path, ARTIFACTS / path.name)
 
 
+@pytest.mark.browser  # 6 s on 2 cores: headless Chromium
 def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) is not installed")
     chromium = _chromium()
@@ -599,6 +600,7 @@ def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_pa
 # ------------------------------------------------------------------ the commands
 
 
+@pytest.mark.slow  # 8 s on 2 cores: full tier
 def test_serve_and_play_commands(clips, tmp_path, capsys):
     root, bss = clips
     repo = Path(__file__).resolve().parents[1]

@@ -190,6 +190,7 @@ def _wait(job, state_ok, timeout=120):
     raise AssertionError(f"timed out; last progress {job.snapshot()}")
 
 
+@pytest.mark.slow  # 14 s on 2 cores: full tier
 def test_abort_stops_within_seconds_keeps_keyframes_and_resume_finishes(model, tmp_path):
     folder = tmp_path / "session"
     clip = prepare_clip(_mp4(tmp_path / "clip.mp4", frames=10, size=32), folder / "clip")  # keyframes 0, 3, 6, 9
@@ -249,6 +250,7 @@ def test_an_encode_waits_for_the_machine_and_can_be_aborted_while_waiting(model,
 # ----------------------------------------------------------------- performance
 
 
+@pytest.mark.slow  # 25 s on 2 cores: full tier
 def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(model, tmp_path):
     pytest.importorskip("gradio", reason="the page needs gradio (pip install 'promptus[studio]')")
     from promptus.studio.app import Studio
@@ -283,6 +285,7 @@ def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(mode
 # --------------------------------------------------------------------- command
 
 
+@pytest.mark.slow  # 12 s on 2 cores: full tier
 def test_promptus_studio_serves_on_loopback_and_cleans_up_on_ctrl_c(tmp_path):
     pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
     import signal

@@ -95,6 +95,7 @@ def _status(page) -> str:
     return page.inner_text("#studio-status")
 
 
+@pytest.mark.browser  # 35 s on 2 cores: headless Chromium
 def test_encode_abort_resume_download_in_chromium(server, tmp_path):
     url, studio, streaming = server
     if streaming:  # the streaming server's own routes answer beside the studio

@@ -30,8 +30,7 @@ from promptus.video import sky_clip, write_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed here (CI installs it: "
-                                                         "apt-get install -y ffmpeg)")
+needs_ffmpeg = pytest.mark.ffmpeg  # skipped with its reason where ffmpeg is missing (tests/conftest.py)
 FAST = dict(codec=CodecConfig(width=32, height=32),
             train=TrainConfig(perceptual=False, init_latent="taesd", iters_first=12, iters=6), model="tiny",
             progress=False)
@@ -207,6 +206,7 @@ def test_sweep_bd_rate_is_none_where_curves_do_not_overlap(sweep):
     assert lines[0].startswith("clip,promptus_interval,baseline,metric,bd_rate_pct") and len(lines) == 1 + 16
 
 
+@pytest.mark.slow  # 5 s on 2 cores: full tier
 def test_resumed_sweep_skips_finished_points(sweep, monkeypatch):
     cfg, res = sweep
     enc = counted(encoder_mod.Encoder.encode)
@@ -231,6 +231,7 @@ def test_resumed_sweep_skips_finished_points(sweep, monkeypatch):
 # -------------------------------------------------------------------- ray
 
 
+@pytest.mark.slow  # 20 s on 2 cores: full tier
 def test_ray_local_cluster_matches_the_sequential_run(clip_dir, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'promptus[distributed]')")
     common = dict(clips=[str(clip_dir)], ranks=[1, 2], intervals=[4], baselines=[], **FAST)
@@ -260,6 +261,7 @@ def test_ray_local_cluster_matches_the_sequential_run(clip_dir, tmp_path):
 # ------------------------------------------------------- settings and presets
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_other_settings_add_points_instead_of_replacing_them(clip_dir, tmp_path):
     """Issue 10: a rerun into the same --out with other --iters kept nothing of the first run."""
     out = tmp_path / "s"

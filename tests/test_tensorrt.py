@@ -492,6 +492,7 @@ def test_second_build_is_a_cache_hit(built, tiny, capsys, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
 
 
+@pytest.mark.slow  # 4 s on 2 cores: full tier
 def test_rtx_builds_for_one_compute_capability_from_a_torchscript_graph(tiny, tmp_path):
     rtx = rtx_or_skip()
     t0 = time.perf_counter()
