@@ -131,7 +131,7 @@ def test_single_keyframe_needs_or_assumes_an_interval(tmp_path):
     assert load_legacy(f).header.frame_count == 1
 
 
-# ---- moved from test_legacy_hardening.py: hostile legacy archives (zip version needed, import-legacy's one-line errors)
+# ---- hostile legacy archives (zip version needed, import-legacy's one-line errors)
 
 def _set_version_needed(data: bytes, version: int) -> bytes:
     """Every local and central header of a zip claims ``version`` as "version needed to extract"."""
