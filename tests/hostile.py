@@ -48,3 +48,12 @@ def bitstream(cfg: CodecConfig, frame_count: int, seed: int = 0, model: ModelIde
                     quantize_tensor(torch.randn(cfg.rank, cfg.embed_dim, generator=g)))
            for i in range(header.keyframe_count)]
     return Bitstream(header, init, kfs)
+
+
+# ---- a legacy prompt file with changed entries
+
+def replace_prompt(folder, index=0, **changes):
+    path = folder / f"frame_{index:05d}.prompt"
+    d = torch.load(path, weights_only=True)
+    d.update(changes)
+    torch.save(d, path)

@@ -1,18 +1,25 @@
 """The promptus command end to end: import-legacy → info → decode, errors, demo."""
 
+import bz2
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+import torch
 
 import promptus
 from promptus.commands.main import main
+from promptus.config import CodecConfig
+from promptus.errors import PromptusError
 from promptus.video import read_frames
+from bounded import LIMIT_MB, bounded_memory
 from synthetic import synthetic_clip
 
 from conftest import make_legacy_folder
+from hostile import bitstream, head, init_fp16, keyf, replace_prompt, v1_file
 
 
 @pytest.fixture
@@ -115,3 +122,166 @@ def test_python_dash_m_help():
         assert cmd in r.stdout
     r = subprocess.run([sys.executable, "-m", "promptus", "decode", "--help"], capture_output=True, text=True, timeout=120)
     assert "--allow-partial" in r.stdout and "--model" in r.stdout
+
+
+# ---- hostile inputs (issue 9 audit): commands refuse in one line, keep files, lock their output
+
+CLIP = synthetic_clip(7, 32, 32)  # keyframes 0, 3, 6
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """A small valid .promptus file (64×64, 7 frames) for the command tests."""
+    path = tmp_path_factory.mktemp("clip") / "clip.promptus"
+    promptus.write(path, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3), 7))
+    return path
+
+
+def decode(args, capsys):
+    rc = main(["-q", "decode", *map(str, args), "--model", "tiny", "--device", "cpu", "--backend", "eager"])
+    return rc, capsys.readouterr().err
+
+
+def test_decode_into_a_folder_holding_files_is_refused_and_force_keeps_them(clip_file, tmp_path, capsys):
+    """Finding 1: the folder and everything in it used to be deleted."""
+    out = tmp_path / "frames"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "00000.png").write_bytes(b"old frame")
+    rc, err = decode([clip_file, "-o", out], capsys)
+    assert rc == 1 and err.startswith("promptus: error:") and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "keep.txt"]
+    assert (out / "00000.png").read_bytes() == b"old frame"
+    rc, err = decode([clip_file, "-o", out, "--force"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.png" for i in range(7)] + ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"]  # no temporary or ".old" folder left
+
+
+def test_decode_to_dot_is_refused_cleanly_or_works(clip_file, tmp_path, capsys, monkeypatch):
+    """Finding 1: ``-o .`` failed with 'Device or resource busy' and left a '..old.*' folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    rc, err = decode([clip_file, "-o", "."], capsys)
+    assert rc == 1 and "--force" in err and "Traceback" not in err
+    rc, err = decode([clip_file, "-o", ".", "--force"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in work.iterdir()) == [f"{i:05d}.png" for i in range(7)] + ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_second_encode_to_the_same_output_is_refused_naming_the_other_pid(tmp_path, capsys):
+    """Finding 1: two encodes with one -o both reported success; one silently replaced the other."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "clip.promptus"
+    # Another process holds the output's lock as documented: flock on NAME.lock holding its pid.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out) + '.lock'!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        frames = tmp_path / "frames"
+        frames.mkdir()
+        for i, f in enumerate(CLIP):
+            Image.fromarray(f.numpy()).save(frames / f"{i:05d}.png")
+        rc = main(["-q", "encode", str(frames), "-o", str(out), "--model", "tiny", "--device", "cpu", "--size", "32",
+                   "--rank", "2", "--interval", "3", "--iters-first", "1", "--iters", "1", "--perceptual", "off",
+                   "--init-latent", "taesd"])
+        err = capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 1 and f"pid {holder.pid}" in err and not out.exists()
+
+
+def test_the_lock_is_released_and_removed_after_a_run(tmp_path):
+    from promptus.files import OutputLock
+
+    out = tmp_path / "clip.promptus"
+    with OutputLock(out):
+        with pytest.raises(PromptusError, match=f"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+    assert list(tmp_path.iterdir()) == []
+    with OutputLock(out):  # free again
+        pass
+
+
+def hostile_inputs(tmp_path):
+    """(name, argv) of inputs that once ended in a traceback, a hang or a lost file."""
+    fifo = tmp_path / "fifo.promptus"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.promptus"
+    huge.write_bytes(v1_file(head(rank=256, tokens=32768, embed_dim=32768, interval=1, frame_count=3), init_fp16(),
+                             [keyf(i, 3, bz2.compress(bytes(256 * 65536))) for i in range(3)]))
+    wide = tmp_path / "wide.promptus"
+    promptus.write(wide, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3, embed_dim=1023), 4))
+    ch3 = tmp_path / "ch3.promptus"
+    promptus.write(ch3, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3, latent_channels=3), 4))
+    passwd = tmp_path / "passwd"
+    make_legacy_folder(passwd, keyframes=1)
+    (passwd / "frame_00000.prompt").write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    fifo_folder = tmp_path / "fifo_folder"
+    make_legacy_folder(fifo_folder, keyframes=1)
+    (fifo_folder / "frame_00000.prompt").unlink()
+    os.mkfifo(fifo_folder / "frame_00000.prompt")
+    scale = tmp_path / "scale"
+    make_legacy_folder(scale, keyframes=1)
+    replace_prompt(scale, U_scale=torch.tensor(3e38))
+    out = tmp_path / "o.promptus"
+    model = ["--model", "tiny", "--device", "cpu", "--backend", "eager"]
+    return [
+        ("info on a FIFO", ["info", str(fifo)]),
+        ("info on /dev/zero", ["info", "/dev/zero"]),
+        ("info on a folder", ["info", str(tmp_path)]),
+        ("info on a huge header", ["info", str(huge)]),
+        ("decode embedding 1023", ["decode", str(wide), "-o", str(tmp_path / "w"), *model]),
+        ("decode 3 latent channels", ["decode", str(ch3), "-o", str(tmp_path / "c"), *model]),
+        ("decode a FIFO", ["decode", str(fifo), "-o", str(tmp_path / "f"), *model]),
+        ("import /etc/passwd as a prompt", ["import-legacy", str(passwd), "-o", str(out)]),
+        ("import a FIFO prompt", ["import-legacy", str(fifo_folder), "-o", str(out)]),
+        ("import scale 3e38", ["import-legacy", str(scale), "-o", str(out)]),
+        ("import with fps 1e308", ["import-legacy", str(scale), "-o", str(out), "--fps", "1e308"]),
+    ]
+
+
+def test_every_hostile_input_is_one_error_line_and_exit_status_1(tmp_path, capsys):
+    """Finding 3: tracebacks (and a hang) from inputs; each now ends in 'promptus: error: …', status 1."""
+    for name, argv in hostile_inputs(tmp_path):
+        with bounded_memory() as m:
+            rc = main(["-q", *argv])
+        err = capsys.readouterr().err
+        assert rc == 1, name
+        assert err.startswith("promptus: error: ") and "Traceback" not in err, (name, err)
+        assert m.peak_mb < LIMIT_MB, (name, m.peak_mb)
+    assert not (tmp_path / "o.promptus").exists()
+
+
+def test_an_internal_bug_still_shows_its_traceback(monkeypatch):
+    """Only what input can cause becomes a one-line error; a bug in promptus is not hidden."""
+    from promptus.commands import info
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["info", "x"])
+
+
+def test_decode_of_a_long_interval_short_clip_is_not_padded_to_the_interval(tmp_path, capsys):
+    """Finding 2: interval 256 with 3 frames ran one batch padded to 256 frames; now batch 2."""
+    path = tmp_path / "long.promptus"
+    promptus.write(path, bitstream(CodecConfig(width=64, height=64, rank=2, interval=256), 3))
+    with bounded_memory() as m:
+        rc = main(["-q", "decode", str(path), "-o", str(tmp_path / "f") + "/", "--model", "tiny", "--device", "cpu",
+                   "--backend", "torch"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "f").iterdir())) == 3
+    assert m.peak_mb < 150, m.peak_mb

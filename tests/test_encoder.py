@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import promptus
 from promptus.backends import make_backend
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
-from promptus.encoder import Encoder, checkpoint_paths
+from promptus.encoder import Encoder, checkpoint_paths, frames_digest
 from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.errors import EncodeAborted, PromptusError, VideoError
 from promptus.prompts import embedding
@@ -262,3 +263,16 @@ def test_unwritable_output_fails_before_training(tiny, clip, tmp_path):
     with pytest.raises(PromptusError, match="cannot write"):
         enc.encode(clip, blocker / "out.promptus")  # a folder that cannot be made
     assert metrics == []
+
+
+# ---- hostile inputs (issue 9 audit): memory of the clip digest
+
+def test_frames_digest_does_not_copy_the_clip():
+    frames = torch.zeros(100, 256, 256, 3, dtype=torch.uint8)  # 19 MiB
+    tracemalloc.start()
+    try:
+        frames_digest(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
