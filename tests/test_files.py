@@ -9,6 +9,7 @@ import pytest
 from promptus.config import CodecConfig, TrainConfig
 from promptus.encoder import Encoder
 from promptus.errors import PromptusError, VideoError
+from promptus.files import check_output_path
 
 
 FAST = TrainConfig(iters_first=2, iters=1, patience_first=1, patience=1, perceptual=False, init_latent="taesd")
@@ -53,3 +54,10 @@ def test_concurrent_runs_on_one_output_never_get_a_false_cannot_write(tiny, tmp_
     for t in threads:
         t.join()
     assert wrong == [] and list(tmp_path.iterdir()) == []
+
+
+# ---- a newcomer's first hour (issue 25): the output check leaves nothing behind
+
+def test_check_output_path_leaves_nothing_behind(tmp_path):
+    assert check_output_path(tmp_path / "a" / "b" / "c.mp4", "file") == tmp_path / "a" / "b" / "c.mp4"
+    assert list(tmp_path.iterdir()) == []  # the probe is gone and no folder was made yet
