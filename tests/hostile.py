@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import torch
 
-from promptus.bitstream import MAGIC, Bitstream, Header, InitLatent, Keyframe, ModelIdentity
+from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, MAGIC, ModelIdentity
 from promptus.config import CodecConfig
 from promptus.prompts import quantize_tensor
 

@@ -19,7 +19,8 @@ import lzma
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from promptus.bitstream import (
     MAGIC, VERSION, Bitstream, Header, InitLatent, Keyframe, ModelIdentity, RecordInfo, StreamParser, describe,

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+import promptus
 from promptus.bitstream import to_bytes
 from promptus.config import CodecConfig, TrainConfig
 from promptus.encoder import Encoder, checkpoint_paths
 from promptus.errors import PromptusError
-import promptus
 
 from hostile import bitstream
 from synthetic import synthetic_clip

@@ -1,31 +1,36 @@
 """The promptus command end to end: import-legacy → info → decode, errors, demo."""
 
-from pathlib import Path
+import argparse
 import bz2
+import logging
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
+import promptus
 from promptus import startup
 from promptus.bench import random_bitstream
-from promptus.commands import demo as demo_cmd, encode as encode_cmd
-from promptus.commands.main import build_parser
-import promptus
-from promptus.commands.main import main
-from promptus.config import CodecConfig
+from promptus.commands import common, demo as demo_cmd, encode as encode_cmd, play as play_cmd
+from promptus.commands.encode import run_encode
+from promptus.commands.main import build_parser, main
+from promptus.config import CPU_ITERS, CPU_ITERS_FIRST, CodecConfig, SLOW_ENCODE_WARNING_S, THREADS_ENV, TINY_SIZE
 from promptus.errors import PromptusError
 from promptus.video import read_frames
-from bounded import LIMIT_MB, bounded_memory
-from synthetic import synthetic_clip
 
+from bounded import LIMIT_MB, bounded_memory
 from conftest import make_legacy_folder
 from hostile import bitstream, head, init_fp16, keyf, replace_prompt, v1_file
+from synthetic import synthetic_clip
 
 
 @pytest.fixture
@@ -293,7 +298,8 @@ def test_decode_of_a_long_interval_short_clip_is_not_padded_to_the_interval(tmp_
     assert m.peak_mb < 150, m.peak_mb
 
 
-# ---- a newcomer's first hour (issue 25): outputs checked before any work, the file's model, modes, rates, help texts
+# ---- a newcomer's first hour (issue 25): outputs checked before any work, the file's model, modes, rates,
+# help texts
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory, tiny):
@@ -462,3 +468,171 @@ def test_decode_help_lists_its_backends_and_containers():
 
     assert f"one of {', '.join(BACKENDS)}" in text
     assert ".webm" in text and "ending in /" in text
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): CPU-sized defaults, the projected time, perceptual
+# auto, determinism, play, Ctrl-C, log noise
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("frames")
+    for i, f in enumerate(synthetic_clip(9, 32, 32).numpy()):
+        Image.fromarray(f).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def encode_args(*extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(["encode", "clip", "-o", "x.promptus", *extra])
+
+
+def test_encode_on_a_cpu_takes_quick_defaults_and_says_so(capsys):
+    args = encode_args("--model", "tiny")
+    common.resolve_encoder_defaults(args, torch.device("cpu"), "tiny", "encode")
+    assert (args.size, args.iters_first, args.iters) == (TINY_SIZE, CPU_ITERS_FIRST, CPU_ITERS)
+    out = capsys.readouterr().out
+    assert f"--size {TINY_SIZE} --iters-first {CPU_ITERS_FIRST} --iters {CPU_ITERS}" in out and "on the CPU" in out
+
+    args = encode_args("--size", "64", "--iters", "7")  # what is given stays; SD-Turbo keeps 512 px
+    common.resolve_encoder_defaults(args, torch.device("cpu"), "sd-turbo", "encode")
+    assert (args.size, args.iters_first, args.iters) == (64, CPU_ITERS_FIRST, 7)
+    assert "--iters-first" in capsys.readouterr().out
+
+    args = encode_args()
+    common.resolve_encoder_defaults(args, torch.device("cuda"), "sd-turbo", "encode")
+    assert (args.size, args.iters_first, args.iters) == (512, 10_000, 1_500)
+    assert capsys.readouterr().out == ""  # the published values need no note
+
+
+def test_encode_help_states_the_cpu_defaults():
+    text = build_parser()._subparsers._group_actions[0].choices["encode"].format_help()
+    assert f"{CPU_ITERS_FIRST} on a CPU" in text and "--perceptual {auto,on,off}" in text
+
+
+def forecast_calls(forecast, keyframe, seconds_per_iteration, clock):
+    for it in range(10):
+        forecast({"keyframe": keyframe, "iteration": it})
+        clock[0] += seconds_per_iteration
+
+
+@pytest.mark.parametrize("kf0, kf1, warns, says", [
+    (0.5, None, True, "at least 1 h 35 min"),  # 0.5 · (10 000 + 1 500 · 1): too long whatever keyframe 1 costs
+    (0.01, 0.5, True, "about 12 min"),  # keyframe 0 quick, but a segment's iteration is slow
+    (0.01, 0.02, False, ""),
+])
+def test_a_long_cpu_encode_is_announced_with_its_projected_time(kf0, kf1, warns, says, monkeypatch, caplog):
+    codec = promptus.CodecConfig(width=64, height=64)
+    train = promptus.TrainConfig(iters_first=10_000 if kf1 is None else 150, iters=1_500, perceptual=False)
+    forecast = common.EncodeForecast(codec, train, frame_count=11, command="encode")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="promptus"):
+        forecast_calls(forecast, 0, kf0, clock)
+        if kf1 is not None:
+            clock[0] += kf0 * 140
+            forecast_calls(forecast, 1, kf1, clock)
+    assert ("projected to take" in caplog.text) == warns and forecast.warned == warns
+    assert says in caplog.text
+    if warns:
+        assert "--resume" in caplog.text and forecast.projected_s > SLOW_ENCODE_WARNING_S
+
+
+def test_describe_duration():
+    assert [common.describe_duration(s) for s in (45, 125, 600, 3 * 3600 + 12 * 60)] == \
+        ["45 s", "2 min 5 s", "10 min", "3 h 12 min"]
+
+
+def test_perceptual_auto_turns_off_with_a_note_without_weights(monkeypatch, capsys):
+    import promptus.losses
+
+    monkeypatch.setattr(promptus.losses, "vgg19_weights_available", lambda online=None: False)
+    args = encode_args()
+    assert args.perceptual == "auto"
+    common.resolve_perceptual(args, "encode")
+    assert args.perceptual == "off" and "perceptual loss off" in capsys.readouterr().out
+    args = encode_args("--perceptual", "on")  # asked for: kept, and the loader's error says where to get it
+    common.resolve_perceptual(args, "encode")
+    assert args.perceptual == "on"
+    args = encode_args("--vgg", "my.pth")
+    common.resolve_perceptual(args, "encode")
+    assert args.perceptual == "on"
+    monkeypatch.setattr(promptus.losses, "vgg19_weights_available", lambda online=None: True)
+    args = encode_args()
+    common.resolve_perceptual(args, "encode")
+    assert args.perceptual == "on" and capsys.readouterr().out == ""
+
+
+def test_encode_gives_the_same_bytes_and_decode_the_encoders_frames(clip_folder, tmp_path, tiny, capsys,
+                                                                     keep_threads, monkeypatch):
+    """The promise of docs/determinism.md on the CPU: the same inputs and thread count give the same bytes, and
+    `promptus decode` (the same default thread count) gives exactly the encoder's closed-loop frames — what the
+    demo prints as 'closed loop inf dB'. The test process itself runs on two threads."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    torch.set_num_threads(2)
+    opts = ["--model", "tiny", "--device", "cpu", "--size", "32", "--interval", "4", "--rank", "2",
+            "--iters-first", "4", "--iters", "3", "--perceptual", "off", "--init-latent", "taesd"]
+    outs = []
+    for name in ("a", "b"):
+        args = build_parser().parse_args(["encode", str(clip_folder), "-o", str(tmp_path / f"{name}.promptus"),
+                                          *opts])
+        args.quiet = True
+        res = run_encode(args, args.input, args.output)
+        outs.append((Path(args.output).read_bytes(), res.reconstruction))
+        common._restore_threads and torch.set_num_threads(common._restore_threads.pop())
+    assert outs[0][0] == outs[1][0]  # same bytes
+    assert main(["-q", "decode", str(tmp_path / "a.promptus"), "-o", f"{tmp_path / 'dec'}/", "--device", "cpu"]) == 0
+    decoded = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "dec").glob("*.png"))])
+    assert np.array_equal(decoded, outs[0][1].numpy())  # the encoder's reconstruction, bit for bit
+
+
+def test_determinism_is_documented_and_the_demo_says_what_it_compares():
+    doc = (ROOT / "docs" / "determinism.md").read_text()
+    assert "thread count" in doc and "--threads" in doc and THREADS_ENV in doc
+    demo = (ROOT / "promptus" / "commands" / "demo.py").read_text()
+    assert "same thread count" in demo
+
+
+def test_play_refuses_a_url_without_a_clip_and_a_missing_server_before_loading_a_model(monkeypatch, capsys):
+    monkeypatch.setattr(play_cmd, "load_models", lambda *a, **k: pytest.fail("loaded the model first"))
+    for url in ("http://127.0.0.1:8000/", "ws://127.0.0.1:8000/ws/prompts/", "http://127.0.0.1:8000"):
+        assert main(["play", url]) == 1
+        assert "names no clip" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    assert main(["play", f"ws://127.0.0.1:{port}/ws/prompts/demo.promptus"]) == 1
+    err = capsys.readouterr().err
+    assert f"no server at 127.0.0.1:{port}" in err and time.monotonic() - t0 < 10, err
+
+
+def test_ctrl_c_is_honoured_again_when_inherited_as_ignored():
+    """A shell script's `promptus studio &` starts with SIGINT ignored; the servers reinstall Python's handler."""
+    code = ("import os, signal, time\n"
+            "from promptus.commands.common import honour_ctrl_c\n"
+            "assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN\n"
+            "honour_ctrl_c()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert run.stdout.strip() == "interrupted", run.stderr
+
+
+def test_other_libraries_info_messages_stay_out_and_ours_keep_the_prefix():
+    code = ("import argparse, logging\n"
+            "from promptus.commands.common import setup_logging\n"
+            "setup_logging(argparse.Namespace(verbose=False, quiet=False))\n"
+            "logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+            "logging.getLogger('aiortc.rtcrtpsender').info('RTCRtpSender(video) > sending')\n"
+            "logging.getLogger('promptus.encoder').info('ours')\n"
+            "logging.getLogger('aioice.ice').warning('theirs')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.stderr == "promptus: ours\naioice.ice: theirs\n", run.stderr

@@ -9,8 +9,9 @@ import torch
 
 import promptus
 from promptus.backends import make_backend
-from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, to_bytes
-from promptus.bitstream import from_bytes
+from promptus.bitstream import (
+    Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, from_bytes, to_bytes,
+)
 from promptus.config import CodecConfig
 from promptus.decoder import Decoder
 from promptus.errors import BitstreamError, PromptusError
@@ -150,7 +151,8 @@ def test_public_decode(tiny, tmp_path):
     assert torch.equal(frames, Decoder(make_backend("torch", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)).decode_all(bs))
 
 
-# ---- hostile inputs (issue 9 audit): headers beyond the limits or the model never reach the decoder; short clips
+# ---- hostile inputs (issue 9 audit): headers beyond the limits or the model never reach the decoder;
+# short clips
 
 def eager(tiny, bs: Bitstream, **kw) -> Decoder:
     """The reference decoder (the eager backend has no fixed batch: it never pads)."""

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +20,11 @@ from promptus.backends import make_backend
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
 from promptus.encoder import Encoder, checkpoint_paths, frames_digest
-from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.errors import EncodeAborted, PromptusError, VideoError
+from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.prompts import embedding
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
+
 from synthetic import synthetic_clip
 
 ROOT = Path(__file__).resolve().parent.parent

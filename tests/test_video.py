@@ -10,6 +10,7 @@ from promptus.errors import VideoError
 from promptus.video import (
     FrameWriter, center_crop_resize, iter_frames, list_images, read_frames, video_fps, write_frames,
 )
+
 from bounded import LIMIT_MB, bounded_memory
 from synthetic import synthetic_clip
 
@@ -167,3 +168,11 @@ def test_read_frames_holds_the_clip_about_once(tmp_path):
     assert frames.shape == (200, 256, 256, 3) and len(digest) == 32
     print(f"read_frames peak {m.peak_mb:.1f} MB for a {clip_mb:.1f} MB clip")
     assert m.peak_mb < 1.5 * clip_mb, (m.peak_mb, clip_mb)
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): PNG numbering
+
+def test_frame_writer_numbers_pngs_from_the_first_frame(tmp_path):
+    with FrameWriter(tmp_path / "out", 24, first=20) as w:
+        w.write_batch(np.zeros((3, 8, 8, 3), np.uint8))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00020.png", "00021.png", "00022.png"]
