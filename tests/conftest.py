@@ -106,3 +106,12 @@ def pytest_runtest_logreport(report):
     if path and report.when == "call":
         with open(path, "a") as f:
             f.write(f"{report.duration:.2f} {report.nodeid}\n")
+
+
+# ---- torch's thread count put back after a test that changes it
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

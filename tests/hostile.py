@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import torch
 
-from promptus.bitstream import MAGIC, Bitstream, Header, InitLatent, Keyframe, ModelIdentity
+from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, MAGIC, ModelIdentity
 from promptus.config import CodecConfig
 from promptus.prompts import quantize_tensor
 
@@ -48,3 +48,12 @@ def bitstream(cfg: CodecConfig, frame_count: int, seed: int = 0, model: ModelIde
                     quantize_tensor(torch.randn(cfg.rank, cfg.embed_dim, generator=g)))
            for i in range(header.keyframe_count)]
     return Bitstream(header, init, kfs)
+
+
+# ---- a legacy prompt file with changed entries
+
+def replace_prompt(folder, index=0, **changes):
+    path = folder / f"frame_{index:05d}.prompt"
+    d = torch.load(path, weights_only=True)
+    d.update(changes)
+    torch.save(d, path)

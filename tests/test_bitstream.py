@@ -30,6 +30,9 @@ from promptus.config import CodecConfig
 from promptus.errors import BitstreamError, PromptusError
 from promptus.prompts import QuantizedTensor, init_latent_bytes, quant_params, quantize_tensor
 
+from bounded import LIMIT_MB, bounded_memory
+from hostile import bitstream, head, init_fp16, keyf, record, v1_file
+
 # ------------------------------------------------------------------ helpers
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -870,3 +873,66 @@ def test_entropy_gain_script_writes_its_table(tmp_path, capsys):
     assert rows[0]["best_mean_bytes"] < rows[0]["raw_bytes"]  # gaussian codes are not uniform: they compress
     assert rows[1]["winners"] == {"raw": 2}  # uniform codes do not
     assert "gaussian" in capsys.readouterr().out
+
+
+# ---- hostile inputs (issue 9 audit): bombs and limits refused in words, in bounded memory; integrity
+
+def test_huge_factor_header_is_refused_before_inflating(tiny):
+    """Finding 2: rank 256 with 32768×32768 factors, each 72-byte bz2 record inflating to 16 MiB."""
+    block = bz2.compress(bytes(256 * 65536), 9)
+    data = v1_file(head(rank=256, tokens=32768, embed_dim=32768, interval=1, frame_count=60), init_fp16(),
+                   [keyf(i, 3, block) for i in range(60)])
+    assert len(data) < 10_000
+    with bounded_memory() as m:
+        with pytest.raises(BitstreamError, match="tokens"):
+            describe(data)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+def test_decompression_bomb_is_refused_in_words_not_called_corruption():
+    """Finding 2: a small file whose keyframes (each within the per-record cap) inflate without end."""
+    block = bz2.compress(bytes(512 * 2048), 9)  # rank 512 × (1024 + 1024): 1 MiB of codes per keyframe
+    data = v1_file(head(rank=512, tokens=1024, embed_dim=1024, interval=1, frame_count=600), init_fp16(),
+                   [keyf(i, 3, block) for i in range(600)])
+    assert len(data) < 60_000
+    with bounded_memory() as m:
+        with pytest.raises(BitstreamError, match="decompression bomb") as e:
+            from_bytes(data)
+    assert "corrupted" not in str(e.value)
+    assert m.peak_mb < 100, m.peak_mb
+
+
+def test_info_escapes_control_characters_in_the_model_name():
+    name = "evil\x1b]0;pwned\x07\x1b[2J\u202e"
+    text = describe(to_bytes(bitstream(CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4), 3,
+                                       model=ModelIdentity(name, bytes(16)))))
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in text
+
+
+def test_keyframe_spliced_from_another_file_is_caught_by_the_file_digest():
+    cfg = CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4)
+    a, b = to_bytes(bitstream(cfg, 5, seed=1)), to_bytes(bitstream(cfg, 5, seed=2))
+
+    def records(data):
+        out, pos = [], 10
+        while pos < len(data):
+            n = struct.unpack_from("<I", data, pos + 4)[0]
+            out.append(data[pos:pos + 12 + n])
+            pos += 12 + n
+        return out
+
+    ra, rb = records(a), records(b)
+    spliced = a[:10] + b"".join(ra[:3] + [rb[3]] + ra[4:])  # keyframe 1 of b, its own CRC intact
+    with pytest.raises(BitstreamError, match="digest"):
+        from_bytes(spliced)
+
+
+def test_version_1_files_still_read():
+    bs = bitstream(CodecConfig(width=16, height=16, rank=1, interval=2, tokens=3, embed_dim=4), 5)
+    v2 = to_bytes(bs)
+    assert v2[8:10] == b"\x02\x00"
+    end = len(v2) - 12 - 32
+    v1 = MAGIC + b"\x01\x00" + v2[10:end] + record(b"END ", b"")
+    assert from_bytes(v1) == bs
+    assert "format version 1" in describe(v1)

@@ -1,5 +1,6 @@
 """The PyTorch decoder with the tiny model: the method step by step, determinism, streaming."""
 
+import bz2
 import math
 import warnings
 
@@ -8,12 +9,17 @@ import torch
 
 import promptus
 from promptus.backends import make_backend
-from promptus.bitstream import Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, to_bytes
+from promptus.bitstream import (
+    Bitstream, Header, InitLatent, Keyframe, ModelIdentity, StreamParser, from_bytes, to_bytes,
+)
 from promptus.config import CodecConfig
 from promptus.decoder import Decoder
-from promptus.errors import BitstreamError
+from promptus.errors import BitstreamError, PromptusError
 from promptus.prompts import quantize_tensor
 from promptus.schedule import OneStep, make_noise, to_uint8
+
+from bounded import LIMIT_MB, bounded_memory
+from hostile import bitstream, head, init_fp16, keyf, v1_file
 
 
 def make_bitstream(models, *, frame_count=10, interval=4, rank=2, size=64, seed=0):
@@ -143,3 +149,60 @@ def test_public_decode(tiny, tmp_path):
     frames = promptus.decode(path, model="tiny", device="cpu")
     assert frames.shape == (6, 64, 64, 3)
     assert torch.equal(frames, Decoder(make_backend("torch", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)).decode_all(bs))
+
+
+# ---- hostile inputs (issue 9 audit): headers beyond the limits or the model never reach the decoder;
+# short clips
+
+def eager(tiny, bs: Bitstream, **kw) -> Decoder:
+    """The reference decoder (the eager backend has no fixed batch: it never pads)."""
+    backend = make_backend("eager", tiny, "cpu", batch=bs.header.interval, size=bs.header.width)
+    return Decoder(backend, tiny.identity(), **kw)
+
+
+@pytest.mark.parametrize("fields", [
+    {"interval": 65535, "frame_count": 3},  # all interpolations built, batch padded to 65535 (4.7 GB)
+    {"rank": 1, "tokens": 32768, "embed_dim": 32768},  # a 798-byte file asking for a 4 GB embedding
+])
+def test_header_fields_beyond_the_limits_never_reach_the_decoder(tiny, fields):
+    cfg = dict(rank=2, interval=3, tokens=77, embed_dim=1024, frame_count=7) | fields
+    n = cfg["rank"] * (cfg["tokens"] + cfg["embed_dim"])
+    count = -(-(cfg["frame_count"] - 1) // cfg["interval"]) + 1
+    data = v1_file(head(**cfg), init_fp16(), [keyf(i * cfg["interval"], 3, bz2.compress(bytes(n))) for i in range(count)])
+    assert len(data) < 2000
+    with bounded_memory() as m:
+        with pytest.raises(PromptusError):
+            bs = from_bytes(data)
+            eager(tiny, bs).decode_all(bs)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+def test_long_interval_short_clip_interpolates_only_its_frames(tiny):
+    """Finding 2: interval 256 with 3 frames: only the 2 frames of the segment are interpolated."""
+    bs = bitstream(CodecConfig(width=64, height=64, rank=256, interval=256), 3)
+    with bounded_memory() as m:
+        frames = eager(tiny, bs).decode_all(bs)
+    assert frames.shape == (3, 64, 64, 3)
+    assert m.peak_mb < 100, m.peak_mb  # the whole interval at rank 256 would be ≈ 370 MB
+
+
+def test_segments_longer_than_the_batch_give_the_same_frames(tiny):
+    bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=5), 11)
+    whole = eager(tiny, bs).decode_all(bs)
+    split = eager(tiny, bs, max_batch=2).decode_all(bs)
+    # Same z, same prompts: only the float rounding of batch-size-dependent kernels differs.
+    diff = (whole.int() - split.int()).abs()
+    assert whole.shape == split.shape and diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"embed_dim": 1023}, "width 1023"),
+    ({"latent_channels": 3}, "3 latent channels"),
+    ({"latent_factor": 4}, "4× smaller"),  # 64 px frames from a 16×16 latent: the model would make 128 px
+    ({"tokens": 78}, "78 prompt tokens"),
+])
+def test_header_that_does_not_fit_the_model_is_refused(tiny, fields, word):
+    """Findings 3 and 4: torch RuntimeErrors, or frames of another size, before the fix."""
+    bs = bitstream(CodecConfig(width=64, height=64, rank=2, interval=3, **fields), 4)
+    with pytest.raises(PromptusError, match=word):
+        eager(tiny, bs).decode_all(bs)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ import promptus
 from promptus.backends import make_backend
 from promptus.config import CodecConfig, TrainConfig
 from promptus.decoder import Decoder
-from promptus.encoder import Encoder, checkpoint_paths
-from promptus.metrics import clip_psnr as psnr_uint8
+from promptus.encoder import Encoder, checkpoint_paths, frames_digest
 from promptus.errors import EncodeAborted, PromptusError, VideoError
+from promptus.metrics import clip_psnr as psnr_uint8
 from promptus.prompts import embedding
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
+
 from synthetic import synthetic_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,3 +264,16 @@ def test_unwritable_output_fails_before_training(tiny, clip, tmp_path):
     with pytest.raises(PromptusError, match="cannot write"):
         enc.encode(clip, blocker / "out.promptus")  # a folder that cannot be made
     assert metrics == []
+
+
+# ---- hostile inputs (issue 9 audit): memory of the clip digest
+
+def test_frames_digest_does_not_copy_the_clip():
+    frames = torch.zeros(100, 256, 256, 3, dtype=torch.uint8)  # 19 MiB
+    tracemalloc.start()
+    try:
+        frames_digest(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak

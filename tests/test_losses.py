@@ -358,3 +358,16 @@ def test_inversion_loss_rejects_bad_settings_and_shapes():
         loss(frames(2, 32), frames(3, 32), torch.zeros(2, 77, 1024))
     with pytest.raises(ValueError):
         loss(frames(2, 32), frames(2, 32), torch.zeros(3, 77, 1024))
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): VGG weights found in torch hub
+
+def test_vgg_weights_are_found_in_torch_hub_without_reading_them(tmp_path, monkeypatch):
+    from promptus.losses import VGG19_FILE, vgg19_weights_available
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    assert not vgg19_weights_available(online=False)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / VGG19_FILE).write_bytes(b"not read")
+    assert vgg19_weights_available(online=False)

@@ -636,3 +636,56 @@ def test_serve_and_play_commands(clips, tmp_path, capsys):
             server.wait(15)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): the viewer's fallback, said on the page
+
+@pytest.mark.browser  # 8 s on 2 cores: headless Chromium
+def test_viewer_falls_back_within_seconds_and_says_so_on_the_page(tiny, tmp_path):
+    """A peer connection that never connects (as where ICE cannot get through) is given up after ~3 s from its
+    connection state, the page says why and shows the WebSocket frames; a short clip's chart spans the width;
+    the server names its device (CPU) and has a favicon."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) is not installed")
+    pytest.importorskip("aiortc", reason="aiortc (serve extra) is not installed")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("no /usr/bin/chromium on this machine (CI installs Debian's chromium)")
+    from test_streaming import ServerThread, make_clip
+
+    from promptus.bitstream import to_bytes
+    from promptus.streaming import backend_decoders
+    from promptus.streaming.scheduler import StreamScheduler
+    from promptus.streaming.server import ServerConfig, create_app
+
+    (tmp_path / "short.promptus").write_bytes(to_bytes(make_clip(tiny, frame_count=21, interval=10, fps=8.0)))
+    scheduler = StreamScheduler(backend_decoders(tiny, "torch", "cpu"), device="cpu")
+    missing = []
+    with ServerThread(create_app(tmp_path, scheduler=scheduler, limits=ServerConfig(webrtc_loopback=True))) as s, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("response", lambda r: r.status == 404 and missing.append(r.url))
+            page.add_init_script("RTCPeerConnection.prototype.setRemoteDescription = async function () {};")
+            page.goto(s.http("/?clip=short.promptus"))
+            try:
+                page.wait_for_function("() => window.promptusViewer.framesShown > 0 && window.promptusViewer.ended"
+                                       " && window.promptusViewer.statsUpdates > 0", timeout=90_000)
+            except Exception:
+                print(page.evaluate("() => ({...window.promptusViewer})"))
+                raise
+            state = page.evaluate("() => ({...window.promptusViewer})")
+            notice = page.inner_text("#notice")
+            status = page.inner_text("#server-status")
+            # the chart's last drawn point sits at the right edge, not in its first pixels
+            right = page.evaluate("() => { const c = document.getElementById('rate-chart');"
+                                  " const d = c.getContext('2d').getImageData(c.width - 12, 0, 8, c.height).data;"
+                                  " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i + 3] > 0 &&"
+                                  " (d[i] > 120 || d[i + 2] > 120); return n; }")
+            page.screenshot(path=str(tmp_path / "viewer_fallback.png"))
+        finally:
+            browser.close()
+    assert state["transport"] == "websocket" and state["webrtcFailedAfterMs"] < 6000, state
+    assert "WebRTC did not connect" in notice and "WebSocket" in notice, notice
+    assert "on the CPU" in status and "GPU" not in status and "stream(s)" not in status, status
+    assert right > 0
+    assert not missing, missing

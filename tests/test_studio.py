@@ -6,8 +6,13 @@ The page itself is tested in headless Chromium in test_studio_browser.py.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +351,53 @@ def test_previews_are_session_files_and_only_the_last_two_stay(tmp_path):
     assert [p.exists() for p in paths] == [False, False, False, True, True]
     assert paths[-1].parent.parent == s.public and len(set(paths)) == 5
     assert np.asarray(Image.open(paths[-1]))[0, 0, 0] == 4
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): Ctrl-C in the background, the studio's words on a CPU
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # 10 s on 2 cores: full tier
+def test_studio_started_in_the_background_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "promptus", "studio", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port), "--workdir", str(tmp_path)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+                time.sleep(0.5)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == []  # closed as on Ctrl-C: the sessions' files are gone
+
+
+def test_studio_counts_keyframes_from_one_and_offers_no_gpu_backends_on_a_cpu():
+    app = pytest.importorskip("promptus.studio.app", reason="the studio needs gradio")
+    from promptus.studio.jobs import Progress
+
+    text = app.progress_html(Progress("encoding", keyframe=1, keyframes=2, iteration=3, iterations=40))
+    assert "keyframe 2 of 2" in text
+    assert "keyframe 1 of 7" in app.progress_html(Progress("encoding", keyframe=0, keyframes=7, iterations=150))
+    assert not set(app.offered_backends("cpu")) & {"compile", "tensorrt"}
+    assert "eager" in app.offered_backends("cpu")
+    assert set(app.GPU_ONLY_BACKENDS) <= set(app.offered_backends("cuda"))
+    theme = app.offline_theme()  # no web font: an offline page renders every letter in one typeface
+    assert "googleapis" not in str(theme._stylesheets) and "#studio-abort:disabled" in app.STUDIO_CSS

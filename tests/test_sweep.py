@@ -20,12 +20,11 @@ from PIL import Image
 import promptus.baselines as baselines
 import promptus.encoder as encoder_mod
 from promptus.baselines import X264, X265, decode_frames, encode_at_bitrate, make_baseline
+from promptus.commands.sweep import config_from_args, register as add_sweep_parser
+from promptus.config import CodecConfig, TrainConfig
 from promptus.errors import PromptusError
 from promptus.plots import describe_figure, rd_figure
-from promptus.commands.sweep import config_from_args
-from promptus.commands.sweep import register as add_sweep_parser
-from promptus.config import CodecConfig, TrainConfig
-from promptus.sweep import COLUMNS, SETTINGS_COLUMNS, TIMING_FIELDS, SweepConfig, run_sweep
+from promptus.sweep import COLUMNS, SETTINGS_COLUMNS, SweepConfig, TIMING_FIELDS, run_sweep
 from promptus.video import sky_clip, write_frames
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,3 +316,18 @@ def test_preset_quick_fills_what_was_not_given(tmp_path):
                          timeout=120, cwd=ROOT)
     text = " ".join(out.stdout.split())  # the help states the quick values next to the published ones
     assert "2 4 8 16; 2 4 8 with --preset quick" in text and "one of tensorrt, compile, torch, eager" in text
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): the RD plot names random weights
+
+@pytest.mark.parametrize("model, says", [("tiny", True), ("sd-turbo-random", True), ("sd_turbo.safetensors", False)])
+def test_the_rd_plot_says_when_promptus_comes_from_random_weights(model, says):
+    pytest.importorskip("matplotlib", reason="matplotlib (eval extra) is not installed")
+    from promptus.plots import describe_figure, rd_figure
+
+    rows = [{"clip": "c", "codec": codec, "rank": r, "interval": 4, "kbps_all_bytes": 10.0 * r, "psnr": 20.0 + r,
+             "model": model if codec == "promptus" else None} for codec in ("promptus", "x264") for r in (2, 4)]
+    fig = rd_figure(rows, "c")
+    labels = [c["label"] for c in describe_figure(fig)[0]["curves"]]
+    assert ("random weights" in labels[0]) == says and labels[1] == "x264"
+    assert ("random weights" in fig._suptitle.get_text()) == says

@@ -5,10 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
+from promptus.encoder import frames_digest
 from promptus.errors import VideoError
 from promptus.video import (
     FrameWriter, center_crop_resize, iter_frames, list_images, read_frames, video_fps, write_frames,
 )
+
+from bounded import LIMIT_MB, bounded_memory
 from synthetic import synthetic_clip
 
 
@@ -121,3 +124,55 @@ def test_writer_replaces_only_its_own_frames_in_an_existing_folder(tmp_path):
     assert (np.asarray(Image.open(files[0])) == 7).all() and (np.asarray(Image.open(files[2])) == 0).all()
     assert (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["frames"]
+
+
+# ---- hostile inputs (issue 9 audit): image bombs, unstorable fps, odd frame sizes, memory of a read
+
+def test_decompression_bomb_png_is_a_video_error(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.new("1", (20000, 20000)).save(folder / "00000.png")  # 400 megapixels in a few hundred KB
+    assert (folder / "00000.png").stat().st_size < 1_000_000
+    with bounded_memory() as m:
+        with pytest.raises(VideoError, match="megapixels|pixels"):
+            read_frames(folder, 64, 64)
+    assert m.peak_mb < LIMIT_MB, m.peak_mb
+
+
+@pytest.mark.parametrize("fps", [1e308, 1e-300, float("nan")])
+def test_unstorable_fps_is_refused_not_overflowed_or_replaced(tmp_path, fps):
+    with pytest.raises(VideoError, match="fps"):
+        with FrameWriter(tmp_path / "v.mp4", fps) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_frames_of_another_size(tmp_path):
+    with pytest.raises(VideoError, match="32×32 but the clip is 16×16"):
+        with FrameWriter(tmp_path / "f", 30, size=(16, 16)) as w:
+            w.write(np.zeros((32, 32, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_frames_holds_the_clip_about_once(tmp_path):
+    """Finding 4: the encoder held the clip ~3×; reading now peaks near one clip."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    for i in range(200):
+        Image.fromarray(np.roll(frame, i, axis=1)).save(folder / f"{i:05d}.png", compress_level=0)
+    clip_mb = 200 * 256 * 256 * 3 / 2**20
+    with bounded_memory() as m:
+        frames = read_frames(folder, 256, 256)
+        digest = frames_digest(frames)
+    assert frames.shape == (200, 256, 256, 3) and len(digest) == 32
+    print(f"read_frames peak {m.peak_mb:.1f} MB for a {clip_mb:.1f} MB clip")
+    assert m.peak_mb < 1.5 * clip_mb, (m.peak_mb, clip_mb)
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): PNG numbering
+
+def test_frame_writer_numbers_pngs_from_the_first_frame(tmp_path):
+    with FrameWriter(tmp_path / "out", 24, first=20) as w:
+        w.write_batch(np.zeros((3, 8, 8, 3), np.uint8))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00020.png", "00021.png", "00022.png"]

@@ -10,7 +10,7 @@ its stream parameters (FFmpeg's probe itself refuses frames over ``max_frame_pix
 a zipped image's from its header, read from the first bytes of the member before the
 rest is unpacked; a member is unpacked in chunks and may not be longer than its
 image's raw pixels. So an upload under 1 MB cannot make the server allocate much more
-than a valid upload of the same kind (tests/test_studio_hardening.py measures it).
+than a valid upload of the same kind (tests/test_studio_uploads.py measures it).
 """
 
 from __future__ import annotations

@@ -10,15 +10,20 @@ WebRTC stays on loopback (``webrtc_loopback``): nothing leaves 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import gc
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,9 +32,14 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is no
 websockets = pytest.importorskip("websockets", reason="the serve extra (websockets) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed")
 
+import promptus  # noqa: E402
+from promptus.bench import random_bitstream  # noqa: E402
 from promptus.bitstream import to_bytes  # noqa: E402
+from promptus.commands import serve as serve_cmd  # noqa: E402
 from promptus.streaming import backend_decoders, create_app  # noqa: E402
 from promptus.streaming.server import ServerLimits  # noqa: E402
+
+from synthetic import tiny_file  # noqa: E402
 from test_streaming import HOST, make_clip  # noqa: E402
 
 MAX_CLIENTS = 6
@@ -511,3 +521,73 @@ def test_the_server_that_survived_serves_a_well_behaved_client_at_full_rate(serv
         assert rate == slow.fps
     assert server.status()["clients"] <= 1
     server.assert_clean()
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): serve's model, Ctrl-C in the background, play from a
+# seek point, quiet status polls
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serve_takes_the_built_in_model_every_header_names(tmp_path, tiny):
+    tiny_file(tmp_path, tiny, "a.promptus")
+    (tmp_path / "sub").mkdir()
+    tiny_file(tmp_path / "sub", tiny, "b.promptus")
+    (tmp_path / "broken.promptus").write_bytes(b"not a file")
+    args = argparse.Namespace(model="auto")
+    assert serve_cmd.model_for_folder(args, tmp_path) == "tiny"
+    assert serve_cmd.model_for_folder(argparse.Namespace(model="x.safetensors"), tmp_path) == "x.safetensors"
+    other = promptus.CodecConfig(width=32, height=32, rank=2, interval=4)
+    promptus.write(tmp_path / "c.promptus", random_bitstream(other, 2))  # names no built-in model
+    assert serve_cmd.model_for_folder(args, tmp_path) == "auto"
+
+
+@pytest.mark.slow  # 13 s on 2 cores: full tier
+def test_serve_started_in_the_background_stops_on_ctrl_c_and_play_from_a_seek_point(tmp_path, tiny):
+    """`promptus serve &` from a script inherits SIGINT as ignored; Ctrl-C must still stop it. Served without
+    --model: the files' headers name the tiny model. `play --start 2` writes the frames it shows, numbered as in
+    the clip, and counts only those."""
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    tiny_file(tmp_path, tiny, frames=13)  # keyframes 0, 4, 8, 12
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    server = subprocess.Popen([sys.executable, "-m", "promptus", "serve", str(tmp_path), "--port", str(port),
+                               "--device", "cpu", "--checkpoints", str(tmp_path / "none"), "--fast"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.communicate()[0]
+                time.sleep(0.3)
+        out = tmp_path / "played"
+        rc = subprocess.run([sys.executable, "-m", "promptus", "play", f"http://127.0.0.1:{port}/clip.promptus",
+                             "--start", "2", "--fast", "--out", f"{out}/", "--device", "cpu", "--model", "tiny"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert rc.returncode == 0, rc.stderr
+        assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.png" for i in range(5, 13)], rc.stdout
+        assert "frames 5–12 of 13: 8 frames (and 5 regenerated unseen" in rc.stdout, rc.stdout
+        server.send_signal(signal.SIGINT)
+        printed = server.communicate(timeout=60)[0]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode is not None and "made with the built-in tiny model" in printed, printed
+
+
+def test_the_viewers_status_polls_stay_out_of_the_access_log():
+    def record(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", 200), None)
+
+    f = serve_cmd.QuietPolls()
+    assert not f.filter(record("/api/status")) and f.filter(record("/files/clip.promptus"))
+    config = serve_cmd.uvicorn_log_config()
+    assert config["handlers"]["access"]["filters"] == ["quiet_polls"]

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bounded import bounded_memory
 from promptus.studio.uploads import UploadError, UploadLimits, prepare_clip
 from promptus.video import write_frames
+
+from bounded import bounded_memory
 from synthetic import synthetic_clip
 
 HOST = "127.0.0.1"
@@ -303,3 +304,14 @@ def test_serve_with_the_studio_removes_the_visitors_files_on_sigterm(tmp_path):
             proc.kill()
     assert "Traceback" not in out, out
     assert not list(gradio_tmp.glob("promptus-studio-*")), out
+
+
+# ---- a newcomer's first hour on a CPU (issue 25): upload errors in words
+
+def test_an_upload_error_names_no_errno_and_no_temporary_path(tmp_path):
+    uploads = pytest.importorskip("promptus.studio.uploads", reason="the studio needs gradio")
+    (tmp_path / "fake.mp4").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(uploads.UploadError) as e:
+        uploads.prepare_clip(tmp_path / "fake.mp4", tmp_path / "s")
+    assert "Errno" not in str(e.value) and str(tmp_path) not in str(e.value), str(e.value)
+    assert "not a readable video" in str(e.value)
