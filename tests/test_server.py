@@ -40,7 +40,7 @@ from promptus.streaming import backend_decoders, create_app  # noqa: E402
 from promptus.streaming.server import ServerLimits  # noqa: E402
 
 from synthetic import tiny_file  # noqa: E402
-from test_streaming import HOST, make_clip  # noqa: E402
+from test_streaming import HOST, ServerThread, make_clip  # noqa: E402
 
 MAX_CLIENTS = 6
 LIMITS = dict(max_clients=MAX_CLIENTS, send_timeout_s=1.0, webrtc_connect_timeout_s=3.0, webrtc_loopback=True)
@@ -66,43 +66,27 @@ class LogRecords(logging.Handler):
         return bad
 
 
-class Server:
+class Server(ServerThread):
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread, its logs collected."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, log_config=None,
-                                                    log_level="info", ws_max_size=4096, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(app, start_timeout=60, log_config=None, log_level="info", ws_max_size=4096)
         self.logs = LogRecords()
 
     def __enter__(self):
         for name in ("", "uvicorn", "uvicorn.error", "asyncio"):
             logging.getLogger(name).addHandler(self.logs)
         logging.getLogger().setLevel(logging.INFO)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
+        super().__exit__(*exc)
         for name in ("", "uvicorn", "uvicorn.error", "asyncio"):
             logging.getLogger(name).removeHandler(self.logs)
 
     @property
     def state(self):
         return self.app.state.promptus
-
-    def http(self, path=""):
-        return f"http://{HOST}:{self.port}{path}"
 
     def ws(self, path=""):
         return f"ws://{HOST}:{self.port}{path}"

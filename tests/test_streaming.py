@@ -52,21 +52,21 @@ def make_clip(models, *, frame_count=41, interval=4, rank=2, size=64, fps=60.0, 
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, *, start_timeout: float = 30, **config):
         import uvicorn
 
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", ws_max_size=65536,
-                                lifespan="on")
+        config = {"log_level": "warning", "ws_max_size": 65536, "lifespan": "on", **config}
         self.app = app
-        self.server = uvicorn.Server(config)
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
