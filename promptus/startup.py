@@ -139,8 +139,9 @@ def architecture_skeleton(spec: str, *, taesd: str | None = None,
         return None
     source = Path(os.path.expanduser(str(taesd))) if taesd else Path(checkpoints_dir) / TAESD_FOLDER
     try:
-        from diffusers import AutoencoderTiny, UNet2DConditionModel
+        from .models.networks import diffusers_classes
 
+        AutoencoderTiny, UNet2DConditionModel = diffusers_classes("AutoencoderTiny", "UNet2DConditionModel")
         if source.is_dir() and (source / "config.json").is_file():
             tconfig = dict(AutoencoderTiny.load_config(str(source)))
         elif source.is_file():
@@ -181,7 +182,9 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
             return models
         built_on_device = spec in ("tiny", "random")  # made in code: nothing to read
         with profile.phase("import diffusers"):  # its own line: seconds on a fresh host
-            from diffusers import AutoencoderTiny, UNet2DConditionModel  # noqa: F401
+            from .models.networks import diffusers_classes
+
+            diffusers_classes()
         with profile.phase("model file read" if not built_on_device else "model made in code"):
             where = device if built_on_device else torch.device("cpu")
             # A file's tensors keep their stored dtype on the CPU: the cast happens on the GPU.

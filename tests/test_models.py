@@ -409,3 +409,41 @@ def test_load_models_random_builds_the_full_size_architecture(monkeypatch):
                         lambda device, dtype, vae=False: calls.append((str(device), dtype, vae)) or "built")
     assert m.load_models("random", device="cpu", vae=False) == "built"
     assert calls == [("cpu", torch.float32, False)]
+
+
+_RACE = """
+import sys, threading
+from promptus.models.networks import diffusers_classes
+
+errors = []
+def worker(names):
+    try:
+        diffusers_classes(*names)
+    except Exception as e:  # the failure under test
+        errors.append(repr(e))
+
+threads = [threading.Thread(target=worker, args=(n,)) for n in
+           (("AutoencoderTiny",), ("AutoencoderTiny", "UNet2DConditionModel"), ("UNet2DConditionModel",))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+@pytest.mark.slow
+def test_diffusers_classes_from_threads_on_a_fresh_install(tmp_path):
+    """The decoder's preload thread and the weights loader ask diffusers' lazy module for classes at once; with
+    no bytecode yet (a fresh install) plain ``from diffusers import AutoencoderTiny`` on two threads failed about
+    every second time (ImportError, seen on a GPU host). An empty PYTHONPYCACHEPREFIX makes every import compile
+    from source, the slow first import that opens the race; three runs must all succeed."""
+    import os
+    import subprocess
+    import sys
+
+    for run in range(3):
+        env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / f"pycache{run}")}
+        proc = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr

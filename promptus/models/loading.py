@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ModelNotFoundError, PromptusError
-from .networks import Models, _freeze, sd_turbo_unet_config, sd_vae_config, taesd_config
+from .networks import (
+    Models, _freeze, diffusers_classes, sd_turbo_unet_config, sd_vae_config, taesd_config,
+)
 from .random_weights import full_size_random_models, tiny_models
 
 logger = logging.getLogger(__name__)
@@ -247,7 +249,7 @@ def _build_with_weights(
 
 def _load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]], *, want_vae: bool):
     """UNet (and VAE) from one original-format (or diffusers-format UNet) weights file."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    AutoencoderKL, UNet2DConditionModel = diffusers_classes("AutoencoderKL", "UNet2DConditionModel")
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     unet_config = dict(configs.get("unet") or sd_turbo_unet_config())
@@ -313,7 +315,7 @@ def _from_pretrained(cls: type, source: str | Path, what: str, help_text: str, *
 
 def _load_diffusers_folder(folder: Path, *, want_vae: bool):
     """UNet (and VAE) from a diffusers pipeline folder or a UNet folder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    AutoencoderKL, UNet2DConditionModel = diffusers_classes("AutoencoderKL", "UNet2DConditionModel")
 
     help_text = (
         f"A diffusers folder is either a pipeline (model_index.json, unet/, vae/) as written by "
@@ -345,7 +347,7 @@ def _load_diffusers_folder(folder: Path, *, want_vae: bool):
 
 def _load_from_hub(repo_id: str, *, want_vae: bool, checkpoints_dir: str | os.PathLike):
     """UNet (and VAE) of a hub pipeline repository, e.g. ``stabilityai/sd-turbo``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    AutoencoderKL, UNet2DConditionModel = diffusers_classes("AutoencoderKL", "UNet2DConditionModel")
 
     offline = _is_offline()
     help_text = (
@@ -370,7 +372,7 @@ def _load_taesd(
     hub_default: bool,
 ) -> "AutoencoderTiny":
     """TAESD from a folder, a single diffusers-format file, or the hub."""
-    from diffusers import AutoencoderTiny
+    (AutoencoderTiny,) = diffusers_classes("AutoencoderTiny")
 
     d = Path(checkpoints_dir)
     help_text = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,29 @@ from ..errors import PromptusError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+
+_DIFFUSERS_LOCK = threading.Lock()
+#: The diffusers classes the codec uses; :func:`diffusers_classes` resolves them all under one lock.
+DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "UNet2DConditionModel")
+
+
+def diffusers_classes(*names: str) -> tuple:
+    """diffusers' model classes by name, safe to call from any thread.
+
+    diffusers exports its classes through a lazy module that is not thread-safe: two
+    threads asking for a class for the first time at once can make one of them fail with
+    ``ImportError: cannot import name 'AutoencoderTiny' from 'diffusers'`` (seen on a GPU
+    host whose fresh diffusers had no bytecode yet, when the decoder's preload thread and the
+    weights loader imported together). Every class of :data:`DIFFUSERS_CLASSES` is resolved
+    here once, under a lock; later lookups are plain attribute reads.
+    """
+    with _DIFFUSERS_LOCK:
+        import diffusers
+
+        for name in DIFFUSERS_CLASSES + tuple(n for n in names if n not in DIFFUSERS_CLASSES):
+            getattr(diffusers, name)
+    return tuple(getattr(diffusers, n) for n in names)
 
 
 # ---------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .networks import Models, _freeze, sd_turbo_unet_config, sd_vae_config, taesd_config
+from .networks import (
+    DIFFUSERS_CLASSES, Models, _freeze, diffusers_classes, sd_turbo_unet_config, sd_vae_config, taesd_config,
+)
 
 #: Gains applied to the tiny models' last convolutions after the deterministic init
 #: (measured once for seed 0): the UNet's predicted noise gets roughly unit std on
@@ -112,7 +114,7 @@ def tiny_models(seed: int = 0) -> Models:
     the VAE map images to 4-channel latents 8× smaller and back. Weights depend only on
     ``seed`` (numpy's generator), not on torch's RNG, machine or version.
     """
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    AutoencoderKL, AutoencoderTiny, UNet2DConditionModel = diffusers_classes(*DIFFUSERS_CLASSES)
 
     configs = tiny_configs()
     unet = UNet2DConditionModel.from_config(configs["unet"])
@@ -142,7 +144,7 @@ def full_size_random_models(
     come from torch's default init after ``torch.manual_seed(seed)``, built directly on
     ``device`` (so they differ between CPU and CUDA). Name ``"sd-turbo-random"``.
     """
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    AutoencoderKL, AutoencoderTiny, UNet2DConditionModel = diffusers_classes(*DIFFUSERS_CLASSES)
 
     torch.manual_seed(seed)
     with torch.device(device):
