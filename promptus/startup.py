@@ -215,14 +215,11 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
 
 def _compile_keys(models, *, device, dtype, batch: int, size: int, timestep: int):
     """The compiled-step keys the compile backend will look up for this clip, before the weights are in place."""
-    import dataclasses
+    from .backends.compile_cache import (
+        CompileOptions, architecture_digest, available_mechanisms, make_key, resolve_options,
+    )
 
-    from .backends.compile_cache import CompileOptions, architecture_digest, available_mechanisms, make_key
-    from .backends.segment_step import shared_prefix_problem
-
-    options = CompileOptions()
-    if options.shared_prefix and shared_prefix_problem(models.unet):
-        options = dataclasses.replace(options, shared_prefix=False)
+    options = resolve_options(CompileOptions(), models.unet, device)
     digest = architecture_digest(models.unet, models.taesd.decoder, dtype=dtype)
     return [make_key(digest, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device, mechanism=m,
                      options=options) for m in available_mechanisms()]

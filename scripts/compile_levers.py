@@ -10,11 +10,12 @@ pipelined decoder to host memory (``fps_host``). Variants stored with a mechanis
 then started again in fresh processes whose inductor and Triton caches are empty, so
 only the engine folder can help ("warm start").
 
-Decoder levers of issue 24 (``--variants default no_taesd_cl graph_host autotune``):
+Decoder levers of issue 24 (``--variants default no_taesd_cl graph_host cudnn_attn autotune``):
 ``default`` is the backend as shipped (shared prefix, channels-last UNet and TAESD);
 ``no_taesd_cl`` leaves TAESD contiguous (the channels-last TAESD lever, measured by its
 absence); ``graph_host`` captures the whole segment — uint8 conversion and the
 device-to-host copy included — in the CUDA graph (``TorchBackend.graph_host_copy``);
+``cudnn_attn`` bakes cuDNN's fused attention into the graph instead of flash attention;
 ``autotune`` is inductor's max-autotune at build time, stored with the step, run in a child
 process capped at ``--autotune-cap`` seconds (a build that does not finish is reported).
 
@@ -67,6 +68,8 @@ VARIANTS = {
                                                      "and TAESD"),
     "no_taesd_cl": (dataclasses.replace(CompileOptions(), taesd_channels_last=False), None, 60,
                     "default with TAESD contiguous (the channels-last TAESD lever, by its absence)"),
+    "cudnn_attn": (dataclasses.replace(CompileOptions(), attention="cudnn"), "aot_compile", 60,
+                   "default + cuDNN fused attention first (CompileOptions.attention)"),
     "graph_host": (CompileOptions(), "aot_compile", 20, "default + uint8 and device-to-host copy inside the "
                                                         "CUDA graph (graph_host_copy)"),
 }

@@ -15,10 +15,13 @@ from promptus.backends.compile_cache import (
     CompileKey,
     CompileOptions,
     architecture_digest,
+    attention_backends,
+    attention_problem,
     available_mechanisms,
     clean_compiled,
     list_compiled,
     make_key,
+    resolve_options,
 )
 from promptus.backends.engine_cache import list_engines
 from promptus.backends.torch_backend import CompileBackend
@@ -58,6 +61,39 @@ def test_options_name_their_levers():
     assert o.inductor_options() == {"max_autotune": True, "coordinate_descent_tuning": True, "conv_1x1_as_mm": True}
     assert CompileOptions(backend="aot_eager", autotune=True).inductor_options() == {}
     assert CompileOptions(inductor={"b": 1, "a": 2}) == CompileOptions(inductor={"a": 2, "b": 1})
+
+
+def test_attention_lever_is_named_in_the_key_and_off_where_it_cannot_run(tiny, caplog):
+    cudnn = CompileOptions(attention="cudnn")
+    assert "attention=cudnn" in cudnn.describe() and "attention" not in CompileOptions().describe()
+    assert key(options=cudnn.describe()).digest != key().digest
+    with pytest.raises(ValueError, match="attention 'fast'"):
+        CompileOptions(attention="fast")
+    assert attention_problem("default", "cpu") is None
+    assert "CUDA" in attention_problem("cudnn", "cpu")
+    with caplog.at_level(logging.INFO, logger="promptus"):
+        assert resolve_options(cudnn, tiny.unet, "cpu").attention == "default"
+        backend = CompileBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, options=cudnn,
+                                 compile_backend="aot_eager")
+    assert backend.options.attention == "default"
+    assert "cudnn attention is off (cuDNN attention runs on CUDA GPUs only)" in caplog.text
+
+
+def test_attention_backends_prefers_cudnn_inside_and_restores_the_order():
+    q = torch.randn(1, 2, 8, 4)
+    order = getattr(torch._C, "_get_sdp_priority_order", None)
+    before = order() if order else None
+    with attention_backends("default"):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    with attention_backends("cudnn"):  # on the CPU the math kernel still answers
+        if order:
+            from torch.nn.attention import SDPBackend
+
+            assert order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert torch.equal(out, ref)
+    if order:
+        assert order() == before
 
 
 def test_architecture_digest_follows_the_architecture_not_the_weights(tiny):

@@ -183,9 +183,9 @@ def clip_file(tmp_path_factory):
 
 def test_decode_png_level_and_start_profile(clip_file, tmp_path, capsys):
     args = ["decode", str(clip_file), "--model", "tiny", "--device", "cpu", "--backend", "eager"]
-    assert main(args + ["-o", f"{tmp_path / 'six'}/"]) == 0
+    assert main(args + ["-o", f"{tmp_path / 'six'}/", "--png-level", "6"]) == 0
     capsys.readouterr()
-    assert main(args + ["-o", f"{tmp_path / 'one'}/", "--png-level", "1", "--profile-start",
+    assert main(args + ["-o", f"{tmp_path / 'one'}/", "--profile-start",  # level 1: the default
                         "--profile-json", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "start-up profile" in out and "first segment on the host" in out
@@ -197,6 +197,7 @@ def test_decode_png_level_and_start_profile(clip_file, tmp_path, capsys):
     assert len(one) == len(six) == 7
     for a, b in zip(one, six):  # other zlib level, same pixels
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert sum(p.stat().st_size for p in one) > sum(p.stat().st_size for p in six)
 
 
 def test_png_level_outside_0_9_is_an_argparse_error(clip_file, tmp_path, capsys):

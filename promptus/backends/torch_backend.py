@@ -210,14 +210,9 @@ class CompileBackend(TorchBackend):
             options = dataclasses.replace(options, backend=compile_backend)
         super().__init__(unet, taesd_decoder, device, dtype, channels_last=False, cuda_graph=cuda_graph,
                          batch=batch)
-        if options.shared_prefix:
-            from .segment_step import shared_prefix_problem
+        from .compile_cache import resolve_options
 
-            why = shared_prefix_problem(self.unet)
-            if why:
-                log.info("compile: the shared prefix is off for this UNet (%s)", why)
-                options = dataclasses.replace(options, shared_prefix=False)
-        self.options = options
+        self.options = options = resolve_options(options, self.unet, self.device)
         self._apply_layouts()
         self.compile_backend = options.backend
         self.engine_dir = engine_dir
