@@ -24,6 +24,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,23 @@ def _source_key(spec: str, checkpoints_dir: str | os.PathLike) -> tuple:
     return ("name", str(spec))
 
 
+#: The interpreter's thread switch interval while the start-up runs threads (seconds; Python's default is 5 ms).
+STARTUP_SWITCH_INTERVAL = 0.0005
+
+
+@contextlib.contextmanager
+def short_switch_interval(seconds: float = STARTUP_SWITCH_INTERVAL):
+    """A shorter GIL switch interval within the block. While the preload thread runs Python (imports,
+    deserialising the compiled step), the thread that moves ~700 weight tensors to the GPU gives up the GIL at
+    every copy and waits up to a whole interval to get it back: 700 x 5 ms is 3.5 s."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(min(saved, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved)
+
+
 def _remember(cache: collections.OrderedDict, key, value, keep: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
@@ -192,9 +210,13 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
                                  taesd=taesd, vae=vae, checkpoints_dir=checkpoints_dir)
         if on_architecture is not None:
             on_architecture(models)
+        from . import weights_memo
+
+        memo_key = None if built_on_device else weights_memo.weights_key(spec, taesd, checkpoints_dir)
+        remembered = _remembered_digest(memo_key)
         digest: dict[str, bytes] = {}
         hasher = None
-        if not built_on_device and device.type == "cuda":
+        if remembered is None and not built_on_device and device.type == "cuda":
             # The weights' digest (the bitstream's model check) from the copy already in host memory, while the
             # weights travel; where a tensor was moved first, its GPU copy gives the same digest (fp16 canonical).
             hasher = threading.Thread(target=lambda: digest.update(d=model_digest(models)), name="promptus-digest",
@@ -204,23 +226,50 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
             models.to(device, dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        if hasher is not None:
+        if remembered is not None:
+            models._digest = remembered
+            profile.notes.append("weights digest remembered from an earlier run (weights memo)")
+        elif hasher is not None:
             with profile.phase("weights digest (after the move)"):
                 hasher.join()
             if "d" in digest:
                 models._digest = digest["d"]
+                weights_memo.put(memo_key, model_digest=digest["d"].hex())
         _remember(_models, key, models, MODELS_KEPT)
         return models
 
 
-def _compile_keys(models, *, device, dtype, batch: int, size: int, timestep: int):
-    """The compiled-step keys the compile backend will look up for this clip, before the weights are in place."""
-    from .backends.compile_cache import (
-        CompileOptions, architecture_digest, available_mechanisms, make_key, resolve_options,
-    )
+def _remembered_digest(memo_key: str | None) -> bytes | None:
+    from . import weights_memo
 
-    options = resolve_options(CompileOptions(), models.unet, device)
-    digest = architecture_digest(models.unet, models.taesd.decoder, dtype=dtype)
+    text = weights_memo.get(memo_key).get("model_digest")
+    if isinstance(text, str) and len(text) == 32:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    return None
+
+
+def architecture_facts(models, dtype: torch.dtype) -> dict:
+    """What the compiled step's key needs of the networks (milliseconds): the architecture digest the UNet
+    and TAESD decoder will have in ``dtype``, and why the shared prefix cannot be used (None if it can)."""
+    from .backends.compile_cache import architecture_digest
+    from .backends.segment_step import shared_prefix_problem
+
+    return {f"architecture {dtype}": architecture_digest(models.unet, models.taesd.decoder, dtype=dtype),
+            "shared_prefix_problem": shared_prefix_problem(models.unet)}
+
+
+def _compile_keys(facts: dict, *, device, dtype, batch: int, size: int, timestep: int):
+    """The compiled-step keys the compile backend will look up for this clip (from :func:`architecture_facts`,
+    computed or remembered), before the weights are in place; None when ``facts`` lack them."""
+    from .backends.compile_cache import CompileOptions, available_mechanisms, make_key, resolve_options
+
+    digest, problem = facts.get(f"architecture {dtype}"), facts.get("shared_prefix_problem")
+    if not isinstance(digest, str) or not (problem is None or isinstance(problem, str)):
+        return None
+    options = resolve_options(CompileOptions(), problem, device, announce=False)  # as the backend will
     return [make_key(digest, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device, mechanism=m,
                      options=options) for m in available_mechanisms()]
 
@@ -270,8 +319,9 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         preloader: list[threading.Thread] = []
         wanted = device.type == "cuda" and parity == PARITY_OURS and _will_compile(backend, device)
 
-        def start_preload(get_models):
-            """On a thread: the architecture (``get_models()``), the compiled step's key, its artifact read."""
+        def start_preload(get_models, remembered: dict | None = None):
+            """On a thread: the architecture (remembered, or ``get_models()``), the compiled step's key, its
+            artifact read and deserialised."""
             from .backends.compile_cache import preload
 
             def run():
@@ -279,12 +329,16 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
                     t0 = time.perf_counter()
                     if device.index is not None:
                         torch.cuda.set_device(device)
-                    models = get_models()
-                    if models is None:
-                        return
-                    models.geometry().check(config)  # the header's numbers size nothing before this
-                    for k in _compile_keys(models, device=device, dtype=dtype, batch=batch, size=size,
-                                           timestep=timestep):
+                    keys = _compile_keys(remembered or {}, device=device, dtype=dtype, batch=batch, size=size,
+                                         timestep=timestep)
+                    if keys is None:
+                        models = get_models()
+                        if models is None:
+                            return
+                        models.geometry().check(config)  # the header's numbers size nothing before this
+                        keys = _compile_keys(architecture_facts(models, dtype), device=device, dtype=dtype,
+                                             batch=batch, size=size, timestep=timestep)
+                    for k in keys:
                         if preload(k, engine_dir):
                             profile.phases["compiled-step key + read (thread)"] = time.perf_counter() - t0
                             return
@@ -299,27 +353,52 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         # artifact is read while the weights are; otherwise once the networks are built on the CPU.
         from .models import find_default_weights
 
-        resolved = find_default_weights(checkpoints_dir) if spec == "auto" else spec
-        early = wanted and bool(resolved) and Path(os.path.expanduser(str(resolved))).is_file()
-        if early:
-            start_preload(lambda: architecture_skeleton(spec, taesd=taesd, checkpoints_dir=checkpoints_dir))
-        models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
-                               profile=profile,
-                               on_architecture=(lambda m: start_preload(lambda: m)) if wanted and not early else None)
-        models.geometry().check(config)  # before the identity is taken or anything is sized
-        identity = models.identity()  # before the backend may move the networks off the GPU
-        with profile.phase("compiled-step load"):
-            for thread in preloader:
-                thread.join()
-            made = backend_for_clip(clip, models, name=backend, device=device, dtype=dtype, engine_dir=engine_dir,
-                                    offload_models=offload_models, parity=parity)
-            if isinstance(made, CompileBackend) and made.batch:
-                from .schedule import OneStep
+        from . import weights_memo
 
-                made.prepare(size, OneStep.at(timestep))  # the stored step loaded (or built) now, not in segment 1
+        memo_key = weights_memo.weights_key(spec, taesd, checkpoints_dir)
+        remembered = weights_memo.get(memo_key)  # facts of an earlier run on these files: no skeleton needed
+        resolved = find_default_weights(checkpoints_dir) if spec == "auto" else spec
+        early = wanted and (f"architecture {dtype}" in remembered
+                            or (bool(resolved) and Path(os.path.expanduser(str(resolved))).is_file()))
+        switch = contextlib.ExitStack()
+        try:
+            if wanted:
+                switch.enter_context(short_switch_interval())
+            if early:
+                start_preload(lambda: architecture_skeleton(spec, taesd=taesd, checkpoints_dir=checkpoints_dir),
+                              remembered)
+            late = (lambda m: start_preload(lambda: m)) if wanted and not early else None
+            models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
+                                   profile=profile, on_architecture=late)
+            models.geometry().check(config)  # before the identity is taken or anything is sized
+            identity = models.identity()  # before the backend may move the networks off the GPU
+            if memo_key is not None:
+                _learn(memo_key, remembered, models, dtype, identity)
+            with profile.phase("compiled-step load"):
+                for thread in preloader:
+                    thread.join()
+                made = backend_for_clip(clip, models, name=backend, device=device, dtype=dtype,
+                                        engine_dir=engine_dir, offload_models=offload_models, parity=parity)
+                if isinstance(made, CompileBackend) and made.batch:
+                    from .schedule import OneStep
+
+                    made.prepare(size, OneStep.at(timestep))  # the stored step loaded (or built) now
+        finally:
+            switch.close()
         loaded = LoadedDecoder(models, identity, made)
         _remember(_decoders, key, loaded, DECODERS_KEPT)
         return loaded
+
+
+def _learn(memo_key: str, remembered: dict, models, dtype: torch.dtype, identity) -> None:
+    """Remember for the next process what this one had to compute about these weights (the weights memo)."""
+    from . import weights_memo
+
+    learnt = {} if f"architecture {dtype}" in remembered else architecture_facts(models, dtype)
+    if "model_digest" not in remembered and "model_digest" not in weights_memo.get(memo_key):
+        learnt["model_digest"] = identity.digest.hex()
+    if learnt:
+        weights_memo.put(memo_key, **learnt)
 
 
 def cached_backend(clip, models, *, name: str = "auto", device=None, dtype: torch.dtype | None = None,

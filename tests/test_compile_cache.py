@@ -72,7 +72,8 @@ def test_attention_lever_is_named_in_the_key_and_off_where_it_cannot_run(tiny, c
     assert attention_problem("default", "cpu") is None
     assert "CUDA" in attention_problem("cudnn", "cpu")
     with caplog.at_level(logging.INFO, logger="promptus"):
-        assert resolve_options(cudnn, tiny.unet, "cpu").attention == "default"
+        assert resolve_options(cudnn, None, "cpu").attention == "default"
+        assert not resolve_options(CompileOptions(), "why", "cpu", announce=False).shared_prefix
         backend = CompileBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, options=cudnn,
                                  compile_backend="aot_eager")
     assert backend.options.attention == "default"

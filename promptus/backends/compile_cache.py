@@ -158,19 +158,19 @@ def attention_problem(choice: str, device: torch.device | str) -> str | None:
     return None
 
 
-def resolve_options(options: CompileOptions, unet: torch.nn.Module, device: torch.device | str) -> CompileOptions:
-    """``options`` with the levers this UNet, GPU and torch cannot use turned off, each with a message:
-    the options a compiled step is built with and keyed by (the backend and the start-up's preload agree)."""
-    if options.shared_prefix:
-        from .segment_step import shared_prefix_problem
-
-        why = shared_prefix_problem(unet)
-        if why:
-            log.info("compile: the shared prefix is off for this UNet (%s)", why)
-            options = dataclasses.replace(options, shared_prefix=False)
+def resolve_options(options: CompileOptions, prefix_problem: str | None, device: torch.device | str, *,
+                    announce: bool = True) -> CompileOptions:
+    """``options`` with the levers that cannot run turned off (with a message where ``announce``): the shared
+    prefix where ``prefix_problem`` (:func:`~promptus.backends.segment_step.shared_prefix_problem` of the UNet)
+    says why not, an attention choice this GPU or torch lacks. The options a compiled step is built with and
+    keyed by: the backend and the start-up's preload both resolve them here."""
+    say = log.info if announce else log.debug
+    if options.shared_prefix and prefix_problem:
+        say("compile: the shared prefix is off for this UNet (%s)", prefix_problem)
+        options = dataclasses.replace(options, shared_prefix=False)
     why = attention_problem(options.attention, device)
     if why:
-        log.info("compile: %s attention is off (%s)", options.attention, why)
+        say("compile: %s attention is off (%s)", options.attention, why)
         options = dataclasses.replace(options, attention="default")
     return options
 
@@ -666,8 +666,9 @@ def prepare(step: torch.nn.Module, args: tuple, *, model_digest: str, batch: int
 
 
 __all__ = [
-    "ATTENTION_CHOICES", "BuildProgress", "COMPILED_DECODER", "COMPILED_TRAINER", "COMPILE_FORMAT", "CompileCache", "CompileCacheError",
-    "CompileKey", "CompileOptions", "CompiledEntry", "MECHANISMS", "Prepared", "TrainerKey", "architecture_digest",
-    "attention_backends", "attention_problem", "resolve_options", "available_mechanisms", "build_artifact", "clean_compiled", "device_identity", "list_compiled", "load_artifact",
-    "make_key", "prepare", "preload", "stale_reason", "triton_version",
+    "ATTENTION_CHOICES", "BuildProgress", "COMPILED_DECODER", "COMPILED_TRAINER", "COMPILE_FORMAT", "CompileCache",
+    "CompileCacheError", "CompileKey", "CompileOptions", "CompiledEntry", "MECHANISMS", "Prepared", "TrainerKey",
+    "architecture_digest", "attention_backends", "attention_problem", "available_mechanisms", "build_artifact",
+    "clean_compiled", "device_identity", "list_compiled", "load_artifact", "make_key", "preload", "prepare",
+    "resolve_options", "stale_reason", "triton_version",
 ]

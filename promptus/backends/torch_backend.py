@@ -211,8 +211,10 @@ class CompileBackend(TorchBackend):
         super().__init__(unet, taesd_decoder, device, dtype, channels_last=False, cuda_graph=cuda_graph,
                          batch=batch)
         from .compile_cache import resolve_options
+        from .segment_step import shared_prefix_problem
 
-        self.options = options = resolve_options(options, self.unet, self.device)
+        problem = shared_prefix_problem(self.unet) if options.shared_prefix else None
+        self.options = options = resolve_options(options, problem, self.device)
         self._apply_layouts()
         self.compile_backend = options.backend
         self.engine_dir = engine_dir

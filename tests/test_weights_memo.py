@@ -1,0 +1,134 @@
+"""The weights memo: what a decoder's start-up learnt about a weights file, kept for the next process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from promptus import startup, weights_memo
+from promptus.config import CodecConfig
+
+from hostile import bitstream
+
+
+@pytest.fixture
+def memo_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("PROMPTUS_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def weight_files(tiny, tmp_path, monkeypatch):
+    """The tiny model saved as a single UNet file and a TAESD file, loadable as SD-Turbo files are."""
+    import promptus.models as models_mod
+    from promptus.bench.command import _save_safetensors
+    from promptus.models import tiny_configs
+
+    configs = tiny_configs()
+    for module in (models_mod, models_mod.loading):
+        monkeypatch.setattr(module, "sd_turbo_unet_config", lambda: dict(configs["unet"]))
+        monkeypatch.setattr(module, "taesd_config", lambda: dict(configs["taesd"]))
+    unet, taesd = tmp_path / "unet.safetensors", tmp_path / "taesd.safetensors"
+    _save_safetensors(tiny.unet.state_dict(), unet)
+    _save_safetensors(tiny.taesd.state_dict(), taesd)
+    return unet, taesd
+
+
+def test_key_follows_the_files_and_skips_what_is_not_local(tmp_path, memo_dir):
+    unet, taesd = tmp_path / "u.safetensors", tmp_path / "t"
+    unet.write_bytes(b"u" * 10)
+    taesd.mkdir()
+    (taesd / "config.json").write_text("{}")
+    key = weights_memo.weights_key(str(unet), str(taesd), tmp_path)
+    assert key and key == weights_memo.weights_key(str(unet), str(taesd), tmp_path)
+    os.utime(unet, ns=(1, 1))
+    assert weights_memo.weights_key(str(unet), str(taesd), tmp_path) != key  # touched: another key
+    (taesd / "more.safetensors").write_bytes(b"t")
+    second = weights_memo.weights_key(str(unet), str(taesd), tmp_path)
+    assert second not in (key, None)  # a file added to the TAESD folder
+    assert weights_memo.weights_key("tiny", None, tmp_path) is None
+    assert weights_memo.weights_key("stabilityai/sd-turbo", None, tmp_path) is None  # a hub id
+    assert weights_memo.weights_key(str(unet), None, tmp_path / "none") is None  # TAESD from the hub
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(weights_memo.MAX_FILES + 1):
+        (many / f"{i}").write_bytes(b"")
+    assert weights_memo.files_fingerprint(many) is None
+
+
+def test_put_get_and_the_bound(memo_dir, monkeypatch):
+    assert weights_memo.get("k") == {} and weights_memo.get(None) == {}
+    weights_memo.put("k", model_digest="ab" * 16)
+    weights_memo.put("k", shared_prefix_problem=None)
+    got = weights_memo.get("k")
+    assert got["model_digest"] == "ab" * 16 and "shared_prefix_problem" in got
+    monkeypatch.setattr(weights_memo, "MAX_ENTRIES", 3)
+    for i in range(5):
+        weights_memo.put(f"n{i}", x=i)
+    entries = json.loads(weights_memo.memo_path().read_text())["entries"]
+    assert sorted(entries) == ["n2", "n3", "n4"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deep", "oversized", "folder", "wrong format", "entries list"])
+def test_a_damaged_memo_is_ignored_and_rewritten(memo_dir, damage):
+    path = weights_memo.memo_path()
+    path.parent.mkdir(parents=True)
+    if damage == "folder":
+        path.mkdir()
+    else:
+        path.write_text({"garbage": "{not json", "deep": "[" * 100_000 + "]" * 100_000,
+                         "oversized": json.dumps({"format": 1, "entries": {"k": {"x": "y" * weights_memo.MAX_BYTES}}}),
+                         "wrong format": json.dumps({"format": 99, "entries": {"k": {"x": 1}}}),
+                         "entries list": json.dumps({"format": 1, "entries": [1, 2]})}[damage])
+    assert weights_memo.get("k") == {}
+    weights_memo.put("k", x=1)  # a folder in the way: skipped quietly
+    assert weights_memo.get("k") == ({} if damage == "folder" else {"x": 1, "written": weights_memo.get("k")["written"]})
+
+
+def test_a_second_start_remembers_the_digest_and_the_architecture(weight_files, memo_dir, monkeypatch):
+    unet, taesd = weight_files
+    header = bitstream(CodecConfig(width=64, height=64, rank=2, interval=3), 7).header
+    startup.clear()
+    first = startup.load_decoder(str(unet), header, device="cpu", dtype=torch.float32, backend="eager",
+                                 taesd=str(taesd))
+    facts = weights_memo.get(weights_memo.weights_key(str(unet), str(taesd), "checkpoints"))
+    assert facts["model_digest"] == first.identity.digest.hex()
+    assert facts[f"architecture {torch.float32}"]
+    assert facts["shared_prefix_problem"] is None or isinstance(facts["shared_prefix_problem"], str)
+
+    startup.clear()
+    computed = []
+    import promptus.models.networks as networks
+
+    real = networks.model_digest
+    monkeypatch.setattr(networks, "model_digest", lambda m: computed.append(1) or real(m))
+    profile = startup.StartupProfile()
+    second = startup.load_decoder(str(unet), header, device="cpu", dtype=torch.float32, backend="eager",
+                                  taesd=str(taesd), profile=profile)
+    assert second.identity == first.identity and computed == []  # not hashed again
+    assert any("weights memo" in n for n in profile.notes)
+
+    os.utime(unet, ns=(10**9, 10**9))  # the file changed: its digest is computed again
+    startup.clear()
+    third = startup.load_decoder(str(unet), header, device="cpu", dtype=torch.float32, backend="eager",
+                                 taesd=str(taesd))
+    assert third.identity == first.identity and computed == [1]
+    startup.clear()
+
+
+def test_remembered_keys_equal_the_ones_the_networks_give(tiny):
+    facts = startup.architecture_facts(tiny, torch.float16)
+    keys = startup._compile_keys(facts, device=torch.device("cpu"), dtype=torch.float16, batch=10, size=64,
+                                 timestep=999)
+    again = startup._compile_keys(json.loads(json.dumps(facts)), device=torch.device("cpu"), dtype=torch.float16,
+                                  batch=10, size=64, timestep=999)
+    assert keys and keys == again
+    assert startup._compile_keys({}, device=torch.device("cpu"), dtype=torch.float16, batch=10, size=64,
+                                 timestep=999) is None
+    bad = {f"architecture {torch.float16}": 5, "shared_prefix_problem": None}
+    assert startup._compile_keys(bad, device=torch.device("cpu"), dtype=torch.float16, batch=10, size=64,
+                                 timestep=999) is None
