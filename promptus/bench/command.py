@@ -1,7 +1,7 @@
 """The command path: ``promptus decode`` timed as a user runs it (``promptus bench --command-path``).
 
 Each measurement is a fresh ``python -m promptus decode`` process decoding a clip of
-random prompts to a PNG folder (zlib level 6, the default, and ``png1``: ``--png-level 1``),
+random prompts to a PNG folder (zlib level 1, the default, and ``png6``: ``--png-level 6``),
 an .mp4 or a .webm, with weights read from a file:
 
 * ``--model random``: the full-size SD-Turbo UNet and TAESD with random weights, saved
@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 
 #: Clips (frames) and outputs the command path decodes by default on a GPU.
 COMMAND_CLIPS = (141, 3001)
-COMMAND_OUTPUTS = ("png", "png1", "mp4", "webm")
-#: What each output of the command path asks ``promptus decode`` for: (suffix, extra arguments); png1: PNG level 1.
-OUTPUT_KINDS = {"png": ("", []), "png1": ("", ["--png-level", "1"]), "mp4": (".mp4", []), "webm": (".webm", []),
-                "mkv": (".mkv", [])}
+COMMAND_OUTPUTS = ("png", "png6", "mp4", "webm")
+#: What each output of the command path asks ``promptus decode`` for: (suffix, extra arguments); png: the default
+#: PNG level (1), png6 and png1: PNGs at zlib level 6 and 1.
+OUTPUT_KINDS = {"png": ("", []), "png1": ("", ["--png-level", "1"]), "png6": ("", ["--png-level", "6"]),
+                "mp4": (".mp4", []), "webm": (".webm", []), "mkv": (".mkv", [])}
 #: File names of the random full-size weights in the cache folder.
 RANDOM_UNET_FILE = "sd-turbo-random-unet.safetensors"
 RANDOM_TAESD_FILE = "taesd-random.safetensors"
@@ -131,6 +132,15 @@ def clip_file(folder: Path, frames: int, size: int, batch: int) -> Path:
     return path
 
 
+def bytecode_note() -> str:
+    """Whether the timed processes can keep Python's bytecode: without it (PYTHONDONTWRITEBYTECODE, as some
+    container images set, or a read-only install) every process compiles diffusers, transformers & co. from
+    source and the start-up figures are seconds longer than on a normal install."""
+    if sys.flags.dont_write_bytecode or os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return "not written (PYTHONDONTWRITEBYTECODE is set): start-up includes compiling Python sources"
+    return "written and reused (a normal install)"
+
+
 def _decode(clip: Path, output: Path, args: list[str], profile: Path, timeout: float) -> tuple[float, dict | str]:
     target = str(output) + ("/" if not output.suffix else "")  # a folder of PNGs is asked for with a slash
     cmd = [sys.executable, "-m", "promptus", "-q", "decode", str(clip), "-o", target, *args,
@@ -169,7 +179,8 @@ def bench_command_path(*, model: str = "random", device: str = "cuda", size: int
         margs = model_args(model, weights_dir=weights_dir, device=device)
         common = [*margs, "--device", device, "--backend", backend, "--engine-dir", engines, *(extra_args or [])]
         info = {"model": model, "device": device, "size": size, "batch": batch, "backend": backend,
-                "weights_file_s": time.perf_counter() - t0, "args": common, "rows": []}
+                "weights_file_s": time.perf_counter() - t0, "args": common, "rows": [],
+                "bytecode": bytecode_note()}
         result["command_path"] = info
 
         def save():
@@ -220,6 +231,7 @@ def format_command_table(info: dict) -> str:
              f"named), {info['size']}×{info['size']}, batch {info['batch']}, backend {info['backend']}; cold run "
              f"(builds the compiled step): {cold.get('wall_s', float('nan')):.1f} s"
              + (f" — {cold['error']}" if "error" in cold else ""),
+             f"Python bytecode: {info.get('bytecode', 'not recorded')}",
              f"{'frames':>6} {'output':6} {'wall s':>7} {'1st frame s':>11} {'FPS e2e':>8} {'FPS after start':>15} "
              f"{'MB':>8}  start-up phases (s)"]
     for r in info.get("rows", []):
@@ -237,5 +249,5 @@ def format_command_table(info: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COMMAND_CLIPS", "COMMAND_OUTPUTS", "CommandRun", "bench_command_path", "bench_weights_dir",
+__all__ = ["COMMAND_CLIPS", "COMMAND_OUTPUTS", "CommandRun", "bytecode_note", "bench_command_path", "bench_weights_dir",
            "format_command_table", "model_args", "random_weight_files"]

@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     b.add_argument("--command-clips", nargs="+", type=int, default=None, metavar="FRAMES",
                    help=f"frames of the command-path clips, k·batch+1 each ({_both('command_clips')})")
     b.add_argument("--command-outputs", nargs="+", default=list(COMMAND_OUTPUTS), choices=list(OUTPUT_KINDS),
-                   help=f"outputs of the command path; png1: PNGs at --png-level 1 (default: "
+                   help=f"outputs of the command path; png6, png1: PNGs at --png-level 6, 1 (default: "
                         f"{' '.join(COMMAND_OUTPUTS)})")
     b.add_argument("--command-backend", default="auto", help="--backend of the timed decodes (default: auto)")
     b.add_argument("--engine-dir", default=None,
