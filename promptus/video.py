@@ -18,6 +18,7 @@ import functools
 import io
 import logging
 import os
+import sys
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -373,6 +374,27 @@ def _png_processes():
     return ctx
 
 
+def main_reimport_safe() -> bool:
+    """Whether a forkserver's (or spawn's) children can import this program's main module again without
+    running it: ``python -m`` (multiprocessing skips a package's ``__main__``), no main file (``python -c``,
+    a REPL), or a main file that guards its work with ``if __name__ == "__main__":`` (the ``promptus``
+    console script does). A script that calls the decoder at top level is not safe: its children would run
+    it again."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
+        return True
+    path = getattr(main, "__file__", None)
+    if not path:
+        return True
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    return b"__name__ ==" in text and b"__main__" in text
+
+
 def _worker_ready() -> int:
     return os.getpid()
 
@@ -392,9 +414,11 @@ def _current_umask() -> int:
 
 class PngPool:
     """PNG files encoded by ``workers`` processes (threads with ``processes=False`` or where processes are
-    not available), at most ``depth`` frames in flight. Processes, because PIL holds the GIL while it
-    compresses a PNG (its IDAT writer is Python), so threads do not run in parallel: measured 87 frames/s
-    with 16 threads on an H200 host. A worker's failure is raised as a VideoError by the next
+    not available), at most ``depth`` frames in flight. Both run in parallel: PIL releases the GIL while
+    zlib compresses (15 threads wrote 455 noisy 512² frames/s at level 1 on an H100 host; an earlier 87
+    frames/s was zlib level 6, ~98 ms a frame there). Processes pay for sending each frame to a worker
+    (slower than threads on a 2-core machine, ``scripts/png_writer_bench.py``) and import the main module
+    again (see :class:`FrameWriter`). A worker's failure is raised as a VideoError by the next
     :meth:`submit` or :meth:`drain`."""
 
     def __init__(self, workers: int, level: int, depth: int, *, processes: bool = True):
@@ -502,10 +526,13 @@ class FrameWriter:
     size. ``fps`` must lie in [MIN_FPS, MAX_FPS] (a video container stores it as a fraction).
     ``first``: the number of the first PNG (``00020.png`` for a clip played from frame 20).
 
-    PNG frames are encoded by ``workers`` processes (default: one per core; 1: on the calling
-    thread; ``png_processes=False``: threads, which PIL's GIL-holding PNG writer keeps from running
-    in parallel), at most two per worker waiting, each to its own numbered file, so the bytes do not
-    depend on the worker count; ``png_level`` is the zlib level (:data:`promptus.config.PNG_LEVEL`).
+    PNG frames are encoded by ``workers`` threads (default: one per core; 1: on the calling thread;
+    PIL releases the GIL while zlib compresses), or with ``png_processes=True`` by worker processes
+    forked from a forkserver, as ``promptus decode`` does. Processes are for programs whose main module
+    is safe to import again (``if __name__ == "__main__":``, or ``python -m``): a forkserver's children
+    import it, and a script without that guard would run its top-level code again in them. At most two
+    frames per worker wait, each goes to its own numbered file, so the bytes do not depend on the
+    worker count; ``png_level`` is the zlib level (:data:`promptus.config.PNG_LEVEL`).
     A worker's failure surfaces as a VideoError from the next :meth:`write` or :meth:`close` and
     leaves no output. ``video_encoder`` (:data:`promptus.config.VIDEO_ENCODERS`): "cpu" (the
     default here), "auto" (NVENC where it opens, else the CPU encoder, saying so) or "nvenc".
@@ -513,7 +540,7 @@ class FrameWriter:
 
     def __init__(self, out: str | os.PathLike, fps: float, *, crf: int = 12, force: bool = False,
                  size: tuple[int, int] | None = None, kind: str | None = None, png_level: int = PNG_LEVEL,
-                 workers: int | None = None, video_encoder: str = "cpu", png_processes: bool = True,
+                 workers: int | None = None, video_encoder: str = "cpu", png_processes: bool = False,
                  first: int = 0):
         self.out = Path(out)
         self.first = first  # the number of the first PNG: a stream played from a seek point keeps the clip's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,7 +126,7 @@ def test_a_failing_worker_process_is_a_clear_error_and_leaves_no_output(tmp_path
 
     out = tmp_path / "frames"
     with pytest.raises(VideoError, match=r"cannot write frame \d{5}.png: No such file or directory"):
-        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+        with FrameWriter(out, 30, kind="folder", workers=2, png_processes=True) as w:
             assert w._pngs.processes
             for i, f in enumerate(grainy(12)):
                 if i == 4:
@@ -133,7 +134,7 @@ def test_a_failing_worker_process_is_a_clear_error_and_leaves_no_output(tmp_path
                 w.write(f)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(VideoError, match=r"encoding frame 00001.png failed \(TypeError"):
-        with FrameWriter(out, 30, kind="folder", workers=2) as w:
+        with FrameWriter(out, 30, kind="folder", workers=2, png_processes=True) as w:
             w.write(grainy(1)[0])
             w.write(np.zeros((8, 8, 3), np.float64))  # PIL has no mode for it: it fails in the worker
     assert list(tmp_path.iterdir()) == []
@@ -342,7 +343,7 @@ def test_png_workers_follow_the_writers_working_folder(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     for sub in ("a", "b"):
         monkeypatch.chdir(tmp_path / sub)
-        with FrameWriter("frames", 30, kind="folder", workers=2) as w:
+        with FrameWriter("frames", 30, kind="folder", workers=2, png_processes=True) as w:
             w.write_batch(frames)
         assert sorted(p.name for p in (tmp_path / sub / "frames").iterdir()) == [f"{i:05d}.png" for i in range(4)]
 
@@ -364,6 +365,44 @@ def test_png_writer_falls_back_to_threads_when_processes_do_not_start(tmp_path, 
     monkeypatch.setattr(multiprocessing, "get_context", no_forkserver)
     frames = grainy(5)
     with caplog.at_level("WARNING", logger="promptus.video"):
-        files = write_folder(tmp_path / "f", frames, workers=2)
+        files = write_folder(tmp_path / "f", frames, workers=2, png_processes=True)
     assert "encoding on threads" in caplog.text
     assert [np.array_equal(np.asarray(Image.open(p)), f) for p, f in zip(files, frames)] == [True] * 5
+
+
+_UNGUARDED = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from promptus.video import FrameWriter, main_reimport_safe
+with open({marker!r}, "a") as f:
+    f.write("ran\\n")
+print("safe" if main_reimport_safe() else "unsafe")
+with FrameWriter({out!r}, 30, kind="folder", workers=2) as w:
+    for i in range(4):
+        w.write(np.full((16, 16, 3), i, np.uint8))
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """A research script that writes frames at top level: the library's default writer (threads) never
+    imports it again; worker processes from a forkserver would run it once more per child."""
+    import subprocess
+    import sys
+
+    root = str(Path(promptus.__file__).parent.parent)
+    marker, out = tmp_path / "marker", tmp_path / "frames"
+    script = tmp_path / "script.py"
+    script.write_text(_UNGUARDED.format(root=root, marker=str(marker), out=str(out)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["unsafe"] and marker.read_text() == "ran\n"
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(f"import sys\nsys.path.insert(0, {root!r})\nfrom promptus.video import main_reimport_safe\n"
+                       "if __name__ == '__main__':\n    print(main_reimport_safe())\n")
+    for cmd in ([sys.executable, str(guarded)],
+                [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); "
+                                       "from promptus.video import main_reimport_safe; print(main_reimport_safe())"]):
+        assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.split() == ["True"]

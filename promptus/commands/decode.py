@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import write_json_atomic
     from ..pipeline import PipelinedDecoder
     from ..startup import load_decoder
-    from ..video import FrameWriter
+    from ..video import FrameWriter, main_reimport_safe
 
     profile.mark("command started")
 
@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         # The output is checked before models load: a refusal costs nothing.
         args.model = model_for_header(args, header, "decode")
         writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height), kind=kind,
-                             png_level=args.png_level, video_encoder=args.video_encoder)
+                             png_level=args.png_level, video_encoder=args.video_encoder,
+                             png_processes=main_reimport_safe())  # worker processes, unless that is unsafe
         try:
             # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
             dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
