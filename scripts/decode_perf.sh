@@ -27,7 +27,7 @@ else
   fi
   left=$(( total - (SECONDS - start) ))
   echo "levers: ${left} s left of ${total}"
-  python scripts/compile_levers.py ${cpu[@]+"${cpu[@]}"} --variants default graph_host no_taesd_cl --engine-dir "$engines" \
+  python scripts/compile_levers.py ${cpu[@]+"${cpu[@]}"} --variants default graph_host no_taesd_cl cudnn_attn --engine-dir "$engines" \
       --budget "$left" --json "benchmarks/decode_levers_$tag.json" || true
   files=("benchmarks/decode_command_$tag.json" "benchmarks/decode_levers_$tag.json")
 fi
