@@ -73,20 +73,32 @@ def test_put_get_and_the_bound(memo_dir, monkeypatch):
     assert sorted(entries) == ["n2", "n3", "n4"]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "deep", "oversized", "folder", "wrong format", "entries list"])
+@pytest.mark.parametrize("damage", ["garbage", "deep", "oversized", "folder", "wrong format", "entries list", "fifo",
+                                    "link to /dev/zero", "bad values"])
 def test_a_damaged_memo_is_ignored_and_rewritten(memo_dir, damage):
     path = weights_memo.memo_path()
     path.parent.mkdir(parents=True)
     if damage == "folder":
         path.mkdir()
+    elif damage == "fifo":
+        os.mkfifo(path)
+    elif damage == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif damage == "bad values":
+        path.write_text(json.dumps({"format": 1, "entries": {"k": [1], "j": {"model_digest": 5}}}))
+        assert startup._remembered_digest("j") is None
+        assert startup._compile_keys(weights_memo.get("j"), device=torch.device("cpu"), dtype=torch.float16,
+                                     batch=10, size=64, timestep=999) is None
     else:
         path.write_text({"garbage": "{not json", "deep": "[" * 100_000 + "]" * 100_000,
                          "oversized": json.dumps({"format": 1, "entries": {"k": {"x": "y" * weights_memo.MAX_BYTES}}}),
                          "wrong format": json.dumps({"format": 99, "entries": {"k": {"x": 1}}}),
                          "entries list": json.dumps({"format": 1, "entries": [1, 2]})}[damage])
     assert weights_memo.get("k") == {}
-    weights_memo.put("k", x=1)  # a folder in the way: skipped quietly
+    weights_memo.put("k", x=1)  # a folder in the way: skipped quietly; anything else is replaced
     assert weights_memo.get("k") == ({} if damage == "folder" else {"x": 1, "written": weights_memo.get("k")["written"]})
+    if damage == "link to /dev/zero":
+        assert not path.is_symlink()  # the link was replaced, nothing was written through it
 
 
 def test_a_second_start_remembers_the_digest_and_the_architecture(weight_files, memo_dir, monkeypatch):
