@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,17 +63,21 @@ class StartupProfile:
 
     ``phase(name)`` times a block (phases that run at once on two threads overlap, so
     their sum can exceed the wall time); ``mark(name)`` records the time since the
-    process started, once (``first segment``, ``first frame written``).
+    process started (since the profile was made, with ``from_now``), once (``first
+    segment``, ``first frame written``).
     """
 
     phases: dict[str, float] = field(default_factory=dict)
     marks: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The clock starts now instead of at the process's start (a later file of a multi-file decode).
+    from_now: InitVar[bool] = False
 
-    def __post_init__(self):
-        age = process_age()
+    def __post_init__(self, from_now: bool = False):
+        age = None if from_now else process_age()
         self.origin = time.perf_counter() - (age or 0.0)
-        self.marks["main"] = age if age is not None else float("nan")  # interpreter + imports
+        if not from_now:
+            self.marks["main"] = age if age is not None else float("nan")  # interpreter + imports
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -406,3 +406,52 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
                 [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); "
                                        "from promptus.video import main_reimport_safe; print(main_reimport_safe())"]):
         assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.split() == ["True"]
+
+
+def test_several_files_decode_in_one_process_with_the_models_loaded_once(clip_file, tmp_path, capsys, monkeypatch):
+    """Each file to -o FOLDER/<stem>/ (or <stem>.mp4 with --each), the same frames as one at a time; the models
+    and backend are made once; a bad file is reported and the others are still decoded (exit status 1)."""
+    import shutil
+
+    from promptus import startup
+
+    other = tmp_path / "in" / "second.promptus"
+    other.parent.mkdir()
+    shutil.copy(clip_file, other)
+    broken = tmp_path / "in" / "broken.promptus"
+    broken.write_bytes(b"not a promptus file")
+    args = ["decode", "--model", "tiny", "--device", "cpu", "--backend", "eager"]
+    assert main(args + [str(clip_file), "-o", f"{tmp_path / 'single'}/"]) == 0
+    startup.clear()
+    made = []
+    real = startup.cached_models
+    monkeypatch.setattr(startup, "cached_models", lambda *a, **k: made.append(1) or real(*a, **k))
+    capsys.readouterr()
+    assert main(args + [str(clip_file), str(broken), str(other), "-o", str(tmp_path / "many")]) == 1
+    out, err = capsys.readouterr()
+    assert f"promptus: error: {broken}:" in err and "decoded 2 of 3 files" in out and str(broken) in out
+    assert made == [1]  # the second good file reused the first one's models and backend
+    single = sorted((tmp_path / "single").iterdir())
+    for name in ("clip", "second"):
+        got = sorted((tmp_path / "many" / name).iterdir())
+        assert [p.name for p in got] == [p.name for p in single]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, single))
+    assert not (tmp_path / "many" / "broken").exists()
+    assert main(args + [str(clip_file), str(other), "-o", str(tmp_path / "videos"), "--each", ".mp4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["clip.mp4", "second.mp4"]
+    startup.clear()
+
+
+def test_several_files_are_checked_before_any_work(clip_file, tmp_path, capsys):
+    twin = tmp_path / "elsewhere" / clip_file.name
+    twin.parent.mkdir()
+    twin.write_bytes(clip_file.read_bytes())
+    args = ["decode", "--model", "tiny", "--device", "cpu", str(clip_file)]
+    (tmp_path / "afile").write_text("x")
+    for extra, message in (([str(twin), "-o", str(tmp_path / "o")], "would both be written to"),
+                           ([str(twin), "-o", str(tmp_path / "afile")], "and this is a file"),
+                           ([str(twin), "-o", str(tmp_path / "o"), "--each", ".gif"], "--each .gif"),
+                           ([str(twin), "-o", str(tmp_path / "o"), "--profile-json", "p.json"], "takes one file")):
+        assert main(args + extra) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +21,15 @@ log = logging.getLogger("promptus")
 def register(subparsers) -> None:
     d = subparsers.add_parser("decode", help="regenerate the frames of a .promptus file",
                               description="Regenerate every frame of a .promptus bitstream with SD-Turbo + TAESD.")
-    d.add_argument("file", help="the .promptus file")
+    d.add_argument("file", nargs="+",
+                   help="the .promptus file; several are decoded one after another in this process, the models "
+                        "and the compiled step loaded once (each to -o FOLDER/<name> as --each says)")
     d.add_argument("-o", "--output", required=True,
                    help=f"output: a video file ({', '.join(VIDEO_OUTPUTS)}) or a folder for PNG frames (a path "
-                        "ending in /, or an existing folder)")
+                        "ending in /, or an existing folder); with several files, the folder that receives them")
+    d.add_argument("--each", default="/", metavar="SUFFIX",
+                   help=f"with several files, what each becomes in the -o folder: / for a folder of PNG frames "
+                        f"(default), or a video suffix ({', '.join(VIDEO_OUTPUTS)})")
     add_model_args(d, default_model="auto", auto_help="the model the file's header names when it is built in "
                                                        "(tiny), else checkpoints/sd_turbo.safetensors or "
                                                        "checkpoints/sd-turbo")
@@ -70,10 +76,52 @@ def output_kind_of_argument(output: str) -> str:
     return check_frames_output(text)
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """(input, output) per file: ``-o`` itself for one file; ``-o FOLDER/<stem><--each>`` for several."""
+    files = [Path(f) for f in args.file]
+    if len(files) == 1:
+        return [(files[0], args.output)]
+    each = str(args.each)
+    if each != "/" and each.lower() not in VIDEO_OUTPUTS:
+        raise PromptusError(f"--each {each}: use / (a folder of PNG frames per file) or a video suffix "
+                            f"({', '.join(VIDEO_OUTPUTS)})")
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise PromptusError(f"-o {args.output}: with {len(files)} files, -o names the folder that receives them, "
+                            "and this is a file")
+    if args.profile_json:
+        raise PromptusError("--profile-json takes one file")
+    names: dict[str, Path] = {}
+    for f in files:
+        if f.stem in names:
+            raise PromptusError(f"{names[f.stem]} and {f} would both be written to {folder / f.stem}{each}: "
+                                "decode them in two commands, to two folders")
+        names[f.stem] = f
+    folder.mkdir(parents=True, exist_ok=True)
+    return [(f, str(folder / f.stem) + each) for f in files]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..startup import StartupProfile
 
     profile = StartupProfile()  # the clock of --profile-start: from the process's start
+    jobs = _outputs(args)
+    if len(jobs) == 1:
+        return _decode_one(args, jobs[0][0], jobs[0][1], profile)
+    failed = []
+    for i, (src, output) in enumerate(jobs):
+        try:
+            _decode_one(args, src, output, profile if i == 0 else StartupProfile(from_now=True))
+        except (PromptusError, OSError) as e:  # the next file still runs; the exit status says one failed
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            print(f"promptus: error: {src}: {where}{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            failed.append(str(src))
+    print(f"decoded {len(jobs) - len(failed)} of {len(jobs)} files into {args.output}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _decode_one(args: argparse.Namespace, src: Path, output: str, profile) -> int:
     import torch
     from tqdm import tqdm
 
@@ -87,10 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
     profile.mark("command started")
 
-    src = Path(args.file)
     if not src.is_file():  # also refuses FIFOs and devices, which would block or never end
         raise PromptusError(f"{src} does not exist or is not a file")
-    kind = output_kind_of_argument(args.output)  # before any work: a wrong -o fails in a second, not after
+    kind = output_kind_of_argument(output)  # before any work: a wrong -o fails in a second, not after
     device = resolve_device(args.device)
     with open(src, "rb") as f:
         records = iter_records(f)
@@ -98,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         assert isinstance(header, Header)
         # The output is checked before models load: a refusal costs nothing.
         args.model = model_for_header(args, header, "decode")
-        writer = FrameWriter(args.output, header.fps, force=args.force, size=(header.width, header.height), kind=kind,
+        writer = FrameWriter(output, header.fps, force=args.force, size=(header.width, header.height), kind=kind,
                              png_level=args.png_level, video_encoder=args.video_encoder,
                              png_processes=main_reimport_safe())  # worker processes, unless that is unsafe
         try:
@@ -150,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     dt = time.perf_counter() - t0
     profile.mark("output complete")
-    print(f"wrote {writer.count} frames to {args.output} in {dt:.1f} s ({writer.count / dt:.1f} frame/s, "
+    print(f"wrote {writer.count} frames to {output} in {dt:.1f} s ({writer.count / dt:.1f} frame/s, "
           f"{backend.describe()}, parity {args.parity})")
     if args.profile_start:
         print(profile.format())
