@@ -74,6 +74,7 @@ class StartupProfile:
     from_now: InitVar[bool] = False
 
     def __post_init__(self, from_now: bool = False):
+        self.since = "its own start" if from_now else "the process started"
         age = None if from_now else process_age()
         self.origin = time.perf_counter() - (age or 0.0)
         if not from_now:
@@ -97,7 +98,7 @@ class StartupProfile:
         """The profile as a few lines of text (the command prints them)."""
         lines = ["start-up profile (seconds):"]
         lines += [f"  {name:28} {secs:7.2f}" for name, secs in self.phases.items()]
-        lines += [f"  {'at ' + name:28} {secs:7.2f} after the process started" for name, secs in self.marks.items()]
+        lines += [f"  {'at ' + name:28} {secs:7.2f} after {self.since}" for name, secs in self.marks.items()]
         lines += [f"  ({note})" for note in self.notes]
         return "\n".join(lines)
 
