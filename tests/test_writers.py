@@ -451,7 +451,8 @@ def test_several_files_are_checked_before_any_work(clip_file, tmp_path, capsys):
     for extra, message in (([str(twin), "-o", str(tmp_path / "o")], "would both be written to"),
                            ([str(twin), "-o", str(tmp_path / "afile")], "and this is a file"),
                            ([str(twin), "-o", str(tmp_path / "o"), "--each", ".gif"], "--each .gif"),
-                           ([str(twin), "-o", str(tmp_path / "o"), "--profile-json", "p.json"], "takes one file")):
+                           ([str(twin), "-o", str(tmp_path / "o"), "--profile-json", "p.json"], "takes one file"),
+                           ([str(tmp_path / "..promptus"), "-o", str(tmp_path / "o")], "gives no output name")):
         assert main(args + extra) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

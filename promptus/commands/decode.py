@@ -93,6 +93,8 @@ def _outputs(args: argparse.Namespace) -> list[tuple[Path, str]]:
         raise PromptusError("--profile-json takes one file")
     names: dict[str, Path] = {}
     for f in files:
+        if f.stem in ("", ".", ".."):
+            raise PromptusError(f"{f}: its name gives no output name in {folder}; rename it (e.g. clip.promptus)")
         if f.stem in names:
             raise PromptusError(f"{names[f.stem]} and {f} would both be written to {folder / f.stem}{each}: "
                                 "decode them in two commands, to two folders")
