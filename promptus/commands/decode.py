@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
             _decode_one(args, src, output, profile if i == 0 else StartupProfile(from_now=True))
         except (PromptusError, OSError) as e:  # the next file still runs; the exit status says one failed
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-            print(f"promptus: error: {src}: {where}{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            message = f"{where}{getattr(e, 'strerror', None) or e}"
+            named = message if message.startswith(str(src)) else f"{src}: {message}"  # the file named once
+            print(f"promptus: error: {named}", file=sys.stderr)
             failed.append(str(src))
     print(f"decoded {len(jobs) - len(failed)} of {len(jobs)} files into {args.output}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
