@@ -3,6 +3,7 @@
 # decoder levers with the time that is left. JSON under benchmarks/ (and $OUT when set); tables on stdout.
 #   bash scripts/decode_perf.sh [TAG]             # TAG names the files (default: h100); about 8-9 minutes
 #   bash scripts/decode_perf.sh [TAG] autotune    # the max-autotune lever alone (its build takes minutes)
+#   bash scripts/decode_perf.sh [TAG] aoti        # the AOTInductor start-up probe at full size (scripts/aoti_probe.py)
 # CPU check of the same steps at a tiny size:  PROMPTUS_PERF_CPU=1 bash scripts/decode_perf.sh cpu
 set -euo pipefail
 tag=${1:-h100}
@@ -13,7 +14,15 @@ total=${PROMPTUS_PERF_SECONDS:-520}
 start=$SECONDS
 cpu=()
 [[ -n "${PROMPTUS_PERF_CPU:-}" ]] && cpu=(--dry-run-cpu --size 64 --batch 3)
-if [[ "$mode" == autotune ]]; then
+if [[ "$mode" == aoti ]]; then
+  if [[ -n "${PROMPTUS_PERF_CPU:-}" ]]; then
+    python scripts/aoti_probe.py --json "benchmarks/aoti_probe_$tag.json" || true
+  else
+    python scripts/aoti_probe.py --model random --device cuda --size 512 --batch 10 \
+        --json "benchmarks/aoti_probe_$tag.json" || true
+  fi
+  files=("benchmarks/aoti_probe_$tag.json")
+elif [[ "$mode" == autotune ]]; then
   python scripts/compile_levers.py ${cpu[@]+"${cpu[@]}"} --variants default autotune --engine-dir "$engines" --budget "$total" \
       --autotune-cap "$(( total - 150 ))" --json "benchmarks/decode_autotune_$tag.json" || true
   files=("benchmarks/decode_autotune_$tag.json")
