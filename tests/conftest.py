@@ -7,6 +7,22 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """The weights memo (promptus/weights_memo.py) of every test, and of the commands they start, in a
+    temporary folder: tests never write the user's ~/.cache/promptus."""
+    import os
+
+    folder = tmp_path_factory.mktemp("promptus-cache")
+    saved = os.environ.get("PROMPTUS_CACHE_DIR")
+    os.environ["PROMPTUS_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("PROMPTUS_CACHE_DIR", None)
+    else:
+        os.environ["PROMPTUS_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from promptus.models import tiny_models
