@@ -307,6 +307,7 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
     through the process cache (module docstring). A compiled step, where one will be used, is loaded
     on a thread while the weights move, and prepared before this returns."""
     from .backends import backend_for_clip, clip_batch, clip_config
+    from .backends.aoti_backend import AotiBackend
     from .backends.torch_backend import CompileBackend
 
     device = torch.device(device)
@@ -388,7 +389,7 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
                 thread.join()
             made = backend_for_clip(clip, models, name=backend, device=device, dtype=dtype,
                                     engine_dir=engine_dir, offload_models=offload_models, parity=parity)
-            if isinstance(made, CompileBackend) and made.batch:
+            if isinstance(made, (CompileBackend, AotiBackend)) and made.batch:
                 from .schedule import OneStep
 
                 made.prepare(size, OneStep.at(timestep))  # the stored step loaded (or built) now

@@ -141,7 +141,8 @@ def test_registry_gives_every_list_and_choice():
     assert list(bench_cmd.BENCH_BACKENDS) == backends.bench_defaults("cuda") == ["eager", "torch", "compile", "tensorrt"]
     assert bench_cmd.CPU_DEFAULTS["backends"] == ["eager", "torch"]
     assert backends.quick_backends("cuda") == ["torch", "compile"] and backends.quick_backends("cpu") == ["torch"]
-    assert {e.name for e in backends.backend_entries() if e.keeps_artifacts} == {"tensorrt", "compile"}
+    assert {e.name for e in backends.backend_entries() if e.keeps_artifacts} == {"tensorrt", "compile", "aoti"}
+    assert "aoti" not in [e.name for e in backends.auto_order()]  # not measured on a GPU yet: never auto
     with pytest.raises(PromptusError, match="unknown backend 'fast'.*auto, tensorrt"):
         backends.backend_entry("fast")
 
@@ -255,3 +256,34 @@ def test_memory_cap_holds_for_every_backend_call(tiny, monkeypatch):
     assert frames.shape == reference.shape and diff.max() <= 1 and (diff > 0).float().mean() < 0.01
     old, _ = calls(bs.header.interval)
     assert max(old) == 8  # what backend_for_clip prevents
+
+
+@pytest.mark.slow  # one AOTInductor build of the tiny step: ~30-40 s on 2 cores
+def test_aoti_backend_builds_stores_and_reloads_the_step(tiny, clip, reference, tmp_path, caplog):
+    """The aoti backend: exported and compiled once, stored in the engine folder, loaded by torch's C++ loader
+    in a new backend without building again; the frames within rounding of the eager decoder's, and identical
+    from one backend to the next (what a closed loop on one backend needs)."""
+    import logging
+
+    from promptus.backends.aoti_backend import AOTI_DECODER, aoti_problem
+    from promptus.backends.artifact_cache import list_artifacts
+
+    why = aoti_problem(torch.device("cpu"))
+    if why:
+        pytest.skip(f"the aoti backend cannot run here: {why}")
+    engines = str(tmp_path / "engines")
+    first = make_backend("aoti", tiny, "cpu", engine_dir=engines, **for_clip(clip))
+    frames = Decoder(first, tiny.identity()).decode_all(clip)
+    assert first.prepared[0] == "built"
+    diff = (frames.int() - reference.int()).abs()
+    assert frames.shape == reference.shape and diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    entries = [e for e in list_artifacts(engines) if e.kind is AOTI_DECODER]
+    assert len(entries) == 1 and entries[0].key.mechanism == "aoti"
+    with caplog.at_level(logging.INFO, logger="promptus"):
+        again = make_backend("aoti", tiny, "cpu", engine_dir=engines, **for_clip(clip))
+        assert torch.equal(Decoder(again, tiny.identity()).decode_all(clip), frames)
+    assert again.prepared[0] == "loaded" and "compiling" not in caplog.text
+    from promptus.schedule import OneStep
+
+    with pytest.raises(PromptusError, match="prepared for 4"):
+        again.segment(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), 0.1, torch.zeros(5, 77, 1024), OneStep.at(999))

@@ -37,6 +37,7 @@ from .registry import (
     quick_backends, register_backend,
 )
 from .torch_backend import CompileBackend, ReleaseParityBackend, TorchBackend
+from . import aoti_backend  # noqa: E402,F401 - registers its artifact kind (promptus engines list/clean see it)
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,19 @@ def _torch(models, device, dtype, *, batch, size, engine_dir, offload_models, au
                         batch=batch if cuda else None)
 
 
+def _aoti(models, device, dtype, *, batch, size, engine_dir, offload_models, auto):
+    from .aoti_backend import AotiBackend
+
+    return AotiBackend(models.unet, models.taesd.decoder, device, dtype, batch=batch, engine_dir=engine_dir)
+
+
+def _aoti_available(device):
+    from .aoti_backend import aoti_problem
+
+    why = aoti_problem(device)
+    return why is None, why or "AOTInductor can build and load packages here"
+
+
 def _eager(models, device, dtype, *, batch, size, engine_dir, offload_models, auto):
     backend = TorchBackend(models.unet, models.taesd.decoder, device, dtype)
     backend.name = BASELINE
@@ -261,6 +275,10 @@ register_backend(BackendEntry(
 register_backend(BackendEntry(
     "torch", _torch, auto_priority=2, bench_cpu=True,
     summary="PyTorch with channels-last and CUDA-graph replay on CUDA"))
+register_backend(BackendEntry(
+    "aoti", _aoti, available=_aoti_available, keeps_artifacts=True, bench_gpu=False, slow_first_start=True,
+    summary="the segment step compiled ahead of time by AOTInductor, loaded without Dynamo (experimental: not yet "
+            "run on a GPU)"))
 register_backend(BackendEntry(
     BASELINE, _eager, bench_cpu=True, summary="plain PyTorch, the baseline every speed is measured against"))
 

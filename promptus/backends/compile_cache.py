@@ -325,7 +325,7 @@ def make_key(model_digest: str, *, batch: int, size: int, dtype: torch.dtype, ti
     settings on ``device`` with the installed torch and Triton; ``options``: a :class:`CompileOptions`
     or the canonical string that describes the compiled step's settings."""
     gpu, cc = device_identity(device)
-    key_type = _KEY_TYPES[kind if isinstance(kind, str) else kind.name]
+    key_type = kind.key_type if isinstance(kind, ArtifactKind) else _KEY_TYPES[kind]
     return key_type(model_digest=model_digest, batch=int(batch), size=int(size),
                     dtype=str(dtype).removeprefix("torch.").replace("float", "fp"), timestep=int(timestep),
                     torch_version=str(torch.__version__), triton_version=triton_version(), gpu=gpu,

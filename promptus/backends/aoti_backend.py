@@ -1,0 +1,214 @@
+"""The ``aoti`` backend: the segment step compiled ahead of time by AOTInductor (experimental).
+
+The ``compile`` backend's stored step (``torch.compile(...).aot_compile``) needs
+``torch._dynamo`` to load, seconds of imports on every start. This backend exports the
+same :class:`~promptus.backends.segment_step.SegmentStep` (mix → UNet → x0 → TAESD → uint8,
+the same levers: shared prefix, channels-last layouts) with ``torch.export`` and compiles it
+with AOTInductor into a package (a zip holding a shared library) that leaves the weights out.
+The package is stored in the artifact cache (``<engine_dir>/aoti/``, kind
+:data:`AOTI_DECODER`, keyed as a compiled step with mechanism ``"aoti"``) and loaded by
+torch's C++ loader (``torch._C._aoti.AOTIModelPackageLoader``), which imports neither
+``torch._inductor`` nor ``torch._dynamo``; the weights are bound by name from the networks.
+``scripts/aoti_probe.py`` measures that path in a fresh process.
+
+What was exercised: building, storing, loading and running on the CPU (tests, tiny model:
+frames within 60 dB of the eager step, identical from one run to the next). Not yet run on
+a GPU: ``auto`` never picks it and the bench does not time it by default. The models are still
+loaded through diffusers; a start-up without diffusers needs the weights file's names mapped
+to the package's once at build time (docs/decoding.md, "Measured so far").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..config import DEFAULT_ENGINE_DIR
+from ..errors import PromptusError
+from ..files import TMP_PREFIX
+from ..schedule import OneStep
+from .artifact_cache import ArtifactCache, ArtifactKind, register_kind
+from .base import Backend
+from .compile_cache import (
+    BuildProgress, CompileKey, CompileOptions, architecture_digest, make_key, resolve_options, stale_reason,
+)
+
+log = logging.getLogger(__name__)
+
+#: Seconds an AOTInductor build of the full-size step is expected to take where no earlier build says otherwise.
+TYPICAL_BUILD_SECONDS = 180.0
+MECHANISM = "aoti"
+
+#: The ``aoti`` backend's packages, in ``<engine_dir>/aoti/``.
+AOTI_DECODER = register_kind(ArtifactKind(
+    "aoti_decoder", "AOTInductor decoder", CompileKey, subdir="aoti", suffix=".pt2", format=1, stale=stale_reason))
+
+
+def aoti_problem(device: torch.device | str) -> str | None:
+    """Why this torch cannot build or load AOTInductor packages for ``device`` (None if it can)."""
+    device = torch.device(device)
+    if not hasattr(torch._C, "_aoti") or not hasattr(torch._C._aoti, "AOTIModelPackageLoader"):
+        return f"torch {torch.__version__} has no AOTInductor package loader (needs torch >= 2.6)"
+    if not hasattr(torch, "_inductor") and not hasattr(torch, "export"):
+        return "torch.export is missing"
+    if device.type not in ("cpu", "cuda"):
+        return f"AOTInductor runs on the CPU and CUDA GPUs, not {device.type}"
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "AOTInductor compiles C++ and no C++ compiler (g++, c++ or clang++) is on PATH"
+    return None
+
+
+class AotiBackend(Backend):
+    """The segment step as an AOTInductor package (module docstring). One package per batch, frame size,
+    timestep and dtype; frame 0 (a segment of one) is padded to the batch, as the compile backend does."""
+
+    name = "aoti"
+
+    def __init__(self, unet, taesd_decoder, device, dtype, *, batch: int, options: CompileOptions | None = None,
+                 engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, progress: bool = True):
+        super().__init__(device, dtype)
+        from .segment_step import shared_prefix_problem
+
+        options = options or CompileOptions()
+        problem = shared_prefix_problem(unet) if options.shared_prefix else None
+        self.options = resolve_options(options, problem, self.device)
+        self.unet = torch.nn.Module.to(unet, self.device, dtype).eval().requires_grad_(False)
+        self.taesd_decoder = torch.nn.Module.to(taesd_decoder, self.device, dtype).eval().requires_grad_(False)
+        for module, cl in ((self.unet, self.options.unet_channels_last),
+                           (self.taesd_decoder, self.options.taesd_channels_last)):
+            module.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        self.batch = int(batch)
+        self.engine_dir = engine_dir
+        self.progress = progress
+        self._runners: dict[tuple, tuple] = {}
+        self.prepared: tuple[str, float] | None = None  # (how: "loaded" | "built", seconds) of the last package
+
+    # ------------------------------------------------------------------ building and loading
+
+    def _step(self, onestep: OneStep):
+        from .segment_step import SegmentStep
+
+        return SegmentStep(self.unet, self.taesd_decoder, onestep, self.dtype,
+                           shared_prefix=self.options.shared_prefix,
+                           unet_channels_last=self.options.unet_channels_last,
+                           taesd_channels_last=self.options.taesd_channels_last).eval()
+
+    def _key(self, size: int, onestep: OneStep) -> CompileKey:
+        digest = architecture_digest(self.unet, self.taesd_decoder)
+        return make_key(digest, batch=self.batch, size=size, dtype=self.dtype, timestep=onestep.timestep,
+                        device=self.device, mechanism=MECHANISM, options=self.options, kind=AOTI_DECODER)
+
+    def _example(self, size: int):
+        from ..config import CodecConfig
+
+        c = CodecConfig(width=size, height=size)
+        h = size // c.latent_factor
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(1, c.latent_channels, h, h, generator=g).to(self.device)
+        embed = self.geometry.embed_dim if self.geometry is not None else self.unet.config.cross_attention_dim
+        ctx = torch.randn(self.batch, c.tokens, embed, generator=g).to(self.device)
+        return z, z.clone(), torch.tensor(0.0, device=self.device), ctx
+
+    def _build(self, step, size: int) -> bytes:
+        example = self._example(size)
+        with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}aoti-") as tmp, torch.no_grad():
+            ep = torch.export.export(step, example, strict=False)
+            path = torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(Path(tmp) / "step.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
+            return Path(path).read_bytes()
+
+    def _load(self, data: bytes, step):
+        """The C++ runner of a package's bytes, with the step's weights bound (the loader reads a file)."""
+        folder = Path(tempfile.gettempdir())
+        path = folder / f"{TMP_PREFIX}aoti-{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2"
+        try:
+            path.write_bytes(data)
+            index = self.device.index if self.device.index is not None else (
+                torch.cuda.current_device() if self.device.type == "cuda" else -1)
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        state = step.state_dict()
+        names = runner.get_constant_fqns()
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise PromptusError(f"the AOTInductor package wants weights the networks lack: {missing[:3]}")
+        runner.load_constants({n: state[n] for n in names}, False, True, True)  # user-managed: no copies
+        return runner
+
+    def prepare(self, size: int, onestep: OneStep | None = None):
+        """Load (or build and store) the package for ``size``-pixel frames now rather than at the first segment."""
+        from ..config import CodecConfig
+
+        onestep = onestep or OneStep.at(CodecConfig(width=size, height=size).timestep)
+        self._runner(size, onestep)
+        return self.prepared
+
+    def _runner(self, size: int, onestep: OneStep):
+        slot = (size, onestep.timestep)
+        hit = self._runners.get(slot)
+        if hit is not None:
+            return hit[0]
+        t0 = time.perf_counter()
+        step = self._step(onestep)
+        key = self._key(size, onestep)
+        cache = ArtifactCache(AOTI_DECODER, self.engine_dir)
+        data = cache.read(key)
+        runner, how = None, "loaded"
+        if data is not None:
+            try:
+                runner = self._load(data, step)
+            except Exception as e:  # noqa: BLE001 - a stored package that fails to load is rebuilt
+                log.warning("aoti: %s could not be loaded (%s: %s); rebuilding it", cache.path(key).name,
+                            type(e).__name__, str(e)[:200])
+                cache.evict(key)
+        if runner is None:
+            how = "built"
+            with BuildProgress(f"aoti backend (batch {self.batch}, {size} px)", TYPICAL_BUILD_SECONDS,
+                               "expected for the full-size step", enabled=self.progress) as bar:
+                try:
+                    data = self._build(step, size)
+                except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
+                    raise PromptusError(f"aoti backend: building the segment step failed ({type(e).__name__}: "
+                                        f"{str(e)[:300]}); use --backend compile or torch") from e
+            cache.store(key, data, build_seconds=round(bar.elapsed, 2))
+            runner = self._load(data, step)
+        self.prepared = (how, time.perf_counter() - t0)
+        log.info("aoti backend: %s %s in %.1f s", how, cache.path(key).name, self.prepared[1])
+        self._runners[slot] = (runner, step)  # the step holds the tensors the runner reads
+        return runner
+
+    # ------------------------------------------------------------------ running
+
+    @torch.no_grad()
+    def segment(self, z_prev, noise, mix, context, onestep):
+        from ..config import CodecConfig
+
+        n = context.shape[0]
+        if n > self.batch:
+            raise PromptusError(f"aoti backend: a segment of {n} frames, prepared for {self.batch}")
+        size = z_prev.shape[-1] * CodecConfig.latent_factor
+        runner = self._runner(size, onestep)
+        if n < self.batch:  # frame 0: padded to the one shape the package has
+            context = torch.cat([context, context[-1:].expand(self.batch - n, -1, -1)])
+        mix_t = torch.as_tensor(mix, dtype=torch.float32, device=self.device).reshape(())
+        args = [z_prev.float().contiguous(), noise.float().contiguous(), mix_t, context.float().contiguous()]
+        x0, frames = runner.run(args)
+        return x0[n - 1:n].float(), frames[:n]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device.type}, {str(self.dtype).removeprefix('torch.')}, AOTInductor)"
+
+
+__all__ = ["AOTI_DECODER", "AotiBackend", "aoti_problem"]
