@@ -323,6 +323,19 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
             hit.models.geometry().check(config)
             profile.notes.append("models and backend kept from earlier in this process")
             return LoadedDecoder(hit.models, hit.identity, hit.backend, reused=True)
+        from . import weights_memo
+
+        memo_key = weights_memo.weights_key(spec, taesd, checkpoints_dir)
+        remembered = weights_memo.get(memo_key)  # facts of an earlier run on these files
+        if backend == "aoti" and parity == PARITY_OURS and remembered:
+            with profile.phase("aoti: package and weights files, no networks"):
+                direct = _direct_aoti(spec, taesd, checkpoints_dir, remembered, device=device, dtype=dtype,
+                                      batch=batch, size=size, timestep=timestep, engine_dir=engine_dir)
+            if direct is not None:
+                direct.models.geometry().check(config)
+                profile.notes.append("aoti: started from the stored package and the weights files (weights memo)")
+                _remember(_decoders, key, direct, DECODERS_KEPT)
+                return direct
         preloader: list[threading.Thread] = []
         wanted = device.type == "cuda" and parity == PARITY_OURS and _will_compile(backend, device)
 
@@ -366,11 +379,8 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         # The architecture is known before the weights are read where an earlier run on these files left its
         # facts in the weights memo, or from a weights file's configs (a meta-device skeleton): then the preload
         # starts at once (and waits for diffusers' import); otherwise once the networks are built on the CPU.
-        from . import weights_memo
         from .models import find_default_weights
 
-        memo_key = weights_memo.weights_key(spec, taesd, checkpoints_dir)
-        remembered = weights_memo.get(memo_key)  # facts of an earlier run on these files: no skeleton needed
         resolved = find_default_weights(checkpoints_dir) if spec == "auto" else spec
         early = wanted and (f"architecture {dtype}" in remembered
                             or (bool(resolved) and Path(os.path.expanduser(str(resolved))).is_file()))
@@ -400,13 +410,81 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
 
 def _learn(memo_key: str, remembered: dict, models, dtype: torch.dtype, identity) -> None:
     """Remember for the next process what this one had to compute about these weights (the weights memo)."""
+    import dataclasses
+
     from . import weights_memo
 
     learnt = {} if f"architecture {dtype}" in remembered else architecture_facts(models, dtype)
     if "model_digest" not in remembered and "model_digest" not in weights_memo.get(memo_key):
         learnt["model_digest"] = identity.digest.hex()
+    if "geometry" not in remembered:
+        learnt["geometry"] = dataclasses.asdict(models.geometry())
+        learnt["model_name"] = identity.name
     if learnt:
         weights_memo.put(memo_key, **learnt)
+
+
+@dataclass
+class WeightsOnly:
+    """What a decode that never built the networks knows of them, from the weights memo: the name, the
+    geometry a header is checked against and the identity (the ``aoti`` backend's direct start)."""
+
+    name: str
+    _geometry: object
+    _identity: object
+
+    def geometry(self):
+        return self._geometry
+
+    def identity(self):
+        return self._identity
+
+
+def _weights_file(source, inner: str) -> Path | None:
+    """``source`` itself when it is a file, else the diffusers weights file inside the folder ``source``
+    (``inner``: ``unet/`` for a pipeline, "" for a model folder); None when there is none."""
+    if source is None:
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        return path
+    name = "diffusion_pytorch_model.safetensors"
+    for candidate in (path / inner / name, path / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _direct_aoti(spec: str, taesd, checkpoints_dir, facts: dict, *, device, dtype, batch: int, size: int,
+                 timestep: int, engine_dir) -> "LoadedDecoder | None":
+    """The ``aoti`` backend started from its stored package and the weights files alone: no networks built and
+    no diffusers imported, where an earlier run left the facts it needs in the weights memo. None otherwise."""
+    from .backends.aoti_backend import AotiBackend
+    from .config import ModelIdentity
+    from .models import TAESD_FOLDER, find_default_weights
+    from .models.networks import ModelGeometry
+
+    architecture, problem = facts.get(f"architecture {dtype}"), facts.get("shared_prefix_problem")
+    digest, name, geometry = facts.get("model_digest"), facts.get("model_name"), facts.get("geometry")
+    if not (isinstance(architecture, str) and (problem is None or isinstance(problem, str))
+            and isinstance(digest, str) and isinstance(name, str) and isinstance(geometry, dict)):
+        return None
+    try:
+        geometry = ModelGeometry(**geometry)
+        identity = ModelIdentity(name=name, digest=bytes.fromhex(digest))
+    except Exception:  # noqa: BLE001 - a memo of another shape: the networks are loaded instead
+        return None
+    unet_file = _weights_file(find_default_weights(checkpoints_dir) if spec == "auto" else spec, "unet")
+    taesd_file = _weights_file(taesd if taesd is not None else Path(checkpoints_dir) / TAESD_FOLDER, "")
+    if unet_file is None or taesd_file is None:
+        return None
+    backend = AotiBackend.from_files(architecture=architecture, prefix_problem=problem, unet_file=unet_file,
+                                     taesd_file=taesd_file, device=device, dtype=dtype, batch=batch, size=size,
+                                     timestep=timestep, engine_dir=engine_dir)
+    if backend is None:
+        return None
+    backend.geometry = geometry
+    return LoadedDecoder(WeightsOnly(name, geometry, identity), identity, backend)
 
 
 def cached_backend(clip, models, *, name: str = "auto", device=None, dtype: torch.dtype | None = None,

@@ -144,3 +144,64 @@ def test_remembered_keys_equal_the_ones_the_networks_give(tiny):
     bad = {f"architecture {torch.float16}": 5, "shared_prefix_problem": None}
     assert startup._compile_keys(bad, device=torch.device("cpu"), dtype=torch.float16, batch=10, size=64,
                                  timestep=999) is None
+
+
+_DIRECT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+import promptus.models as models_mod
+import promptus.models.loading as loading
+from promptus.models import tiny_configs
+configs = tiny_configs()
+for module in (models_mod, loading):  # the tiny model saved as SD-Turbo-style files
+    module.sd_turbo_unet_config = lambda: dict(configs["unet"])
+    module.taesd_config = lambda: dict(configs["taesd"])
+from safetensors.torch import save_file
+from promptus import startup
+from promptus.bitstream import read
+from promptus.decoder import Decoder
+clip = read({clip!r})
+loaded = startup.load_decoder({unet!r}, clip.header, device="cpu", dtype=torch.float32, backend="aoti",
+                              taesd={taesd!r}, engine_dir={engines!r})
+frames = Decoder(loaded.backend, loaded.identity).decode_all(clip)
+save_file({{"frames": frames.contiguous()}}, {out!r})
+print("RESULT " + json.dumps({{"how": loaded.backend.prepared[0], "diffusers": "diffusers" in sys.modules,
+                              "dynamo": "torch._dynamo.convert_frame" in sys.modules}}))
+"""
+
+
+@pytest.mark.slow  # one AOTInductor build of the tiny step (~30-40 s on 2 cores) and two fresh processes
+def test_a_second_aoti_decode_starts_without_diffusers(weight_files, tmp_path):
+    """First decode with --backend aoti: the networks are loaded, the package built and stored, the facts
+    remembered. Second decode, a fresh process: the package and the weights files alone — diffusers and
+    Dynamo never imported — and the same frames."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import promptus
+    from promptus.backends.aoti_backend import aoti_problem
+
+    why = aoti_problem(torch.device("cpu"))
+    if why:
+        pytest.skip(f"the aoti backend cannot run here: {why}")
+    unet, taesd = weight_files
+    clip = tmp_path / "clip.promptus"
+    promptus.write(clip, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3), 7))
+    root = str(Path(promptus.__file__).parent.parent)
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"frames{i}.safetensors"
+        code = _DIRECT.format(root=root, clip=str(clip), unet=str(unet), taesd=str(taesd),
+                              engines=str(tmp_path / "engines"), out=str(out))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        runs.append((json.loads(line[len("RESULT "):]), load_file(out)["frames"]))
+    (first, frames0), (second, frames1) = runs
+    assert first["how"] == "built" and first["diffusers"]
+    assert second == {"how": "loaded without the networks", "diffusers": False, "dynamo": False}
+    assert torch.equal(frames0, frames1)

@@ -127,18 +127,22 @@ class AotiBackend(Backend):
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
             return Path(path).read_bytes()
 
-    def _load(self, data: bytes, step):
-        """The C++ runner of a package's bytes, with the step's weights bound (the loader reads a file)."""
+    def _open(self, data: bytes):
+        """The C++ runner of a package's bytes (the loader reads a file: a private temporary one)."""
         folder = Path(tempfile.gettempdir())
         path = folder / f"{TMP_PREFIX}aoti-{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2"
         try:
             path.write_bytes(data)
             index = self.device.index if self.device.index is not None else (
                 torch.cuda.current_device() if self.device.type == "cuda" else -1)
-            runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+            return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def _load(self, data: bytes, step):
+        """The C++ runner of a package's bytes, with the step's weights bound by name."""
+        runner = self._open(data)
         state = step.state_dict()
         names = runner.get_constant_fqns()
         missing = [n for n in names if n not in state]
@@ -160,6 +164,10 @@ class AotiBackend(Backend):
         hit = self._runners.get(slot)
         if hit is not None:
             return hit[0]
+        if self.unet is None:
+            made = ", ".join(f"{sz} px at timestep {ts}" for sz, ts in self._runners)
+            raise PromptusError(f"aoti backend: started without the networks for {made}; a clip of {size} px at "
+                                f"timestep {onestep.timestep} needs them (decode it in another process)")
         t0 = time.perf_counter()
         step = self._step(onestep)
         key = self._key(size, onestep)
@@ -188,6 +196,62 @@ class AotiBackend(Backend):
         log.info("aoti backend: %s %s in %.1f s", how, cache.path(key).name, self.prepared[1])
         self._runners[slot] = (runner, step)  # the step holds the tensors the runner reads
         return runner
+
+    @classmethod
+    def from_files(cls, *, architecture: str, prefix_problem: str | None, unet_file: Path, taesd_file: Path,
+                   device, dtype: torch.dtype, batch: int, size: int, timestep: int,
+                   engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR) -> "AotiBackend | None":
+        """The backend straight from a stored package and diffusers-format weights files — no networks built,
+        no diffusers imported: each constant ``unet.<name>`` is the UNet file's ``<name>``, each
+        ``taesd_decoder.<name>`` the TAESD file's ``decoder.<name>``, cast to ``dtype`` and laid out as the
+        options say. ``architecture`` and ``prefix_problem`` are what the weights memo remembers of the networks
+        (:func:`promptus.startup.architecture_facts`). None (nothing to fall back from) when the package is
+        not stored or a file lacks a constant under that name (an original LDM single file, say); then the
+        caller loads the networks."""
+        from safetensors import safe_open
+
+        t0 = time.perf_counter()
+        device = torch.device(device)
+        options = resolve_options(CompileOptions(), prefix_problem, device, announce=False)
+        key = make_key(architecture, batch=batch, size=size, dtype=dtype, timestep=timestep, device=device,
+                       mechanism=MECHANISM, options=options, kind=AOTI_DECODER)
+        data = ArtifactCache(AOTI_DECODER, engine_dir).check(key)[0]
+        if data is None:
+            return None
+        self = cls.__new__(cls)
+        Backend.__init__(self, device, dtype)
+        self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
+        self.unet = self.taesd_decoder = None
+        runner = self._open(data)
+        sources = {"unet.": (unet_file, "", options.unet_channels_last),
+                   "taesd_decoder.": (taesd_file, "decoder.", options.taesd_channels_last)}
+        constants = {}
+        try:
+            handles = {prefix: safe_open(str(path), framework="pt", device="cpu")
+                       for prefix, (path, _, _) in sources.items()}
+        except Exception as e:  # noqa: BLE001 - not a safetensors file: the networks are loaded instead
+            log.debug("aoti: no direct start (%s)", e)
+            return None
+        for name in runner.get_constant_fqns():
+            prefix = next((p for p in sources if name.startswith(p)), None)
+            if prefix is None:
+                return None
+            _, inner, channels_last = sources[prefix]
+            stored = inner + name[len(prefix):]
+            if stored not in handles[prefix].keys():
+                log.debug("aoti: no direct start (%s lacks %s)", sources[prefix][0], stored)
+                return None
+            t = handles[prefix].get_tensor(stored).to(device)
+            if t.is_floating_point():
+                t = t.to(dtype)
+            if channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            constants[name] = t
+        runner.load_constants(constants, False, True, True)
+        self._runners = {(size, timestep): (runner, constants)}
+        self.prepared = ("loaded without the networks", time.perf_counter() - t0)
+        log.info("aoti backend: %s %s in %.1f s", self.prepared[0], key.stem, self.prepared[1])
+        return self
 
     # ------------------------------------------------------------------ running
 
