@@ -394,6 +394,12 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         identity = models.identity()  # before the backend may move the networks off the GPU
         if memo_key is not None:
             _learn(memo_key, remembered, models, dtype, identity)
+            if backend == "aoti" and "unet_names" not in remembered and resolved:
+                from .models.loading import ldm_unet_names
+
+                names = ldm_unet_names(os.path.expanduser(str(resolved)))  # an original single file's names
+                if names is not None:
+                    weights_memo.put(memo_key, unet_names=names)
         with profile.phase("compiled-step load"):
             for thread in preloader:
                 thread.join()
@@ -478,9 +484,13 @@ def _direct_aoti(spec: str, taesd, checkpoints_dir, facts: dict, *, device, dtyp
     taesd_file = _weights_file(taesd if taesd is not None else Path(checkpoints_dir) / TAESD_FOLDER, "")
     if unet_file is None or taesd_file is None:
         return None
+    names = facts.get("unet_names")
+    if names is not None and not (isinstance(names, dict)
+                                  and all(isinstance(k, str) and isinstance(v, str) for k, v in names.items())):
+        return None
     backend = AotiBackend.from_files(architecture=architecture, prefix_problem=problem, unet_file=unet_file,
                                      taesd_file=taesd_file, device=device, dtype=dtype, batch=batch, size=size,
-                                     timestep=timestep, engine_dir=engine_dir)
+                                     timestep=timestep, engine_dir=engine_dir, unet_names=names)
     if backend is None:
         return None
     backend.geometry = geometry

@@ -131,6 +131,9 @@ def put(key: str | None, **facts) -> None:
         entries[key] = entry
         newest = sorted(entries.items(), key=lambda kv: kv[1].get("written", 0) if isinstance(
             kv[1].get("written", 0), (int, float)) else 0)[-MAX_ENTRIES:]
+        # Within MAX_BYTES too (an entry with a name map holds ~60 kB): the oldest entries go first.
+        while len(newest) > 1 and len(json.dumps({"format": FORMAT, "entries": dict(newest)})) > MAX_BYTES * 0.9:
+            newest = newest[1:]
         try:
             memo_path().parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(memo_path(), {"format": FORMAT, "entries": dict(newest)})

@@ -171,11 +171,18 @@ print("RESULT " + json.dumps({{"how": loaded.backend.prepared[0], "diffusers": "
 """
 
 
-@pytest.mark.slow  # one AOTInductor build of the tiny step (~30-40 s on 2 cores) and two fresh processes
-def test_a_second_aoti_decode_starts_without_diffusers(weight_files, tmp_path):
-    """First decode with --backend aoti: the networks are loaded, the package built and stored, the facts
-    remembered. Second decode, a fresh process: the package and the weights files alone — diffusers and
-    Dynamo never imported — and the same frames."""
+@pytest.fixture(scope="module")
+def aoti_engines(tmp_path_factory):
+    return tmp_path_factory.mktemp("aoti-engines")
+
+
+@pytest.mark.slow  # one AOTInductor build of the tiny step (~30-40 s on 2 cores) and four fresh processes
+@pytest.mark.parametrize("layout", ["diffusers", "ldm"])
+def test_a_second_aoti_decode_starts_without_diffusers(weight_files, tmp_path, aoti_engines, layout, tiny):
+    """First decode with --backend aoti: the networks are loaded, the package built (or found) and stored, the
+    facts remembered. Second decode, a fresh process: the package and the weights files alone — diffusers and
+    Dynamo never imported — and the same frames. Also from an original (LDM) single file, whose UNet names
+    the first run maps once (ldm_unet_names)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -189,6 +196,13 @@ def test_a_second_aoti_decode_starts_without_diffusers(weight_files, tmp_path):
     if why:
         pytest.skip(f"the aoti backend cannot run here: {why}")
     unet, taesd = weight_files
+    if layout == "ldm":
+        from safetensors.torch import save_file
+
+        from ldm_convert import ldm_checkpoint
+
+        unet = tmp_path / "sd_turbo_like.safetensors"
+        save_file({k: v.contiguous() for k, v in ldm_checkpoint(tiny.unet).items()}, str(unet))
     clip = tmp_path / "clip.promptus"
     promptus.write(clip, bitstream(CodecConfig(width=64, height=64, rank=2, interval=3), 7))
     root = str(Path(promptus.__file__).parent.parent)
@@ -196,12 +210,40 @@ def test_a_second_aoti_decode_starts_without_diffusers(weight_files, tmp_path):
     for i in range(2):
         out = tmp_path / f"frames{i}.safetensors"
         code = _DIRECT.format(root=root, clip=str(clip), unet=str(unet), taesd=str(taesd),
-                              engines=str(tmp_path / "engines"), out=str(out))
+                              engines=str(aoti_engines), out=str(out))
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         runs.append((json.loads(line[len("RESULT "):]), load_file(out)["frames"]))
     (first, frames0), (second, frames1) = runs
-    assert first["how"] == "built" and first["diffusers"]
+    assert first["how"] in ("built", "loaded") and first["diffusers"]
     assert second == {"how": "loaded without the networks", "diffusers": False, "dynamo": False}
     assert torch.equal(frames0, frames1)
+
+
+def test_ldm_names_are_a_rename_or_nothing(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import promptus.models.loading as loading
+    from ldm_convert import ldm_checkpoint
+    from promptus.models import tiny_configs
+
+    monkeypatch.setattr(loading, "sd_turbo_unet_config", lambda: dict(tiny_configs()["unet"]))
+    ldm, plain, junk = tmp_path / "ldm.safetensors", tmp_path / "plain.safetensors", tmp_path / "junk.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_checkpoint(tiny.unet).items()}, str(ldm))
+    save_file({k: v.contiguous() for k, v in tiny.unet.state_dict().items()}, str(plain))
+    junk.write_bytes(b"\x00" * 64)
+    names = loading.ldm_unet_names(ldm)
+    assert set(names) == set(tiny.unet.state_dict()) and all(v.startswith("model.diffusion_model.")
+                                                           for v in names.values())
+    assert loading.ldm_unet_names(plain) is None and loading.ldm_unet_names(junk) is None
+    assert loading.ldm_unet_names(tmp_path / "missing.safetensors") is None
+
+
+def test_the_memo_stays_within_its_size(memo_dir, monkeypatch):
+    monkeypatch.setattr(weights_memo, "MAX_BYTES", 20_000)
+    for i in range(6):
+        weights_memo.put(f"k{i}", names="x" * 5_000)
+    assert weights_memo.memo_path().stat().st_size <= 20_000
+    kept = json.loads(weights_memo.memo_path().read_text())["entries"]
+    assert "k5" in kept and "k0" not in kept and weights_memo.get("k5")["names"] == "x" * 5_000

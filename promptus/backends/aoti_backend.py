@@ -200,14 +200,16 @@ class AotiBackend(Backend):
     @classmethod
     def from_files(cls, *, architecture: str, prefix_problem: str | None, unet_file: Path, taesd_file: Path,
                    device, dtype: torch.dtype, batch: int, size: int, timestep: int,
-                   engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR) -> "AotiBackend | None":
+                   engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR,
+                   unet_names: dict[str, str] | None = None) -> "AotiBackend | None":
         """The backend straight from a stored package and diffusers-format weights files — no networks built,
         no diffusers imported: each constant ``unet.<name>`` is the UNet file's ``<name>``, each
         ``taesd_decoder.<name>`` the TAESD file's ``decoder.<name>``, cast to ``dtype`` and laid out as the
         options say. ``architecture`` and ``prefix_problem`` are what the weights memo remembers of the networks
         (:func:`promptus.startup.architecture_facts`). None (nothing to fall back from) when the package is
-        not stored or a file lacks a constant under that name (an original LDM single file, say); then the
-        caller loads the networks."""
+        not stored or a file lacks a constant under that name; then the caller loads the networks.
+        ``unet_names``: for an original (LDM) single file, each UNet name's name in the file
+        (:func:`promptus.models.loading.ldm_unet_names`, remembered by the weights memo)."""
         from safetensors import safe_open
 
         t0 = time.perf_counter()
@@ -238,6 +240,8 @@ class AotiBackend(Backend):
                 return None
             _, inner, channels_last = sources[prefix]
             stored = inner + name[len(prefix):]
+            if prefix == "unet." and unet_names is not None:
+                stored = unet_names.get(name[len(prefix):], "")
             if stored not in handles[prefix].keys():
                 log.debug("aoti: no direct start (%s lacks %s)", sources[prefix][0], stored)
                 return None

@@ -247,6 +247,40 @@ def _build_with_weights(
     return model
 
 
+def ldm_unet_names(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> dict[str, str] | None:
+    """{diffusers UNet name: its name in an original (LDM) single ``.safetensors`` file}: diffusers' converter
+    run on shape-only (meta) tensors, so nothing is read but the file's header. None when ``path`` is not such
+    a file, or when a converted tensor is not one of the file's tensors under a new name (a converter that
+    computes tensors): then the names cannot be mapped and the networks must be loaded."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(LDM_UNET_PREFIX)}
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: no names
+        return None
+    if not shapes:
+        return None
+    diffusers_classes()
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    meta = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    try:
+        converted = convert_ldm_unet_checkpoint(meta, dict(config or sd_turbo_unet_config()))
+    except Exception:  # noqa: BLE001 - a foreign layout: the loader reports it when it loads the file
+        return None
+    source = {id(t): k for k, t in meta.items()}
+    names = {}
+    for name, t in converted.items():
+        if id(t) not in source:
+            return None
+        names[name] = source[id(t)]
+    return names
+
+
 def _load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]], *, want_vae: bool):
     """UNet (and VAE) from one original-format (or diffusers-format UNet) weights file."""
     AutoencoderKL, UNet2DConditionModel = diffusers_classes("AutoencoderKL", "UNet2DConditionModel")
