@@ -287,3 +287,21 @@ def test_aoti_backend_builds_stores_and_reloads_the_step(tiny, clip, reference, 
 
     with pytest.raises(PromptusError, match="prepared for 4"):
         again.segment(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), 0.1, torch.zeros(5, 77, 1024), OneStep.at(999))
+
+
+@pytest.mark.slow  # one AOTInductor build of the tiny step
+def test_engines_build_aoti_then_list(tmp_path, capsys):
+    from promptus.backends.aoti_backend import aoti_problem
+    from promptus.commands.main import main
+
+    why = aoti_problem(torch.device("cpu"))
+    if why:
+        pytest.skip(f"the aoti backend cannot run here: {why}")
+    args = ["engines", "build", "--backend", "aoti", "--model", "tiny", "--device", "cpu", "--size", "64",
+            "--batch", "3", "--engine-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert "(built," in capsys.readouterr().out
+    assert main(args) == 0
+    assert "loaded (already built)" in capsys.readouterr().out
+    assert main(["engines", "list", "--engine-dir", str(tmp_path)]) == 0
+    assert "AOTInductor decoder" in capsys.readouterr().out

@@ -66,9 +66,10 @@ def register(subparsers) -> None:
     b.add_argument("--compute-capability", default="auto",
                    help="target GPU, e.g. 8.9; 'portable' (tensorrt_rtx default targets); auto: this machine's GPU, "
                         "or portable without one (default: auto)")
-    b.add_argument("--backend", choices=["tensorrt", "compile"], default="tensorrt",
+    b.add_argument("--backend", choices=["tensorrt", "compile", "aoti"], default="tensorrt",
                    help="tensorrt: TensorRT engines (default); compile: the compile backend's segment step "
-                        "(torch.compile, about a minute on an H100/H200), which later processes load in seconds")
+                        "(torch.compile, about a minute on an H100/H200), which later processes load in seconds; "
+                        "aoti: the aoti backend's AOTInductor package (experimental; also on the CPU)")
     b.add_argument("--autotune", action="store_true",
                    help="compile: inductor's max-autotune at build time (much longer build; see README)")
     b.add_argument("--force", action="store_true", help="rebuild even when a cached engine exists")
@@ -136,12 +137,39 @@ def _build_compiled(args) -> int:
     return 0
 
 
+def _build_aoti(args) -> int:
+    from ..backends import default_dtype, resolve_device
+    from ..backends.aoti_backend import AOTI_DECODER, AotiBackend, aoti_problem
+    from ..backends.artifact_cache import ArtifactCache
+    from ..config import CodecConfig
+    from ..errors import PromptusError
+    from ..schedule import OneStep
+
+    device = resolve_device(args.device)
+    why = aoti_problem(device)
+    if why:
+        raise PromptusError(f"engines build --backend aoti: {why}")
+    models = _models(args, device)
+    backend = AotiBackend(models.unet, models.taesd.decoder, device, default_dtype(device), batch=args.batch,
+                          engine_dir=args.engine_dir)
+    onestep = OneStep.at(CodecConfig(width=args.size, height=args.size).timestep)
+    if args.force:
+        ArtifactCache(AOTI_DECODER, args.engine_dir).evict(backend._key(args.size, onestep))
+    how, secs = backend.prepare(args.size, onestep)
+    what = "loaded (already built)" if how == "loaded" else how
+    print(f"segment step (aoti): {backend._key(args.size, onestep).stem}.pt2 in {args.engine_dir}/aoti/ "
+          f"({what}, {secs:.1f} s)")
+    return 0
+
+
 def _build(args) -> int:
     from ..backends import resolve_device
     from ..backends.trt_build import find_tensorrt, get_or_build
 
     if args.backend == "compile":
         return _build_compiled(args)
+    if args.backend == "aoti":
+        return _build_aoti(args)
     device = resolve_device(args.device)
     found = find_tensorrt(args.flavour)
     models = _models(args, device)
