@@ -305,3 +305,29 @@ def test_engines_build_aoti_then_list(tmp_path, capsys):
     assert "loaded (already built)" in capsys.readouterr().out
     assert main(["engines", "list", "--engine-dir", str(tmp_path)]) == 0
     assert "AOTInductor decoder" in capsys.readouterr().out
+
+
+def test_aoti_direct_start_falls_back_on_a_package_that_does_not_load(tmp_path, caplog):
+    """A stored entry whose bytes pass the cache's checksum but are no package: no direct start (the networks'
+    path then loads, evicts and rebuilds it), a warning, no traceback."""
+    import logging
+
+    from promptus.backends.aoti_backend import AOTI_DECODER, MECHANISM, AotiBackend, aoti_problem
+    from promptus.backends.artifact_cache import ArtifactCache
+    from promptus.backends.compile_cache import CompileOptions, make_key, resolve_options
+
+    if aoti_problem(torch.device("cpu")) and not hasattr(torch._C, "_aoti"):
+        pytest.skip("this torch has no AOTInductor loader")
+    options = resolve_options(CompileOptions(), None, "cpu", announce=False)
+    key = make_key("ab" * 8, batch=4, size=64, dtype=torch.float32, timestep=999, device=torch.device("cpu"),
+                   mechanism=MECHANISM, options=options, kind=AOTI_DECODER)
+    ArtifactCache(AOTI_DECODER, tmp_path).store(key, b"PK\x03\x04 not a package")
+    (tmp_path / "u.safetensors").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="promptus"):
+        got = AotiBackend.from_files(architecture="ab" * 8, prefix_problem=None, unet_file=tmp_path / "u.safetensors",
+                                     taesd_file=tmp_path / "u.safetensors", device="cpu", dtype=torch.float32,
+                                     batch=4, size=64, timestep=999, engine_dir=str(tmp_path))
+    assert got is None and "did not load" in caplog.text
+    assert AotiBackend.from_files(architecture="cd" * 8, prefix_problem=None, unet_file=tmp_path / "u.safetensors",
+                                  taesd_file=tmp_path / "u.safetensors", device="cpu", dtype=torch.float32, batch=4,
+                                  size=64, timestep=999, engine_dir=str(tmp_path)) is None  # nothing stored

@@ -224,7 +224,12 @@ class AotiBackend(Backend):
         Backend.__init__(self, device, dtype)
         self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
         self.unet = self.taesd_decoder = None
-        runner = self._open(data)
+        try:
+            runner = self._open(data)
+        except Exception as e:  # noqa: BLE001 - the networks' path loads it again, and rebuilds a bad one
+            log.warning("aoti: the stored package did not load (%s: %s); loading the networks", type(e).__name__,
+                        str(e)[:200])
+            return None
         sources = {"unet.": (unet_file, "", options.unet_channels_last),
                    "taesd_decoder.": (taesd_file, "decoder.", options.taesd_channels_last)}
         constants = {}
@@ -251,7 +256,12 @@ class AotiBackend(Backend):
             if channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             constants[name] = t
-        runner.load_constants(constants, False, True, True)
+        try:
+            runner.load_constants(constants, False, True, True)
+        except Exception as e:  # noqa: BLE001 - shapes or dtypes the package does not take: load the networks
+            log.warning("aoti: the weights files do not fit the stored package (%s); loading the networks",
+                        str(e)[:200])
+            return None
         self._runners = {(size, timestep): (runner, constants)}
         self.prepared = ("loaded without the networks", time.perf_counter() - t0)
         log.info("aoti backend: %s %s in %.1f s", self.prepared[0], key.stem, self.prepared[1])
