@@ -315,7 +315,10 @@ def test_preset_quick_fills_what_was_not_given(tmp_path):
     out = subprocess.run([sys.executable, "-m", "promptus", "sweep", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     text = " ".join(out.stdout.split())  # the help states the quick values next to the published ones
-    assert "2 4 8 16; 2 4 8 with --preset quick" in text and "one of tensorrt, compile, torch, eager" in text
+    from promptus.backends import backend_names
+
+    assert "2 4 8 16; 2 4 8 with --preset quick" in text and f"one of {', '.join(backend_names())}" in text
+    assert backend_names()[:3] == ("tensorrt", "compile", "torch")  # auto's order first, then the others
 
 
 # ---- a newcomer's first hour on a CPU (issue 25): the RD plot names random weights
