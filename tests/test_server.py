@@ -40,7 +40,7 @@ from promptus.streaming import backend_decoders, create_app  # noqa: E402
 from promptus.streaming.server import ServerLimits  # noqa: E402
 
 from synthetic import tiny_file  # noqa: E402
-from test_streaming import HOST, ServerThread, make_clip  # noqa: E402
+from test_streaming import HOST, ServerThread, make_clip, send_until_closed  # noqa: E402
 
 MAX_CLIENTS = 6
 LIMITS = dict(max_clients=MAX_CLIENTS, send_timeout_s=1.0, webrtc_connect_timeout_s=3.0, webrtc_loopback=True)
@@ -288,18 +288,7 @@ def test_a_refused_viewer_who_hangs_up_leaves_no_traceback(server):
     '{"type":"seek","keyframe":true}',
 ])
 def test_odd_json_gets_an_error_reply_and_a_clean_close(server, payload):
-    async def go():
-        async with websockets.connect(server.ws("/ws/prompts/clip.promptus")) as c:
-            await c.send(payload)
-            errors = []
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    m = await asyncio.wait_for(c.recv(), 10)
-                    if isinstance(m, str) and json.loads(m)["type"] == "error":
-                        errors.append(json.loads(m)["message"])
-            return errors, c.close_code
-
-    errors, code = asyncio.run(go())
+    errors, code = asyncio.run(send_until_closed(server, payload))
     assert errors and code == 1008, (errors, code)
     server.assert_clean()
 

@@ -209,17 +209,22 @@ def test_library_resolve_refuses_escapes(clips):
         lib.resolve("missing.promptus")
 
 
+async def send_until_closed(server, payload, path="/ws/prompts/clip.promptus"):
+    """Send ``payload`` to the prompt socket and read until the server closes it: (error messages, close code)."""
+    async with websockets.connect(server.ws(path)) as c:
+        await c.send(payload)
+        errors = []
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                m = await asyncio.wait_for(c.recv(), 10)
+                if isinstance(m, str) and json.loads(m)["type"] == "error":
+                    errors.append(json.loads(m)["message"])
+        return errors, c.close_code
+
+
 def test_garbage_from_a_client_gets_an_error_and_a_closed_socket(server):
-    async def go(payload):
-        async with websockets.connect(server.ws("/ws/prompts/clip.promptus")) as c:
-            await c.send(payload)
-            errors = []
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    m = await asyncio.wait_for(c.recv(), 10)
-                    if isinstance(m, str) and json.loads(m)["type"] == "error":
-                        errors.append(json.loads(m)["message"])
-            return errors, c.close_code
+    def go(payload):
+        return send_until_closed(server, payload)
 
     for payload, code in ((b"\x00\xff garbage", 1003), ("not json", 1008), ('{"type": "launch"}', 1008),
                           ('{"type": "seek", "keyframe": "x"}', 1008)):
