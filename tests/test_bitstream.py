@@ -32,6 +32,7 @@ from promptus.prompts import QuantizedTensor, init_latent_bytes, quant_params, q
 
 from bounded import LIMIT_MB, bounded_memory
 from hostile import bitstream, head, init_fp16, keyf, record, v1_file
+import repo_scripts
 
 # ------------------------------------------------------------------ helpers
 
@@ -857,14 +858,9 @@ def test_fuzz_arbitrary_bytes_raise_only_bitstream_error(blob, with_magic):
 
 
 def test_entropy_gain_script_writes_its_table(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "entropy_gain.py"
-    spec = importlib.util.spec_from_file_location("entropy_gain", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = repo_scripts.load("scripts/entropy_gain.py")
     out = tmp_path / "gain.json"
     assert mod.main(["--keyframes", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -5,7 +5,6 @@ import bz2
 import logging
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from promptus.video import read_frames
 from bounded import LIMIT_MB, bounded_memory
 from conftest import make_legacy_folder
 from hostile import bitstream, head, init_fp16, keyf, replace_prompt, v1_file
+from netutil import free_port
 from synthetic import synthetic_clip
 
 
@@ -600,9 +600,7 @@ def test_play_refuses_a_url_without_a_clip_and_a_missing_server_before_loading_a
     for url in ("http://127.0.0.1:8000/", "ws://127.0.0.1:8000/ws/prompts/", "http://127.0.0.1:8000"):
         assert main(["play", url]) == 1
         assert "names no clip" in capsys.readouterr().err
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     t0 = time.monotonic()
     assert main(["play", f"ws://127.0.0.1:{port}/ws/prompts/demo.promptus"]) == 1
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ from promptus.encoder import Encoder
 from promptus.errors import EncodeAborted, PromptusError
 from promptus.memory import MemoryPlan
 from synthetic import synthetic_clip
+import repo_scripts
 
 # 12 frames at interval 4: segments of 1 (keyframe 0), 4, 4 and 3 frames; two processes run 2+2 and 2+1,
 # which the plan below reproduces in one process.
@@ -158,11 +159,7 @@ def test_a_worker_that_cannot_load_the_model_is_a_clear_error(tiny, clip, tmp_pa
 @pytest.mark.slow  # worker processes, a Ray cluster and a stream server, at a tiny size
 def test_scale_bench_runs_every_part_on_two_cpu_devices(tmp_path):
     """scripts/scale_bench.py at a tiny size: every part measured for N = 1 and N = 2 (or said not measured)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scale_bench", ROOT / "scripts" / "scale_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = repo_scripts.load("scripts/scale_bench.py")
     out = tmp_path / "scale.json"
     assert bench.main(["--model", "tiny", "--size", "32", "--devices", "cpu,cpu", "--interval", "4", "--rank", "2",
                        "--iters-first", "3", "--iters", "2", "--perceptual", "off", "--sweep-points", "2",

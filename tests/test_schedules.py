@@ -19,6 +19,8 @@ from promptus.errors import EncodeAborted, PromptusError
 from promptus.schedule import OneStep, make_noise, mix_latent, to_model_range
 from promptus.video import synthetic_clip
 
+import repo_scripts
+
 # The published schedule's bytes for this encode, computed with the tree before schedules existed
 # (commit a3b70fe, torch 2.13 CPU): the published schedule must stay byte-identical to it.
 PUBLISHED_DIGEST = "e0213734061acfd2e002ffbbfa5c952c47c8779e752afe31eb6823c3cf09f599"
@@ -199,16 +201,10 @@ def test_cli_schedule_option():
 
 def test_iteration_study_end_to_end_on_the_tiny_model(tmp_path, capsys):
     """scripts/iteration_study.py: both schedules, curves with LPIPS probes, closed-loop scores, JSON and plot."""
-    import importlib.util
-    from pathlib import Path
-
     from promptus.metrics import LPIPSNet
     from promptus.video import write_frames
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("iteration_study", root / "scripts" / "iteration_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = repo_scripts.load("scripts/iteration_study.py")
 
     clip = tmp_path / "clip"
     write_frames((f.numpy() for f in synthetic_clip(7, 32, 32)), clip, 24.0)
@@ -267,13 +263,7 @@ def test_fast_schedule_on_two_cpu_processes_is_byte_identical_to_one_process(tin
 
 def test_convergence_benchmark_runs_at_a_tiny_size(tmp_path, capsys):
     """benchmarks/convergence.py, the GPU command's options at a CPU size: table, projection and JSON."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("convergence", root / "benchmarks" / "convergence.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = repo_scripts.load("benchmarks/convergence.py")
     out = tmp_path / "c.json"
     assert bench.main(["--model", "tiny", "--device", "cpu", "--size", "32", "--keyframes", "3", "--interval", "3",
                        "--iters-first", "20", "--iters", "8", "--fast", "min_iters_first=5,plateau_window_first=4,"

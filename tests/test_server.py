@@ -39,6 +39,7 @@ from promptus.commands import serve as serve_cmd  # noqa: E402
 from promptus.streaming import backend_decoders, create_app  # noqa: E402
 from promptus.streaming.server import ServerLimits  # noqa: E402
 
+from netutil import free_port, wait_listening  # noqa: E402
 from synthetic import tiny_file  # noqa: E402
 from test_streaming import HOST, ServerThread, make_clip, send_until_closed  # noqa: E402
 
@@ -522,23 +523,14 @@ def test_serve_started_in_the_background_stops_on_ctrl_c_and_play_from_a_seek_po
     the clip, and counts only those."""
     pytest.importorskip("uvicorn", reason="the serve extra is not installed")
     tiny_file(tmp_path, tiny, frames=13)  # keyframes 0, 4, 8, 12
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     server = subprocess.Popen([sys.executable, "-m", "promptus", "serve", str(tmp_path), "--port", str(port),
                                "--device", "cpu", "--checkpoints", str(tmp_path / "none"), "--fast"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.communicate()[0]
-                time.sleep(0.3)
+        wait_listening(server, port, timeout=120, poll=0.3)
         out = tmp_path / "played"
         rc = subprocess.run([sys.executable, "-m", "promptus", "play", f"http://127.0.0.1:{port}/clip.promptus",
                              "--start", "2", "--fast", "--out", f"{out}/", "--device", "cpu", "--model", "tiny"],

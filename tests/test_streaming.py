@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +34,8 @@ from promptus.streaming import (  # noqa: E402
     AdmissionError, ConcealingReader, Receiver, StreamScheduler, backend_decoders, create_app,
 )
 
+from netutil import free_port  # noqa: E402
+
 HOST = "127.0.0.1"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"
 
@@ -55,9 +56,7 @@ class ServerThread:
     def __init__(self, app, *, start_timeout: float = 30, **config):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port(HOST)
         config = {"log_level": "warning", "ws_max_size": 65536, "lifespan": "on", **config}
         self.app = app
         self.start_timeout = start_timeout
@@ -609,9 +608,7 @@ def test_viewer_in_headless_chromium_websocket_and_webrtc(browser_server, tmp_pa
 def test_serve_and_play_commands(clips, tmp_path, capsys):
     root, bss = clips
     repo = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = free_port(HOST)
     server = subprocess.Popen([sys.executable, "-m", "promptus", "-q", "serve", str(root), "--port", str(port),
                                "--model", "tiny", "--device", "cpu", "--backend", "torch"],
                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from promptus.studio.settings import (
 )
 from promptus.studio.uploads import MB, UploadError, UploadLimits, prepare_clip
 from promptus.video import write_frames
+from netutil import free_port, wait_listening
 from synthetic import synthetic_clip
 
 FAST = StudioSettings(size=32, rank=2, interval=3, iters_first=8, iters=6, perceptual=False, init_latent="taesd",
@@ -294,14 +294,11 @@ def test_performance_tab_runs_the_library_benchmark_with_the_eager_baseline(mode
 def test_promptus_studio_serves_on_loopback_and_cleans_up_on_ctrl_c(tmp_path):
     pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
     import signal
-    import socket
     import subprocess
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-m", "promptus", "studio", "--model", "tiny", "--device", "cpu",
                              "--port", str(port), "--workdir", str(tmp_path)], cwd=root,
@@ -361,23 +358,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow  # 10 s on 2 cores: full tier
 def test_studio_started_in_the_background_stops_on_ctrl_c(tmp_path):
     pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "promptus", "studio", "--model", "tiny", "--device", "cpu",
                              "--port", str(port), "--workdir", str(tmp_path)], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-                time.sleep(0.5)
+        wait_listening(proc, port, timeout=180)
         time.sleep(1)
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0]

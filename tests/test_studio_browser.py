@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -23,6 +22,7 @@ import torch
 
 import promptus
 from promptus.video import write_frames
+from netutil import free_port
 from synthetic import synthetic_clip
 
 gr = pytest.importorskip("gradio", reason="the studio needs gradio (pip install 'promptus[studio]')")
@@ -35,12 +35,6 @@ CHROMIUM = os.environ.get("PROMPTUS_CHROMIUM") or shutil.which("chromium") or sh
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (apt-get install chromium; .ci/run does)")
 
 FRAMES, SIZE = 11, 64  # interval 10: keyframes 0 and 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def server(tmp_path_factory):
         from fastapi import FastAPI
         app = FastAPI()
     app = mount_studio(app, "/studio", blocks=blocks)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from promptus.studio.uploads import UploadError, UploadLimits, prepare_clip
 from promptus.video import write_frames
 
 from bounded import bounded_memory
+from netutil import free_port
 from synthetic import synthetic_clip
 
 HOST = "127.0.0.1"
@@ -184,9 +184,7 @@ def studio_server(tiny, tmp_path_factory):
     blocks = build_studio(StudioModel(tiny, "tiny", torch.device("cpu"), None))
     studio = blocks.promptus_studio
     mount_studio(app, "/studio", blocks=blocks)
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = free_port(HOST)
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -273,9 +271,7 @@ def test_a_refused_bomb_upload_shows_a_message_and_leaves_no_files(studio_server
 
 @pytest.mark.slow  # starts `promptus serve --studio` (torch and Gradio imports, the tiny model)
 def test_serve_with_the_studio_removes_the_visitors_files_on_sigterm(tmp_path):
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = free_port(HOST)
     gradio_tmp = tmp_path / "gradio"
     root = tmp_path / "served"
     root.mkdir()
