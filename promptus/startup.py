@@ -473,7 +473,8 @@ def _direct_aoti(spec: str, taesd, checkpoints_dir, facts: dict, *, device, dtyp
     architecture, problem = facts.get(f"architecture {dtype}"), facts.get("shared_prefix_problem")
     digest, name, geometry = facts.get("model_digest"), facts.get("model_name"), facts.get("geometry")
     if not (isinstance(architecture, str) and (problem is None or isinstance(problem, str))
-            and isinstance(digest, str) and isinstance(name, str) and isinstance(geometry, dict)):
+            and isinstance(digest, str) and isinstance(name, str) and isinstance(geometry, dict)
+            and all(type(v) is int for v in geometry.values())):
         return None
     try:
         geometry = ModelGeometry(**geometry)

@@ -132,6 +132,28 @@ def test_a_second_start_remembers_the_digest_and_the_architecture(weight_files, 
     startup.clear()
 
 
+def test_a_memo_of_the_wrong_shape_gives_no_direct_start(tmp_path, monkeypatch):
+    """Only well-formed facts start the aoti backend without the networks; anything else loads them."""
+    from promptus.backends import aoti_backend
+
+    class Started:
+        geometry = None
+
+    monkeypatch.setattr(aoti_backend.AotiBackend, "from_files", classmethod(lambda cls, **kw: Started()))
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"x")
+    facts = {f"architecture {torch.float32}": "ab" * 8, "shared_prefix_problem": None, "model_digest": "00" * 16,
+             "model_name": "m", "geometry": {"embed_dim": 8, "latent_channels": 4, "latent_factor": 8}}
+    kwargs = dict(device=torch.device("cpu"), dtype=torch.float32, batch=4, size=64, timestep=999,
+                  engine_dir=str(tmp_path))
+    started = startup._direct_aoti(str(weights), str(weights), tmp_path, facts, **kwargs)
+    assert isinstance(started.backend, Started) and started.identity.name == "m"
+    for bad in ({"geometry": {"embed_dim": "x", "latent_channels": 4, "latent_factor": 8}},
+                {"geometry": {"embed_dim": 1, "nope": 2}}, {"model_digest": "zz"}, {"unet_names": {"a": 1}},
+                {"model_name": 5}, {f"architecture {torch.float32}": None}):
+        assert startup._direct_aoti(str(weights), str(weights), tmp_path, {**facts, **bad}, **kwargs) is None, bad
+
+
 def test_remembered_keys_equal_the_ones_the_networks_give(tiny):
     facts = startup.architecture_facts(tiny, torch.float16)
     keys = startup._compile_keys(facts, device=torch.device("cpu"), dtype=torch.float16, batch=10, size=64,
