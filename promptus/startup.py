@@ -183,12 +183,13 @@ def architecture_skeleton(spec: str, *, taesd: str | None = None,
 
 def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd: str | None = None,
                   vae: bool = False, checkpoints_dir: str | os.PathLike = "checkpoints",
-                  profile: StartupProfile | None = None, on_architecture=None):
+                  profile: StartupProfile | None = None, on_architecture=None, memo_key: str | None = None):
     """:func:`promptus.models.load_models` through the process cache.
 
     A file's weights are read on the CPU ("model file read") and then moved and cast
     ("weights to GPU"); ``on_architecture(models)`` is called in between, with the
     models still on the CPU, so that work needing only the architecture can start.
+    ``memo_key``: the weights memo's key of these files where the caller has it already.
     """
     from .models import load_models, model_digest
 
@@ -218,7 +219,10 @@ def cached_models(spec: str, *, device: torch.device, dtype: torch.dtype, taesd:
             on_architecture(models)
         from . import weights_memo
 
-        memo_key = None if built_on_device else weights_memo.weights_key(spec, taesd, checkpoints_dir)
+        if built_on_device:
+            memo_key = None
+        elif memo_key is None:
+            memo_key = weights_memo.weights_key(spec, taesd, checkpoints_dir)
         remembered = _remembered_digest(memo_key)
         digest: dict[str, bytes] = {}
         hasher = None
@@ -389,7 +393,7 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
                           remembered)
         late = (lambda m: start_preload(lambda: m)) if wanted and not early else None
         models = cached_models(spec, device=device, dtype=dtype, taesd=taesd, checkpoints_dir=checkpoints_dir,
-                               profile=profile, on_architecture=late)
+                               profile=profile, on_architecture=late, memo_key=memo_key)
         models.geometry().check(config)  # before the identity is taken or anything is sized
         identity = models.identity()  # before the backend may move the networks off the GPU
         if memo_key is not None:
