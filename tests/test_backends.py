@@ -331,3 +331,75 @@ def test_aoti_direct_start_falls_back_on_a_package_that_does_not_load(tmp_path, 
     assert AotiBackend.from_files(architecture="cd" * 8, prefix_problem=None, unet_file=tmp_path / "u.safetensors",
                                   taesd_file=tmp_path / "u.safetensors", device="cpu", dtype=torch.float32, batch=4,
                                   size=64, timestep=999, engine_dir=str(tmp_path)) is None  # nothing stored
+
+
+def _fake_compiler(folder, name: str, source: str):
+    """A 'compiler' that builds ``source`` (C++) into whatever library it is asked for, with the real g++."""
+    import shutil
+    import stat
+
+    real = shutil.which("g++") or shutil.which("c++")
+    if real is None:
+        pytest.skip("no C++ compiler on PATH: the compiler probe cannot be tried here")
+    (folder / f"{name}.cpp").write_text(source)
+    script = folder / name
+    script.write_text(f'#!/bin/sh\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                      f'exec {real} -shared -fPIC "{folder / name}.cpp" -o "$out"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+@pytest.mark.slow  # a few compiles and fresh Pythons that import torch: ~20 s on 2 cores
+def test_aoti_compiler_probe_passes_over_a_compiler_whose_libraries_crash(tmp_path, monkeypatch, caplog):
+    """The H100 host's failure, made here: a compiler whose libraries crash the process that loads them. The probe
+    says so (in a child process: this one lives on), the next compiler is used with a warning, and where no compiler
+    passes, the build stops with an error that says what to do, before anything is exported."""
+    import logging
+
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from promptus.backends import aoti_backend
+    from promptus.backends.aoti_backend import aoti_compiler, compiler_probe
+
+    crashing = _fake_compiler(tmp_path, "crashcxx", 'extern "C" int promptus_probe(void) '
+                                                    '{ volatile int *p = 0; return *p; }')
+    wrong = _fake_compiler(tmp_path, "wrongcxx", 'extern "C" int promptus_probe(void) { return 1; }')
+    assert "crashed" in compiler_probe(crashing) and "signal" in compiler_probe(crashing)
+    assert "failed" in compiler_probe(wrong)
+    assert "could not run it" in compiler_probe(str(tmp_path / "crashcxx.cpp"))  # not executable: says so
+    assert "could not build the probe" in compiler_probe("false")
+    good = compiler_probe("g++") is None
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *a, **k: crashing)
+    aoti_compiler.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="promptus"):
+            cxx, why = aoti_compiler()
+        if good:
+            assert why is None and cxx != crashing and "crashcxx" in caplog.text
+        monkeypatch.setattr(aoti_backend, "compiler_probe", lambda cxx: "its library crashed (made up)")
+        aoti_compiler.cache_clear()
+        cxx, why = aoti_compiler()
+        assert cxx is None and "no C++ compiler here" in why and "PROMPTUS_AOTI_CXX" in why
+        monkeypatch.setenv("PROMPTUS_AOTI_CXX", "/opt/my/g++")
+        aoti_compiler.cache_clear()
+        assert aoti_compiler() == ("/opt/my/g++", None)  # named by the user: used unprobed
+    finally:
+        aoti_compiler.cache_clear()
+
+
+def test_aoti_build_stops_with_a_clear_error_when_no_compiler_passes(tiny, tmp_path, monkeypatch):
+    from promptus.backends import aoti_backend
+    from promptus.backends.aoti_backend import AotiBackend, aoti_compiler
+    from promptus.schedule import OneStep
+
+    monkeypatch.setattr(aoti_backend, "compiler_probe", lambda cxx: "its library crashed (made up)")
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("exported before the compiler check"))
+    aoti_compiler.cache_clear()
+    try:
+        backend = AotiBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, batch=3,
+                              engine_dir=str(tmp_path), progress=False)
+        with pytest.raises(PromptusError, match="no C.. compiler here.*--backend compile"):
+            backend.prepare(64, OneStep.at(999))
+    finally:
+        aoti_compiler.cache_clear()
+    assert not list(tmp_path.rglob("*.pt2"))

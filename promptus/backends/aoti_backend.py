@@ -21,8 +21,12 @@ to the package's once at build time (docs/decoding.md, "Measured so far").
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -43,12 +47,99 @@ from .compile_cache import (
 log = logging.getLogger(__name__)
 
 #: Seconds an AOTInductor build of the full-size step is expected to take where no earlier build says otherwise.
-TYPICAL_BUILD_SECONDS = 180.0
+TYPICAL_BUILD_SECONDS = 90.0
 MECHANISM = "aoti"
+
+#: The optimisation level of the package's generated wrapper (the function that launches the kernels, not the
+#: kernels themselves). At g++'s -O1, torch's default, the full-size step's wrapper compiled for minutes on an
+#: H100 host (a build stopped after 8); at -O0 the whole package builds in 60-80 s.
+WRAPPER_OPT_LEVEL = "O0"
+#: A C++ compiler for the package, used as given (no libstdc++ check; see :func:`aoti_compiler`).
+CXX_ENV = "PROMPTUS_AOTI_CXX"
+
+
+#: What the compiler probe builds: a ``std::regex`` with a bracket expression, the code where packages built
+#: against newer libstdc++ headers than the process runs with crashed (:func:`aoti_compiler`).
+_PROBE_SOURCE = r"""
+#include <regex>
+#include <string>
+extern "C" int promptus_probe(void) {
+  std::regex device("^([a-z]+)(:([0-9]+))?$");
+  std::smatch m;
+  std::string s("cuda:0");
+  return std::regex_match(s, m, device) && m[3] == "0" ? 7 : 1;
+}
+"""
+#: The probe's library is called in a fresh Python that has torch (and so its libstdc++) loaded first.
+_PROBE_RUN = "import ctypes, sys, torch; sys.stdout.write(str(ctypes.CDLL(sys.argv[1]).promptus_probe()))"
+
+
+def compiler_probe(cxx: str) -> str | None:
+    """None if a shared library that ``cxx`` builds runs ``std::regex`` right in a fresh Python with torch
+    loaded, else why not (a crash there is a crash, not an exception, hence the child process)."""
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}cxx-") as tmp:
+        src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        src.write_text(_PROBE_SOURCE)
+        try:
+            built = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                                   capture_output=True, text=True, timeout=180, check=False)
+            if built.returncode:
+                return f"could not build the probe: {(built.stderr.strip() or 'no message')[-200:]}"
+            ran = subprocess.run([sys.executable, "-c", _PROBE_RUN, str(lib)], capture_output=True, text=True,
+                                 timeout=180, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"could not run it ({type(e).__name__}: {e})"
+    if ran.returncode < 0:
+        return f"its library crashed a Python running torch (signal {-ran.returncode})"
+    if ran.returncode or ran.stdout.strip() != "7":
+        return f"its library failed in a Python running torch ({(ran.stderr.strip() or ran.stdout)[-200:]})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def aoti_compiler() -> tuple[str | None, str | None]:
+    """(the C++ compiler to build packages with, None) or (None, why none will do); probed once per process.
+
+    A package is a shared library compiled against one libstdc++'s headers that then runs against the
+    libstdc++ the Python process has loaded. Headers newer than that library crash the process when the
+    package loads: on the H100 host of this project's measurements torch picked ``/opt/gcc/bin/g++`` while
+    Python ran the system's ``libstdc++.so.6.0.33`` (``g++`` 13), and every package, a tiny one too, died
+    with SIGSEGV in ``std::regex`` (``parse_device_str``) inside the loader; the same package built with
+    ``/usr/bin/g++`` loaded and ran. So each candidate — torch's choice, then ``g++``, ``c++`` and
+    ``clang++`` on PATH, ``/usr/bin/g++`` and ``/usr/bin/c++`` — must pass :func:`compiler_probe`.
+    ``$PROMPTUS_AOTI_CXX`` names a compiler to use unprobed."""
+    forced = os.environ.get(CXX_ENV)
+    if forced:
+        return forced, None
+    candidates: list[str | None] = []
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        candidates.append(get_cpp_compiler())
+    except Exception as e:  # noqa: BLE001 - torch without it: the PATH candidates remain
+        log.debug("aoti: torch's compiler unknown (%s)", e)
+    candidates += ["g++", "c++", "clang++", "/usr/bin/g++", "/usr/bin/c++"]
+    failed: list[str] = []
+    seen: set[str] = set()
+    for cxx in candidates:
+        path = shutil.which(cxx) if cxx else None
+        if not path or os.path.realpath(path) in seen:
+            continue
+        seen.add(os.path.realpath(path))
+        why = compiler_probe(path)
+        if why is None:
+            if failed:
+                log.warning("aoti: building with %s (%s)", path, "; ".join(failed))
+            return path, None
+        failed.append(f"{path}: {why}")
+    return None, ("no C++ compiler here builds a library that runs in this Python"
+                  + (f" ({'; '.join(failed)})" if failed else " (none found)")
+                  + f"; install a g++ that matches the libstdc++ torch runs with, or set {CXX_ENV}")
+
 
 #: The ``aoti`` backend's packages, in ``<engine_dir>/aoti/``.
 AOTI_DECODER = register_kind(ArtifactKind(
-    "aoti_decoder", "AOTInductor decoder", CompileKey, subdir="aoti", suffix=".pt2", format=1, stale=stale_reason))
+    "aoti_decoder", "AOTInductor decoder", CompileKey, subdir="aoti", suffix=".pt2", format=2, stale=stale_reason))
 
 
 def aoti_problem(device: torch.device | str) -> str | None:
@@ -60,9 +151,7 @@ def aoti_problem(device: torch.device | str) -> str | None:
         return "torch.export is missing"
     if device.type not in ("cpu", "cuda"):
         return f"AOTInductor runs on the CPU and CUDA GPUs, not {device.type}"
-    import shutil
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")) and not os.environ.get(CXX_ENV):
         return "AOTInductor compiles C++ and no C++ compiler (g++, c++ or clang++) is on PATH"
     return None
 
@@ -118,13 +207,16 @@ class AotiBackend(Backend):
         ctx = torch.randn(self.batch, c.tokens, embed, generator=g).to(self.device)
         return z, z.clone(), torch.tensor(0.0, device=self.device), ctx
 
-    def _build(self, step, size: int) -> bytes:
+    def _build(self, step, size: int, cxx: str) -> bytes:
         example = self._example(size)
         with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}aoti-") as tmp, torch.no_grad():
             ep = torch.export.export(step, example, strict=False)
-            path = torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(Path(tmp) / "step.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
+            configs: dict = {"aot_inductor.package_constants_in_so": False}
+            if hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level"):
+                configs["aot_inductor.compile_wrapper_opt_level"] = WRAPPER_OPT_LEVEL
+            configs["cpp.cxx"] = (None, cxx)
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "step.pt2"),
+                                                            inductor_configs=configs)
             return Path(path).read_bytes()
 
     def _open(self, data: bytes):
@@ -183,14 +275,17 @@ class AotiBackend(Backend):
                 cache.evict(key)
         if runner is None:
             how = "built"
+            cxx, why = aoti_compiler()
+            if why:
+                raise PromptusError(f"aoti backend: {why}; or use --backend compile or torch")
             with BuildProgress(f"aoti backend (batch {self.batch}, {size} px)", TYPICAL_BUILD_SECONDS,
                                "expected for the full-size step", enabled=self.progress) as bar:
                 try:
-                    data = self._build(step, size)
+                    data = self._build(step, size, cxx)
                 except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
                     raise PromptusError(f"aoti backend: building the segment step failed ({type(e).__name__}: "
                                         f"{str(e)[:300]}); use --backend compile or torch") from e
-            cache.store(key, data, build_seconds=round(bar.elapsed, 2))
+            cache.store(key, data, build_seconds=round(bar.elapsed, 2), cxx=cxx)
             runner = self._load(data, step)
         self.prepared = (how, time.perf_counter() - t0)
         log.info("aoti backend: %s %s in %.1f s", how, cache.path(key).name, self.prepared[1])
