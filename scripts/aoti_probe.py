@@ -128,8 +128,16 @@ def main() -> int:
         ep = torch.export.export(step, dev_args, strict=False)
         result["export_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(ep, package_path=f"{work}/step.pt2",
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        from promptus.backends.aoti_backend import WRAPPER_OPT_LEVEL, aoti_compiler
+
+        cxx, why = aoti_compiler()  # the compiler whose libraries run in this Python (the backend's choice)
+        if why:
+            raise SystemExit(f"aoti probe: {why}")
+        configs = {"aot_inductor.package_constants_in_so": False, "cpp.cxx": (None, cxx)}
+        if hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level"):
+            configs["aot_inductor.compile_wrapper_opt_level"] = WRAPPER_OPT_LEVEL
+        result["cxx"] = cxx
+        torch._inductor.aoti_compile_and_package(ep, package_path=f"{work}/step.pt2", inductor_configs=configs)
         result["aoti_build_s"] = time.perf_counter() - t1
         result["package_mb"] = os.path.getsize(f"{work}/step.pt2") / 1e6
         state = ep.state_dict

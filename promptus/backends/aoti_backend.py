@@ -11,11 +11,17 @@ torch's C++ loader (``torch._C._aoti.AOTIModelPackageLoader``), which imports ne
 ``torch._inductor`` nor ``torch._dynamo``; the weights are bound by name from the networks.
 ``scripts/aoti_probe.py`` measures that path in a fresh process.
 
+The package's C++ is built by a compiler that passed :func:`compiler_probe` (on an H100 host
+torch's own choice made packages that crashed the process on loading), with the generated
+wrapper at -O0 (:data:`WRAPPER_OPT_LEVEL`).
+
 What was exercised: building, storing, loading and running on the CPU (tests, tiny model:
-frames within 60 dB of the eager step, identical from one run to the next). Not yet run on
-a GPU: ``auto`` never picks it and the bench does not time it by default. The models are still
-loaded through diffusers; a start-up without diffusers needs the weights file's names mapped
-to the package's once at build time (docs/decoding.md, "Measured so far").
+frames within 60 dB of the eager step, identical from one run to the next); on an H100 the
+full-size build (78 s) and the load crash that the compiler probe answers
+(``benchmarks/aoti_h100_findings.json``). No frame has been decoded on a GPU yet: ``auto``
+never picks it and the bench does not time it by default. :meth:`AotiBackend.from_files`
+starts from the package and the weights files without diffusers (docs/decoding.md,
+"Measured so far").
 """
 
 from __future__ import annotations
