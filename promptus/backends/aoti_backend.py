@@ -167,6 +167,7 @@ class AotiBackend(Backend):
     timestep and dtype; frame 0 (a segment of one) is padded to the batch, as the compile backend does."""
 
     name = "aoti"
+    stages_compiled = False  # no single stages (denoise, decode): the package is the whole segment step
 
     def __init__(self, unet, taesd_decoder, device, dtype, *, batch: int, options: CompileOptions | None = None,
                  engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, progress: bool = True):

@@ -170,7 +170,7 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
             log.info("%s: ready in %.1f s", name, time.perf_counter() - t0)
             row.psnr_vs_fp32 = clip_psnr(reference, frames)
             log.info("%s: timing UNet, TAESD and the segment step (%d runs each)", name, reps)
-            if getattr(backend, "stages_compiled", True):  # the compile backend compiles whole segments only
+            if getattr(backend, "stages_compiled", True):  # compile and aoti: whole segments only
                 row.unet_ms = _time(lambda: backend.denoise(z, cfg.timestep, ctx), dev, reps)
                 row.decoder_ms = _time(lambda: backend.decode(z), dev, reps)
             row.segment_ms = _time(lambda: backend.segment(zp, zp, cfg.mix, ctx, onestep), dev, reps)
