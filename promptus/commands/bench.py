@@ -188,7 +188,7 @@ def format_decode_table(result: dict) -> str:
                  "folder (cold) and with the folder the cold one filled (warm); inductor's own caches empty in both. "
                  f"FPS: end to end through the pipelined decoder (parse → {on} → frames); speedup over eager "
                  f"{result['dtype']} in this run (— without eager); PSNR (of the clip's mean MSE) of the frames of a 21-frame clip against "
-                 "the eager fp32 pipeline. —: not measured (the compile backend compiles whole segments, not stages).")
+                 "the eager fp32 pipeline. —: not measured (the compile and aoti backends run whole segments, not stages).")
     return "\n".join(lines)
 
 
