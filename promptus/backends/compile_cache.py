@@ -420,7 +420,7 @@ class BuildProgress:
         self.t0 = time.perf_counter()
 
     def __enter__(self) -> "BuildProgress":
-        log.info("%s: compiling for this GPU; this usually takes about %.0f s (%s). It is done once: later runs "
+        log.info("%s: compiling for this machine; this usually takes about %.0f s (%s). It is done once: later runs "
                  "load it in seconds.", self.what, self.expected, self.source)
         if self.enabled:
             from tqdm import tqdm
