@@ -403,3 +403,31 @@ def test_aoti_build_stops_with_a_clear_error_when_no_compiler_passes(tiny, tmp_p
     finally:
         aoti_compiler.cache_clear()
     assert not list(tmp_path.rglob("*.pt2"))
+
+
+def test_a_package_that_does_not_load_in_a_fresh_python_is_not_stored(tiny, tmp_path, monkeypatch):
+    """Each new package is loaded once in a fresh Python before it is stored: one that fails there (or crashes it,
+    as every package from the H100 host's /opt/gcc compiler did) gives a clear error and leaves no entry behind."""
+    import signal
+
+    from promptus.backends import aoti_backend
+    from promptus.backends.aoti_backend import AotiBackend, aoti_compiler, package_load_problem
+    from promptus.schedule import OneStep
+
+    if not hasattr(torch._C, "_aoti"):
+        pytest.skip("this torch has no AOTInductor loader")
+    cpu = torch.device("cpu")
+    assert "could not load it" in package_load_problem(b"PK\x03\x04 not a package", cpu)
+    monkeypatch.setattr(aoti_backend, "_LOAD_CHECK", f"import os; os.kill(os.getpid(), {int(signal.SIGSEGV)})")
+    assert package_load_problem(b"anything", cpu) == f"loading it crashed a fresh Python (signal {int(signal.SIGSEGV)})"
+    monkeypatch.setattr(aoti_backend, "compiler_probe", lambda cxx: None)
+    monkeypatch.setattr(AotiBackend, "_build", lambda self, step, size, cxx: b"PK\x03\x04 built, but crashes")
+    aoti_compiler.cache_clear()
+    try:
+        backend = AotiBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, batch=3,
+                              engine_dir=str(tmp_path), progress=False)
+        with pytest.raises(PromptusError, match=r"does not load: loading it crashed .*not stored"):
+            backend.prepare(64, OneStep.at(999))
+    finally:
+        aoti_compiler.cache_clear()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -102,6 +102,33 @@ def compiler_probe(cxx: str) -> str | None:
     return None
 
 
+#: A fresh Python loads the package just built (argv: path, device index) before it is stored.
+_LOAD_CHECK = ("import sys, torch; torch._C._aoti.AOTIModelPackageLoader(sys.argv[1], 'model', False, 1, "
+               "int(sys.argv[2])); sys.stdout.write('loaded')")
+
+
+def package_load_problem(data: bytes, device: torch.device) -> str | None:
+    """None if a fresh Python loads the package ``data`` for ``device``, else why not. Run once per build, before
+    the package is stored: a package that crashes its loader would otherwise crash every later decode (on an
+    H100 host, every package from torch's compiler did: :func:`aoti_compiler`)."""
+    index = device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else -1)
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}aoti-check-") as tmp:
+        path = Path(tmp) / "step.pt2"
+        path.write_bytes(data)
+        try:
+            ran = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path), str(index)], capture_output=True,
+                                 text=True, timeout=600, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"the check could not run ({type(e).__name__}: {e})"
+    if ran.returncode < 0:
+        return f"loading it crashed a fresh Python (signal {-ran.returncode})"
+    if ran.returncode or ran.stdout.strip() != "loaded":
+        lines = [ln for ln in (ran.stderr or ran.stdout).strip().splitlines() if ln.strip()]
+        return f"a fresh Python could not load it ({(lines[-1] if lines else 'no message')[-300:]})"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def aoti_compiler() -> tuple[str | None, str | None]:
     """(the C++ compiler to build packages with, None) or (None, why none will do); probed once per process.
@@ -292,6 +319,10 @@ class AotiBackend(Backend):
                 except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
                     raise PromptusError(f"aoti backend: building the segment step failed ({type(e).__name__}: "
                                         f"{str(e)[:300]}); use --backend compile or torch") from e
+            why = package_load_problem(data, self.device)
+            if why:
+                raise PromptusError(f"aoti backend: the package just built does not load: {why}. It was not "
+                                    f"stored; use --backend compile or torch")
             cache.store(key, data, build_seconds=round(bar.elapsed, 2), cxx=cxx)
             runner = self._load(data, step)
         self.prepared = (how, time.perf_counter() - t0)
