@@ -213,6 +213,7 @@ class AotiBackend(Backend):
         self.engine_dir = engine_dir
         self.progress = progress
         self._runners: dict[tuple, tuple] = {}
+        self._mixes: dict[float, torch.Tensor] = {}  # the mix weight on the device, made once per value
         self.prepared: tuple[str, float] | None = None  # (how: "loaded" | "built", seconds) of the last package
 
     # ------------------------------------------------------------------ building and loading
@@ -357,6 +358,7 @@ class AotiBackend(Backend):
         Backend.__init__(self, device, dtype)
         self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
         self.unet = self.taesd_decoder = None
+        self._mixes = {}
         try:
             runner = self._open(data)
         except Exception as e:  # noqa: BLE001 - the networks' path loads it again, and rebuilds a bad one
@@ -413,7 +415,9 @@ class AotiBackend(Backend):
         runner = self._runner(size, onestep)
         if n < self.batch:  # frame 0: padded to the one shape the package has
             context = torch.cat([context, context[-1:].expand(self.batch - n, -1, -1)])
-        mix_t = torch.as_tensor(mix, dtype=torch.float32, device=self.device).reshape(())
+        mix_t = self._mixes.get(float(mix))
+        if mix_t is None:  # a tensor made from a Python number on a GPU is a blocking copy: once, not per segment
+            mix_t = self._mixes[float(mix)] = torch.tensor(float(mix), dtype=torch.float32, device=self.device)
         args = [z_prev.float().contiguous(), noise.float().contiguous(), mix_t, context.float().contiguous()]
         x0, frames = runner.run(args)
         return x0[n - 1:n].float(), frames[:n]
