@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ class DecodeRow:
     cold_start_s: float = math.nan  # fresh process, empty caches: backend made and a 21-frame clip decoded
     warm_start_s: float = math.nan  # the same in another fresh process, with the engine folder of the cold one
     start_detail: dict | None = None  # per start: how the backend got ready, model load and process times
+    fps_gpu_runs: list = field(default_factory=list)  # the timed end-to-end runs; fps_gpu is their median
+    fps_host_runs: list = field(default_factory=list)
 
 
 
@@ -76,7 +78,8 @@ def matmul_ceiling(device, n: int = 8192, reps: int = 10) -> float:
 def bench_decode(model: str = "random", device: str | None = None, size: int = CodecConfig.width,
                  batch: int = CodecConfig.interval,
                  backends=None, keyframes: int = 31, reps: int = 10,
-                 json_path: str | None = None, starts=True, engine_dir: str | None = None) -> dict:
+                 json_path: str | None = None, starts=True, engine_dir: str | None = None,
+                 baseline_repeats: int = 3) -> dict:
     """Per-stage times, end-to-end FPS (GPU-resident and to host), peak memory, parity and MFU per backend,
     and its cold and warm start (:func:`measure_start`: a fresh process with a new, empty engine folder,
     then another fresh process with the folder the first one filled) for every backend when ``starts``
@@ -88,9 +91,14 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
     Returns the results (and writes them as JSON after every backend); ``psnr_vs_fp32``
     is the PSNR of the clip's mean MSE (:func:`promptus.metrics.clip_psnr`). The in-process
     timings use the engine folder of the start measurements (else ``engine_dir``, else a
-    temporary one), so the compile backend is not compiled a second time.
+    temporary one), so the compile backend is not compiled a second time. Each end-to-end
+    figure is the median of ``baseline_repeats`` timed runs; the eager baseline's spread, or a
+    median far off this machine's earlier runs, is flagged (:mod:`promptus.bench.history`,
+    ``result["baseline_flags"]``).
     """
     import tempfile
+
+    from . import history
 
     from ..backends import BASELINE, backend_entry, bench_defaults, make_backend, resolve_device
     from ..backends.compile_cache import device_identity
@@ -139,7 +147,9 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
         "decoder_tflop_per_batch": dec_flops / 1e12, "matmul_ceiling_tflops": ceiling / 1e12,
         "arithmetic_limit_fps": batch * ceiling / (unet_flops + dec_flops),
         "gpu": device_identity(dev)[0], "compute_capability": device_identity(dev)[1], "rows": [],
+        "baseline_repeats": max(1, int(baseline_repeats)), "baseline_flags": [],
     }
+    workload = {k: result[k] for k in ("device", "torch", "model", "size", "batch", "dtype", "frames_timed")}
     onestep = OneStep.at(cfg.timestep)
     h = size // cfg.latent_factor
     z = torch.randn(batch, cfg.latent_channels, h, h, device=dev)
@@ -178,15 +188,22 @@ def bench_decode(model: str = "random", device: str | None = None, size: int = C
                 log.info("%s: end to end, %d frames %s", name, long_clip.header.frame_count,
                          "copied to the host" if to_host else "left on the device")
                 PipelinedDecoder(dec, to_host=to_host).run(items[:4])  # warm the copy path
-                _sync(dev)
-                t0 = time.perf_counter()
-                n = PipelinedDecoder(dec, to_host=to_host).run(items)
-                _sync(dev)
-                fps = n / (time.perf_counter() - t0)
+                runs = []
+                for _ in range(result["baseline_repeats"]):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    n = PipelinedDecoder(dec, to_host=to_host).run(items)
+                    _sync(dev)
+                    runs.append(n / (time.perf_counter() - t0))
                 if to_host:
-                    row.fps_host = fps
+                    row.fps_host, row.fps_host_runs = history.median(runs), runs
                 else:
-                    row.fps_gpu = fps
+                    row.fps_gpu, row.fps_gpu_runs = history.median(runs), runs
+            if name == BASELINE:  # the row every speed-up is measured against
+                what = f"{name}, end to end on the device"
+                flags = [history.spread_flag(what, row.fps_gpu_runs, "frames/s"),
+                         history.check_and_record(what, workload, row.fps_gpu, "frames/s", lower_is_faster=False)]
+                result["baseline_flags"] += [f for f in flags if f]
             row.peak_gib = _peak_gib(dev)
             row.mfu = row.fps_gpu / batch * (unet_flops + dec_flops) / ceiling
             del backend, dec

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -43,6 +43,8 @@ class EncodeTiming:
     speedup: float = math.nan  # published s_per_keyframe / this
     speedup_first: float = math.nan  # published s_keyframe0 / this
     s_clip: float = math.nan  # a CLIP_FRAMES-frame clip at the published iteration counts
+    runs_segment: list = field(default_factory=list)  # the baseline's repeats (ms/it); the row holds their median
+    runs_first: list = field(default_factory=list)
 
 
 #: Frames of the clip whose encoding time the benchmark projects (the issue's 141-frame clip).
@@ -164,14 +166,18 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
                  interval: int = CodecConfig.interval, rank: int = CodecConfig.rank,
                  iters: int = 10, iters_published: int = 3, warmup: int = 2, perceptual: bool = True,
                  json_path: str | None = None, budgets=BENCH_BUDGETS, compile: str | None = None,
-                 profile: bool = True) -> dict:
+                 profile: bool = True, baseline_repeats: int = 3) -> dict:
     """Time the published per-frame procedure and ours in one process; return the results (and write them as JSON).
 
     ``budgets``: memory budgets (sizes as ``--max-memory`` takes them) to run the trainer
     under; ``compile``: the torch.compile mode of the compiled-trainer row ("off" leaves it
     out; default: reduce-overhead on CUDA, off on the CPU, where inductor takes minutes).
+    ``baseline_repeats``: timed runs of each published row; the row holds their median, and
+    a spread between them or a median far off this machine's earlier runs is flagged
+    (:mod:`promptus.bench.history`, ``result["baseline_flags"]``).
     The JSON is rewritten after every part, so that a run cut short keeps what it measured.
     """
+    from . import history
     import os
 
     from ..backends import resolve_device
@@ -199,8 +205,11 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
         "interval": interval, "rank": rank, "perceptual": perceptual, "iters_timed": iters,
         "iters_timed_published": iters_published, "clip_frames": CLIP_FRAMES, "compile": compile,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-        "rows": [], "plans": [], "profile_first": {},
+        "rows": [], "plans": [], "profile_first": {}, "baseline_repeats": max(1, int(baseline_repeats)),
+        "baseline_flags": [],
     }
+    workload = {k: result[k] for k in ("device", "torch", "model", "size", "interval", "rank", "perceptual",
+                                        "iters_timed_published")}
     published = TrainConfig()  # the published iteration counts
 
     def save():
@@ -221,9 +230,19 @@ def bench_encode(model: str = "random", device: str | None = None, size: int = C
                  ", frozen weights" if frozen else "", iters_published)
         _peak_reset(dev)
         m = models_in(torch.float32)  # the release keeps fp32 weights under fp16 autocast
-        seg, first = _time_published(m, vgg, size, interval, rank, iters_published, warmup, dev, frozen)
-        rows.append(EncodeTiming("published, frozen weights" if frozen else "published (as released)",
-                                 passes, seg, first, _peak_gib(dev)))
+        runs = [_time_published(m, vgg, size, interval, rank, iters_published, warmup if i == 0 else min(warmup, 1),
+                                dev, frozen) for i in range(result["baseline_repeats"])]
+        name = "published, frozen weights" if frozen else "published (as released)"
+        row = EncodeTiming(name, passes, history.median([r[0] for r in runs]), history.median([r[1] for r in runs]),
+                           _peak_gib(dev), runs_segment=[r[0] for r in runs], runs_first=[r[1] for r in runs])
+        rows.append(row)
+        if not frozen:  # the row every speed-up is measured against
+            for kind, values, value in (("segment", row.runs_segment, row.ms_per_iteration_segment),
+                                        ("keyframe 0", row.runs_first, row.ms_per_iteration_first)):
+                what = f"{name}, {kind}"
+                flags = [history.spread_flag(what, values, "ms/it"),
+                         history.check_and_record(what, workload, value, "ms/it")]
+                result["baseline_flags"] += [f for f in flags if f]
         del m
         save()
     log.info("encode bench: promptus' batched trainer (%d timed iterations per keyframe kind)", iters)

@@ -58,6 +58,10 @@ def register(subparsers) -> None:
     b.add_argument("--iters", type=int, default=None, help=f"timed iterations of promptus' trainer ({_both('iters')})")
     b.add_argument("--iters-published", type=int, default=None,
                    help=f"timed iterations of the published loop ({_both('iters_published')})")
+    b.add_argument("--baseline-repeats", type=int, default=3, metavar="N",
+                   help="timed runs of the baseline (the published loop; each backend's end-to-end decode), whose "
+                        "median is reported; a spread between them, or a median over 20%% off this machine's "
+                        "earlier runs, is flagged under the table (default: 3)")
     b.add_argument("--warmup", type=int, default=None,
                    help=f"untimed iterations before each timed run of the encoder benchmark ({_both('warmup')})")
     b.add_argument("--perceptual", choices=["on", "off"], default="on",
@@ -120,8 +124,10 @@ def format_encode_table(result: dict) -> str:
             f"{r['peak_gib']:>9.2f} {r['speedup']:>7.2f}× {r['speedup_first']:>6.2f}× {r['s_clip'] / 60:>9.1f}"
         )
     lines.append("s/keyframe: a later keyframe at the published 1500 iterations; keyframe 0 at 10 000. "
-                 "speedup: per later keyframe, kf 0: per keyframe 0, against the published procedure in this run. "
+                 "speedup: per later keyframe, kf 0: per keyframe 0, against the published procedure in this run "
+                 f"(the median of its {result.get('baseline_repeats', 1)} timed runs). "
                  f"clip min: a {result.get('clip_frames', 141)}-frame clip at the published iteration counts.")
+    lines += [f"baseline flag: {f}" for f in result.get("baseline_flags", [])]
     if result.get("plans"):
         lines.append(f"{'budget':>8} {'plan chosen for a segment':44} {'est. GiB':>9} {'peak GiB':>9} "
                      f"{'reserved':>9} {'ms/it':>7} {'speed':>6} {'clip min':>9}")
@@ -186,9 +192,11 @@ def format_decode_table(result: dict) -> str:
             f"{_num(r['speedup'], '.2f', 7, '×')}")
     lines.append("cold/warm s: a fresh process making the backend and decoding a 21-frame clip, with an empty engine "
                  "folder (cold) and with the folder the cold one filled (warm); inductor's own caches empty in both. "
-                 f"FPS: end to end through the pipelined decoder (parse → {on} → frames); speedup over eager "
+                 f"FPS: end to end through the pipelined decoder (parse → {on} → frames), the median of "
+                 f"{result.get('baseline_repeats', 1)} timed runs; speedup over eager "
                  f"{result['dtype']} in this run (— without eager); PSNR (of the clip's mean MSE) of the frames of a 21-frame clip against "
                  "the eager fp32 pipeline. —: not measured (the compile and aoti backends run whole segments, not stages).")
+    lines += [f"baseline flag: {f}" for f in result.get("baseline_flags", [])]
     return "\n".join(lines)
 
 
@@ -211,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                               rank=args.rank, iters=args.iters, iters_published=args.iters_published,
                               warmup=args.warmup, perceptual=args.perceptual == "on", json_path=args.json,
                               budgets=[b for b in args.budgets.split(",") if b.strip()], compile=args.compile_step,
-                              profile=not args.no_profile)
+                              profile=not args.no_profile, baseline_repeats=args.baseline_repeats)
         print(format_encode_table(result))
     else:
         import tempfile
@@ -233,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
                 table = bench_decode(model=args.model, device=str(device), size=args.size, batch=args.batch,
                                      backends=args.backends, keyframes=args.keyframes, json_path=None,
                                      starts=True if "all" in starts else [b for b in starts if b != "none"],
-                                     engine_dir=engine_dir)
+                                     engine_dir=engine_dir, baseline_repeats=args.baseline_repeats)
                 result = {**table, **result}
                 if args.json:
                     from ..files import write_json_atomic
