@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import stat
@@ -160,6 +161,23 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON written by :func:`write_json_atomic` (non-finite floats restored)."""
     return json_restore(json.loads(Path(path).read_text()))
+
+
+def read_cache_json(path: str | os.PathLike, *, what: str, limit: int, format: int, field: str) -> dict | None:
+    """``data[field]`` of a JSON cache file written as ``{"format": format, field: {...}}`` (a dict), or None for a
+    file that is missing, unreadable, not a regular file, over ``limit`` bytes, not JSON or of another format:
+    a cache is never an error, it is rewritten."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(read_regular(path, what=what, limit=limit))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).debug("%s %s ignored (%s: %s)", what, path, type(e).__name__, e)
+        return None
+    if not isinstance(data, dict) or data.get("format") != format or not isinstance(data.get(field), dict):
+        return None
+    return data[field]
 
 
 def read_regular(path: str | os.PathLike, *, what: str = "file", limit: int | None = None) -> bytes:

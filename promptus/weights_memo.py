@@ -95,19 +95,10 @@ def weights_key(spec: str, taesd: str | os.PathLike | None, checkpoints_dir: str
 
 
 def _read() -> dict:
-    from .files import read_regular
+    from .files import read_cache_json
 
-    path = memo_path()
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(read_regular(path, what="weights memo", limit=MAX_BYTES))
-    except Exception as e:  # noqa: BLE001 - a memo is never an error: it is rewritten
-        log.debug("weights memo %s ignored (%s: %s)", path, type(e).__name__, e)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
-        return {}
-    return {k: v for k, v in data["entries"].items() if isinstance(k, str) and isinstance(v, dict)}
+    entries = read_cache_json(memo_path(), what="weights memo", limit=MAX_BYTES, format=FORMAT, field="entries")
+    return {k: v for k, v in (entries or {}).items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def get(key: str | None) -> dict:

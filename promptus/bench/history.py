@@ -44,20 +44,12 @@ def history_path() -> Path:
 
 
 def _read() -> dict[str, list[float]]:
-    from ..files import read_regular
+    from ..files import read_cache_json
 
-    path = history_path()
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(read_regular(path, what="bench baseline history", limit=MAX_BYTES))
-    except Exception as e:  # noqa: BLE001 - a history is never an error: it is rewritten
-        log.debug("bench history %s ignored (%s: %s)", path, type(e).__name__, e)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("runs"), dict):
-        return {}
+    runs = read_cache_json(history_path(), what="bench baseline history", limit=MAX_BYTES, format=FORMAT,
+                           field="runs")
     return {k: [float(v) for v in vs if _usable(v)][-KEEP_RUNS:]
-            for k, vs in data["runs"].items() if isinstance(k, str) and isinstance(vs, list)}
+            for k, vs in (runs or {}).items() if isinstance(k, str) and isinstance(vs, list)}
 
 
 def _usable(v) -> bool:
