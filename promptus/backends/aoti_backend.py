@@ -80,26 +80,41 @@ extern "C" int promptus_probe(void) {
 _PROBE_RUN = "import ctypes, sys, torch; sys.stdout.write(str(ctypes.CDLL(sys.argv[1]).promptus_probe()))"
 
 
+def _fresh_python(code: str, *args: str, expect: str, timeout: float, crashed: str, failed: str,
+                  not_run: str) -> str | None:
+    """Run ``code`` in a fresh Python (``sys.argv[1:]`` = ``args``): None when it prints ``expect``, else the
+    message for how it ended — ``crashed``, ``failed`` or ``not_run`` with ``{}`` filled in (the signal, its
+    last words, why it did not run). A crash in the child is a crash, not an exception, hence the child."""
+    try:
+        ran = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                             check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return not_run.format(f"{type(e).__name__}: {e}")
+    if ran.returncode < 0:
+        return crashed.format(f"signal {-ran.returncode}")
+    if ran.returncode or ran.stdout.strip() != expect:
+        lines = [ln for ln in (ran.stderr or ran.stdout).strip().splitlines() if ln.strip()]
+        return failed.format((lines[-1] if lines else "no message")[-300:])
+    return None
+
+
 def compiler_probe(cxx: str) -> str | None:
     """None if a shared library that ``cxx`` builds runs ``std::regex`` right in a fresh Python with torch
-    loaded, else why not (a crash there is a crash, not an exception, hence the child process)."""
+    loaded, else why not."""
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}cxx-") as tmp:
         src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
         src.write_text(_PROBE_SOURCE)
         try:
             built = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
                                    capture_output=True, text=True, timeout=180, check=False)
-            if built.returncode:
-                return f"could not build the probe: {(built.stderr.strip() or 'no message')[-200:]}"
-            ran = subprocess.run([sys.executable, "-c", _PROBE_RUN, str(lib)], capture_output=True, text=True,
-                                 timeout=180, check=False)
         except (OSError, subprocess.SubprocessError) as e:
             return f"could not run it ({type(e).__name__}: {e})"
-    if ran.returncode < 0:
-        return f"its library crashed a Python running torch (signal {-ran.returncode})"
-    if ran.returncode or ran.stdout.strip() != "7":
-        return f"its library failed in a Python running torch ({(ran.stderr.strip() or ran.stdout)[-200:]})"
-    return None
+        if built.returncode:
+            return f"could not build the probe: {(built.stderr.strip() or 'no message')[-200:]}"
+        return _fresh_python(_PROBE_RUN, str(lib), expect="7", timeout=180,
+                             crashed="its library crashed a Python running torch ({})",
+                             failed="its library failed in a Python running torch ({})",
+                             not_run="could not run it ({})")
 
 
 #: A fresh Python loads the package just built (argv: path, device index) before it is stored.
@@ -116,17 +131,10 @@ def package_load_problem(data: bytes, device: torch.device) -> str | None:
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}aoti-check-") as tmp:
         path = Path(tmp) / "step.pt2"
         path.write_bytes(data)
-        try:
-            ran = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path), str(index)], capture_output=True,
-                                 text=True, timeout=600, check=False)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"the check could not run ({type(e).__name__}: {e})"
-    if ran.returncode < 0:
-        return f"loading it crashed a fresh Python (signal {-ran.returncode})"
-    if ran.returncode or ran.stdout.strip() != "loaded":
-        lines = [ln for ln in (ran.stderr or ran.stdout).strip().splitlines() if ln.strip()]
-        return f"a fresh Python could not load it ({(lines[-1] if lines else 'no message')[-300:]})"
-    return None
+        return _fresh_python(_LOAD_CHECK, str(path), str(index), expect="loaded", timeout=600,
+                             crashed="loading it crashed a fresh Python ({})",
+                             failed="a fresh Python could not load it ({})",
+                             not_run="the check could not run ({})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,7 +221,6 @@ class AotiBackend(Backend):
         self.engine_dir = engine_dir
         self.progress = progress
         self._runners: dict[tuple, tuple] = {}
-        self._mixes: dict[float, torch.Tensor] = {}  # the mix weight on the device, made once per value
         self.prepared: tuple[str, float] | None = None  # (how: "loaded" | "built", seconds) of the last package
 
     # ------------------------------------------------------------------ building and loading
@@ -358,7 +365,6 @@ class AotiBackend(Backend):
         Backend.__init__(self, device, dtype)
         self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
         self.unet = self.taesd_decoder = None
-        self._mixes = {}
         try:
             runner = self._open(data)
         except Exception as e:  # noqa: BLE001 - the networks' path loads it again, and rebuilds a bad one
@@ -415,10 +421,8 @@ class AotiBackend(Backend):
         runner = self._runner(size, onestep)
         if n < self.batch:  # frame 0: padded to the one shape the package has
             context = torch.cat([context, context[-1:].expand(self.batch - n, -1, -1)])
-        mix_t = self._mixes.get(float(mix))
-        if mix_t is None:  # a tensor made from a Python number on a GPU is a blocking copy: once, not per segment
-            mix_t = self._mixes[float(mix)] = torch.tensor(float(mix), dtype=torch.float32, device=self.device)
-        args = [z_prev.float().contiguous(), noise.float().contiguous(), mix_t, context.float().contiguous()]
+        z_prev = z_prev.float().contiguous()
+        args = [z_prev, noise.float().contiguous(), self._mix_tensor(mix, z_prev), context.float().contiguous()]
         x0, frames = runner.run(args)
         return x0[n - 1:n].float(), frames[:n]
 

@@ -40,6 +40,16 @@ class Backend:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)
         self.dtype = dtype
+        self._mixes: dict[tuple, torch.Tensor] = {}
+
+    def _mix_tensor(self, mix: float, like: torch.Tensor) -> torch.Tensor:
+        """The mix weight as a 0-d tensor of ``like``'s dtype on the device, made once per value: a tensor made
+        from a Python number on a GPU is a blocking copy (and cannot be captured in a CUDA graph)."""
+        key = (float(mix), like.dtype)
+        m = self._mixes.get(key)
+        if m is None:
+            m = self._mixes[key] = torch.tensor(mix, dtype=like.dtype, device=self.device)
+        return m
 
     def denoise(self, z: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
         """Predicted noise ε̂ (float32, B×4×h×w) for UNet input ``z`` and prompts ``context`` (B×77×1024)."""

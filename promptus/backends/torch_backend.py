@@ -65,16 +65,7 @@ class TorchBackend(Backend):
         self.host_ring = 0  # pinned buffers (and graphs) in rotation; 0: frames stay on the device
         self.host_ready: torch.cuda.Event | None = None  # recorded after the last replay's copy
         self._graphs: dict[tuple, _SegmentGraph] = {}
-        self._mixes: dict[tuple, torch.Tensor] = {}
         self._pool = None
-
-    def _mix_tensor(self, mix: float, like: torch.Tensor) -> torch.Tensor:
-        # Made once, outside any graph capture (a host → device copy cannot be captured).
-        key = (float(mix), like.dtype)
-        m = self._mixes.get(key)
-        if m is None:
-            m = self._mixes[key] = torch.tensor(mix, dtype=like.dtype, device=self.device)
-        return m
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
