@@ -134,6 +134,35 @@ def short_switch_interval(seconds: float = STARTUP_SWITCH_INTERVAL):
         sys.setswitchinterval(saved)
 
 
+def warm_device(device, dtype: torch.dtype, profile: StartupProfile | None = None) -> threading.Thread | None:
+    """On a thread, the GPU's first-use costs that the first segment would otherwise pay after the weights are
+    in place: the CUDA context, and the cuBLAS and cuDNN libraries' first calls (their handles and kernel
+    libraries load on the first matmul and convolution). They run while the caller reads the header and
+    loads the weights; the thread releases the GIL inside each op. None (nothing to do) off CUDA. Failures
+    are ignored: the decode then meets them itself, with its own errors."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+
+    def run():
+        t0 = time.perf_counter()
+        try:
+            with torch.cuda.device(device):
+                x = torch.ones(8, 8, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                torch.nn.functional.conv2d(x, x)  # cuDNN
+                torch.mm(x[0, 0], x[0, 0])  # cuBLAS
+                torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - an optimisation only
+            log.debug("warming %s failed", device, exc_info=True)
+            return
+        if profile is not None:
+            profile.phases["device warm-up (thread)"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=run, name="promptus-warm-device", daemon=True)
+    thread.start()
+    return thread
+
+
 def _remember(cache: collections.OrderedDict, key, value, keep: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
@@ -334,7 +363,8 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         if backend == "aoti" and parity == PARITY_OURS and remembered:
             with profile.phase("aoti: package and weights files, no networks"):
                 direct = _direct_aoti(spec, taesd, checkpoints_dir, remembered, device=device, dtype=dtype,
-                                      batch=batch, size=size, timestep=timestep, engine_dir=engine_dir)
+                                      batch=batch, size=size, timestep=timestep, engine_dir=engine_dir,
+                                      profile=profile)
             if direct is not None:
                 direct.models.geometry().check(config)
                 profile.notes.append("aoti: started from the stored package and the weights files (weights memo)")
@@ -466,7 +496,7 @@ def _weights_file(source, inner: str) -> Path | None:
 
 
 def _direct_aoti(spec: str, taesd, checkpoints_dir, facts: dict, *, device, dtype, batch: int, size: int,
-                 timestep: int, engine_dir) -> "LoadedDecoder | None":
+                 timestep: int, engine_dir, profile: StartupProfile | None = None) -> "LoadedDecoder | None":
     """The ``aoti`` backend started from its stored package and the weights files alone: no networks built and
     no diffusers imported, where an earlier run left the facts it needs in the weights memo. None otherwise."""
     from .backends.aoti_backend import AotiBackend
@@ -495,7 +525,7 @@ def _direct_aoti(spec: str, taesd, checkpoints_dir, facts: dict, *, device, dtyp
         return None
     backend = AotiBackend.from_files(architecture=architecture, prefix_problem=problem, unet_file=unet_file,
                                      taesd_file=taesd_file, device=device, dtype=dtype, batch=batch, size=size,
-                                     timestep=timestep, engine_dir=engine_dir, unet_names=names)
+                                     timestep=timestep, engine_dir=engine_dir, unet_names=names, profile=profile)
     if backend is None:
         return None
     backend.geometry = geometry

@@ -21,6 +21,7 @@ import os
 import sys
 import re
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -422,45 +423,60 @@ class PngPool:
     :meth:`submit` or :meth:`drain`."""
 
     def __init__(self, workers: int, level: int, depth: int, *, processes: bool = True):
-        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor
 
         self.level, self.depth = level, max(1, depth)
         ctx = _png_processes() if processes else None
-        self.processes = ctx is not None
+        self.processes = ctx is not None  # until the first frame shows whether they started
         self._workers = workers
-        self._ready = None
-        self._pool = None
+        self._ready = self._pool = self._starting = None
         if ctx is not None:
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx)
-            try:
-                self._ready = self._pool.submit(_worker_ready)  # the server and a first worker start now
-            except Exception as e:  # noqa: BLE001 - no processes here: threads write the same files
-                log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
-                            type(e).__name__, e)
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool, self.processes = None, False
-        if self._pool is None:
+            # Started on a thread: a first worker forks only once the forkserver has run its preload of this
+            # module, which imports promptus and torch (1.2-1.7 s). `promptus decode` makes its writer before the
+            # models load, and waiting here put the first frame of PNG output 1.2 s behind .mp4 (5.58 s against
+            # 4.12 s on an H100 host).
+            self._starting = threading.Thread(target=self._start_processes, args=(ctx,),
+                                              name="promptus-png-start", daemon=True)
+            self._starting.start()
+        else:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="promptus-png")
         self._pending: collections.deque = collections.deque()
         self._umask = _current_umask()
 
+    def _start_processes(self, ctx) -> None:
+        """On the start thread: the pool and a first worker (the forkserver starts with it). A failure is kept
+        in ``_ready`` for :meth:`_check_processes`."""
+        from concurrent.futures import Future, ProcessPoolExecutor
+
+        try:
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=ctx)
+            self._ready = self._pool.submit(_worker_ready)
+        except BaseException as e:  # noqa: BLE001 - reported on the writer's thread, which then uses threads
+            self._ready = Future()
+            self._ready.set_exception(e)
+
     def _check_processes(self) -> None:
-        """At the first frame: the worker processes started, else threads (a host without forkserver support)."""
+        """Before the first frame (or :meth:`drain`, :meth:`cancel`): the worker processes started, else threads
+        (a host without forkserver support)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        if self._starting is None:
+            return
+        self._starting.join()
+        self._starting = None
         ready, self._ready = self._ready, None
         try:
             ready.result(timeout=120)
         except Exception as e:  # noqa: BLE001 - any failure to start: threads still write the same files
             log.warning("PNG writer: worker processes did not start (%s: %s); encoding on threads",
                         type(e).__name__, e)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="promptus-png")
             self.processes = False
 
     def submit(self, frame: np.ndarray, path: Path) -> None:
-        if self._ready is not None:
-            self._check_processes()
+        self._check_processes()
         while len(self._pending) >= self.depth:
             self._wait_oldest()
         # A copy: the caller may reuse its buffer (the pipelined decoder's pinned host memory) at once.
@@ -483,16 +499,21 @@ class PngPool:
 
     def drain(self) -> None:
         """Wait for every frame submitted; then the pool is shut down."""
+        self._check_processes()
         while self._pending:
             self._wait_oldest()
         self._pool.shutdown(wait=True)
 
     def cancel(self) -> None:
         """Drop the frames not started and wait for those running (so nothing writes after this returns)."""
+        if self._starting is not None:  # no frame yet: what the start made is shut down, no worker waited for
+            self._starting.join()
+            self._starting = self._ready = None
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_frames_output(path: str | os.PathLike, kind: str | None = None) -> str:

@@ -17,7 +17,9 @@ absence); ``graph_host`` captures the whole segment — uint8 conversion and the
 device-to-host copy included — in the CUDA graph (``TorchBackend.graph_host_copy``);
 ``cudnn_attn`` bakes cuDNN's fused attention into the graph instead of flash attention;
 ``autotune`` is inductor's max-autotune at build time, stored with the step, run in a child
-process capped at ``--autotune-cap`` seconds (a build that does not finish is reported).
+process capped at ``--autotune-cap`` seconds (a build that does not finish is reported);
+``autotune_gemm`` the same search for the matmuls alone (cuBLAS against Triton templates, no
+coordinate descent), a build short enough to finish where the whole search did not.
 
     python scripts/compile_levers.py --json benchmarks/compile_levers_h100.json
 """
@@ -64,6 +66,10 @@ VARIANTS = {
     "fused_qkv": (PREFIX, None, 60, "prefix + fused QKV projections (diffusers fuse_qkv_projections)"),
     "autotune": (dataclasses.replace(CompileOptions(), autotune=True), "aot_compile", 240,
                  "default + max-autotune at build time, stored with the step"),
+    "autotune_gemm": (dataclasses.replace(CompileOptions(), inductor=(("max_autotune_gemm", True),
+                                                                      ("max_autotune_gemm_backends", "ATEN,TRITON"))),
+                      "aot_compile", 180, "default + max-autotune of the matmuls alone (Triton templates against "
+                                          "cuBLAS; convolutions stay cuDNN, no coordinate descent)"),
     "default": (CompileOptions(), "aot_compile", 60, "the backend as shipped: shared prefix, channels-last UNet "
                                                      "and TAESD"),
     "no_taesd_cl": (dataclasses.replace(CompileOptions(), taesd_channels_last=False), None, 60,
@@ -75,7 +81,7 @@ VARIANTS = {
 }
 WARM = ("step", "taesd_cl", "prefix", "autotune")
 #: Variants built in a child process with a time cap (a build that overruns is killed and reported).
-CAPPED = ("autotune",)
+CAPPED = ("autotune", "autotune_gemm")
 
 
 class OldCompileBackend(TorchBackend):

@@ -26,8 +26,8 @@ if [[ "$mode" == aoti ]]; then
         --json "benchmarks/decode_command_aoti_$tag.json" || true
   else
     python -m promptus engines build --backend aoti --model random --device cuda --engine-dir "$engines" || true
-    timeout $(( total - (SECONDS - start) )) python -m promptus bench --command-path --backends eager aoti --starts none \
-        --command-backend aoti --command-clips 3001 --command-outputs png mp4 --engine-dir "$engines" \
+    timeout $(( total - (SECONDS - start) )) python -m promptus bench --command-path --backends eager compile aoti \
+        --starts none --command-backend aoti --command-clips 141 3001 --command-outputs png mp4 --engine-dir "$engines" \
         --json "benchmarks/decode_command_aoti_$tag.json" || true
   fi
   files=("benchmarks/decode_command_aoti_$tag.json")

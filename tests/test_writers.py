@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 import promptus
 import promptus.video as video
 from promptus.commands.main import main
-from promptus.config import CodecConfig
+from promptus.config import PNG_LEVEL, CodecConfig
 from promptus.errors import VideoError
 from promptus.video import FrameWriter, sky_clip
 
@@ -193,12 +196,35 @@ def test_decode_png_level_and_start_profile(clip_file, tmp_path, capsys):
     prof = json.loads((tmp_path / "p.json").read_text())
     assert prof["frames"] == 7
     marks = prof["since_process_start_s"]
-    assert marks["command started"] <= marks["first segment on the host"] <= marks["output complete"]
+    order = ["command started", "header read", "output checked, writer started", "models and backend loaded",
+             "first segment on the host", "output complete"]
+    assert [marks[m] for m in order] == sorted(marks[m] for m in order)
+    assert "device warm-up (thread)" not in prof["phases_s"]  # nothing to warm on the CPU
     one, six = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "six").iterdir())
     assert len(one) == len(six) == 7
     for a, b in zip(one, six):  # other zlib level, same pixels
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     assert sum(p.stat().st_size for p in one) > sum(p.stat().st_size for p in six)
+
+
+def test_device_warm_up_is_for_cuda_alone_and_never_raises(monkeypatch):
+    from promptus import startup
+
+    assert startup.warm_device("cpu", torch.float32) is None
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(a)
+        raise RuntimeError("no driver")
+
+    # A CUDA device that fails (this machine has none, or a fake one): the thread ends quietly, no phase recorded.
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch, "ones", broken)
+    profile = startup.StartupProfile(from_now=True)
+    thread = startup.warm_device("cuda:0", torch.float16, profile)
+    assert thread is not None and thread.name == "promptus-warm-device"
+    thread.join(10)
+    assert not thread.is_alive() and calls and "device warm-up (thread)" not in profile.phases
 
 
 def test_png_level_outside_0_9_is_an_argparse_error(clip_file, tmp_path, capsys):
@@ -368,6 +394,106 @@ def test_png_writer_falls_back_to_threads_when_processes_do_not_start(tmp_path, 
         files = write_folder(tmp_path / "f", frames, workers=2, png_processes=True)
     assert "encoding on threads" in caplog.text
     assert [np.array_equal(np.asarray(Image.open(p)), f) for p, f in zip(files, frames)] == [True] * 5
+
+
+def held_processes(go, fail=None, seen=None):
+    """A stand-in for ``video._png_processes``: the forkserver context, whose worker processes start only once
+    ``go`` is set (and then raise ``fail`` if given); ``seen`` gets the name of each thread that starts one."""
+    real = video._png_processes
+
+    def processes():
+        ctx = real()
+
+        class Held(type(ctx)):
+            def Process(self, *a, **k):  # noqa: N802 - the context's own name
+                if seen is not None:
+                    seen.append(threading.current_thread().name)
+                go.wait(HOLD)
+                if fail is not None:
+                    raise fail
+                return super().Process(*a, **k)
+
+        return Held()
+
+    return processes
+
+
+HOLD = 10  # seconds a held worker start waits at most
+
+
+def saved_pngs(folder, frames, level=PNG_LEVEL):
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        video.save_png(f, folder / f"{i:05d}.png", level)
+    return [p.read_bytes() for p in sorted(folder.iterdir())]
+
+
+def test_png_worker_processes_start_while_the_writer_is_made(tmp_path, monkeypatch):
+    """The forkserver imports torch before a first worker starts: the writer does not wait for that."""
+    go = threading.Event()
+    seen = []
+    monkeypatch.setattr(video, "_png_processes", held_processes(go, seen=seen))
+    frames = grainy(6)
+    began = time.perf_counter()
+    w = FrameWriter(tmp_path / "f", 30, kind="folder", workers=2, png_processes=True)
+    assert time.perf_counter() - began < HOLD / 4
+    assert any(t.name == "promptus-png-start" and t.is_alive() for t in threading.enumerate())
+    go.set()
+    with w:
+        w.write_batch(frames)
+        assert w._pngs.processes
+    assert seen and set(seen) <= {"promptus-png-start", "MainThread"}  # later workers start at later frames
+    assert [p.read_bytes() for p in sorted(w.out.iterdir())] == saved_pngs(tmp_path / "serial", frames)
+
+
+@pytest.mark.parametrize("where", ["pool", "first worker"])
+def test_png_writer_uses_threads_when_the_start_thread_fails(tmp_path, monkeypatch, caplog, where):
+    import concurrent.futures
+
+    seen = []
+    if where == "pool":
+        def no_pool(*a, **k):
+            seen.append(threading.current_thread().name)
+            raise OSError("no pool here")
+
+        monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    else:
+        go = threading.Event()
+        go.set()
+        monkeypatch.setattr(video, "_png_processes", held_processes(go, OSError("no worker here"), seen))
+    frames = grainy(6)
+    with caplog.at_level("WARNING", logger="promptus.video"):
+        with FrameWriter(tmp_path / "f", 30, kind="folder", workers=2, png_processes=True) as w:
+            w.write_batch(frames)
+            assert not w._pngs.processes
+    assert seen == ["promptus-png-start"]
+    assert f"(OSError: no {where.split()[-1]} here); encoding on threads" in caplog.text
+    assert [p.read_bytes() for p in sorted(w.out.iterdir())] == saved_pngs(tmp_path / "serial", frames)
+
+
+@pytest.mark.parametrize("start", ["starts", "fails"])
+@pytest.mark.parametrize("end", ["close", "abort"])
+def test_a_writer_without_frames_ends_while_its_processes_start(tmp_path, monkeypatch, start, end):
+    """close (drain) and abort (cancel) wait for the start thread, then shut down whatever it started."""
+    import multiprocessing
+
+    children = set(multiprocessing.active_children())
+    go = threading.Event()
+    fail = OSError("no worker here") if start == "fails" else None
+    monkeypatch.setattr(video, "_png_processes", held_processes(go, fail))
+    w = FrameWriter(tmp_path / "f", 30, kind="folder", workers=2, png_processes=True)
+    starting = w._pngs._starting
+    assert starting is not None and starting.is_alive()
+    threading.Timer(0.3, go.set).start()
+    if end == "close":
+        assert w.close() == tmp_path / "f" and list(w.out.iterdir()) == []
+    else:
+        w.abort()
+        assert list(tmp_path.iterdir()) == []
+    assert not starting.is_alive()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        w._pngs._pool.submit(int)
+    assert set(multiprocessing.active_children()) <= children
 
 
 _UNGUARDED = """

@@ -342,7 +342,7 @@ class AotiBackend(Backend):
     def from_files(cls, *, architecture: str, prefix_problem: str | None, unet_file: Path, taesd_file: Path,
                    device, dtype: torch.dtype, batch: int, size: int, timestep: int,
                    engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR,
-                   unet_names: dict[str, str] | None = None) -> "AotiBackend | None":
+                   unet_names: dict[str, str] | None = None, profile=None) -> "AotiBackend | None":
         """The backend straight from a stored package and diffusers-format weights files — no networks built,
         no diffusers imported: each constant ``unet.<name>`` is the UNet file's ``<name>``, each
         ``taesd_decoder.<name>`` the TAESD file's ``decoder.<name>``, cast to ``dtype`` and laid out as the
@@ -350,9 +350,12 @@ class AotiBackend(Backend):
         (:func:`promptus.startup.architecture_facts`). None (nothing to fall back from) when the package is
         not stored or a file lacks a constant under that name; then the caller loads the networks.
         ``unet_names``: for an original (LDM) single file, each UNet name's name in the file
-        (:func:`promptus.models.loading.ldm_unet_names`, remembered by the weights memo)."""
-        from safetensors import safe_open
+        (:func:`promptus.models.loading.ldm_unet_names`, remembered by the weights memo).
+        ``profile``: a :class:`promptus.startup.StartupProfile` that gets the package's load and the weights'
+        read and move as two phases."""
+        from ..startup import StartupProfile
 
+        profile = profile or StartupProfile(from_now=True)
         t0 = time.perf_counter()
         device = torch.device(device)
         options = resolve_options(CompileOptions(), prefix_problem, device, announce=False)
@@ -366,13 +369,35 @@ class AotiBackend(Backend):
         self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
         self.unet = self.taesd_decoder = None
         try:
-            runner = self._open(data)
+            with profile.phase("aoti: package load"):
+                runner = self._open(data)
         except Exception as e:  # noqa: BLE001 - the networks' path loads it again, and rebuilds a bad one
             log.warning("aoti: the stored package did not load (%s: %s); loading the networks", type(e).__name__,
                         str(e)[:200])
             return None
         sources = {"unet.": (unet_file, "", options.unet_channels_last),
                    "taesd_decoder.": (taesd_file, "decoder.", options.taesd_channels_last)}
+        with profile.phase("aoti: weights files to the device"):
+            constants = self._constants_from_files(runner, sources, device, dtype, unet_names)
+        if constants is None:
+            return None
+        try:
+            runner.load_constants(constants, False, True, True)
+        except Exception as e:  # noqa: BLE001 - shapes or dtypes the package does not take: load the networks
+            log.warning("aoti: the weights files do not fit the stored package (%s); loading the networks",
+                        str(e)[:200])
+            return None
+        self._runners = {(size, timestep): (runner, constants)}
+        self.prepared = ("loaded without the networks", time.perf_counter() - t0)
+        log.info("aoti backend: %s %s in %.1f s", self.prepared[0], key.stem, self.prepared[1])
+        return self
+
+    @staticmethod
+    def _constants_from_files(runner, sources: dict, device, dtype, unet_names) -> dict | None:
+        """Each constant the package wants, read from its weights file, on ``device`` in ``dtype`` and the
+        layout the options say; None when a file is not safetensors or lacks a name."""
+        from safetensors import safe_open
+
         constants = {}
         try:
             handles = {prefix: safe_open(str(path), framework="pt", device="cpu")
@@ -397,16 +422,7 @@ class AotiBackend(Backend):
             if channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             constants[name] = t
-        try:
-            runner.load_constants(constants, False, True, True)
-        except Exception as e:  # noqa: BLE001 - shapes or dtypes the package does not take: load the networks
-            log.warning("aoti: the weights files do not fit the stored package (%s); loading the networks",
-                        str(e)[:200])
-            return None
-        self._runners = {(size, timestep): (runner, constants)}
-        self.prepared = ("loaded without the networks", time.perf_counter() - t0)
-        log.info("aoti backend: %s %s in %.1f s", self.prepared[0], key.stem, self.prepared[1])
-        return self
+        return constants
 
     # ------------------------------------------------------------------ running
 

@@ -134,7 +134,7 @@ def _decode_one(args: argparse.Namespace, src: Path, output: str, profile) -> in
     from ..decoder import Decoder
     from ..files import write_json_atomic
     from ..pipeline import PipelinedDecoder
-    from ..startup import load_decoder
+    from ..startup import load_decoder, warm_device
     from ..video import FrameWriter, main_reimport_safe
 
     profile.mark("command started")
@@ -143,18 +143,23 @@ def _decode_one(args: argparse.Namespace, src: Path, output: str, profile) -> in
         raise PromptusError(f"{src} does not exist or is not a file")
     kind = output_kind_of_argument(output)  # before any work: a wrong -o fails in a second, not after
     device = resolve_device(args.device)
+    # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
+    dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
     with open(src, "rb") as f:
         records = iter_records(f)
         header = next(records)  # the header first: it gives the fps, frame count and batch
         assert isinstance(header, Header)
+        profile.mark("header read")
         # The output is checked before models load: a refusal costs nothing.
         args.model = model_for_header(args, header, "decode")
         writer = FrameWriter(output, header.fps, force=args.force, size=(header.width, header.height), kind=kind,
                              png_level=args.png_level, video_encoder=args.video_encoder,
                              png_processes=main_reimport_safe())  # worker processes, unless that is unsafe
+        profile.mark("output checked, writer started")
+        # The CUDA context and cuBLAS/cuDNN's first calls, beside the load (started once header and output are
+        # known good, so a refused command never touches the GPU).
+        warming = warm_device(device, dtype, profile)
         try:
-            # The release keeps fp32 weights (under autocast); our default loads them in fp16 on CUDA.
-            dtype = torch.float32 if args.parity == PARITY_RELEASE else default_dtype(device)
             batch = clip_batch(header)
             t_load = time.perf_counter()
             loaded = load_decoder(args.model, header, device=device, dtype=dtype, backend=args.backend,
@@ -162,10 +167,13 @@ def _decode_one(args: argparse.Namespace, src: Path, output: str, profile) -> in
                                   parity=args.parity, offload_models=True, profile=profile)  # checks the geometry
             log.info("loaded model %r and the %s backend on %s in %.1f s", loaded.models.name, args.backend, device,
                      time.perf_counter() - t_load)
+            profile.mark("models and backend loaded")
             backend, identity = loaded.backend, loaded.identity
             use_threads(args, loaded.models.name, device)
         except BaseException:
             writer.abort()
+            if warming is not None:  # not left running into the interpreter's exit
+                warming.join()
             raise
         decoder = PipelinedDecoder(Decoder(backend, identity, parity=args.parity, max_batch=batch), to_host=True)
         log.info("decoding %s with %s, parity %s", src, backend.describe(), args.parity)
