@@ -313,12 +313,17 @@ def _compile_keys(facts: dict, *, device, dtype, batch: int, size: int, timestep
                      options=options) for m in available_mechanisms()]
 
 
-def _will_compile(backend: str, device: torch.device) -> bool:
-    from .backends import compile_status, tensorrt_status
+def _first_choice(backend: str, device: torch.device) -> str:
+    """The backend ``backend`` names, or for ``auto`` the first of its order that is available here (what it
+    will try first: the one whose start-up is worth preparing for)."""
+    from .backends import AUTO, auto_order
 
-    if backend == "compile":
-        return True
-    return backend == "auto" and not tensorrt_status(device)[0] and compile_status(device)[0]
+    if backend != AUTO:
+        return backend
+    for entry in auto_order():
+        if entry.available(device)[0] and (entry.auto_available is None or entry.auto_available(device)[0]):
+            return entry.name
+    return backend
 
 
 @dataclass
@@ -360,7 +365,8 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
 
         memo_key = weights_memo.weights_key(spec, taesd, checkpoints_dir)
         remembered = weights_memo.get(memo_key)  # facts of an earlier run on these files
-        if backend == "aoti" and parity == PARITY_OURS and remembered:
+        choice = _first_choice(backend, device)
+        if choice == "aoti" and parity == PARITY_OURS and remembered:
             with profile.phase("aoti: package and weights files, no networks"):
                 direct = _direct_aoti(spec, taesd, checkpoints_dir, remembered, device=device, dtype=dtype,
                                       batch=batch, size=size, timestep=timestep, engine_dir=engine_dir,
@@ -371,7 +377,7 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
                 _remember(_decoders, key, direct, DECODERS_KEPT)
                 return direct
         preloader: list[threading.Thread] = []
-        wanted = device.type == "cuda" and parity == PARITY_OURS and _will_compile(backend, device)
+        wanted = device.type == "cuda" and parity == PARITY_OURS and choice == "compile"
 
         def start_preload(get_models, remembered: dict | None = None):
             """On a thread: the architecture (remembered, or ``get_models()``), the compiled step's key, its
@@ -428,7 +434,7 @@ def load_decoder(spec: str, clip, *, device, dtype: torch.dtype, backend: str = 
         identity = models.identity()  # before the backend may move the networks off the GPU
         if memo_key is not None:
             _learn(memo_key, remembered, models, dtype, identity)
-            if backend == "aoti" and "unet_names" not in remembered and resolved:
+            if choice == "aoti" and "unet_names" not in remembered and resolved:
                 from .models.loading import ldm_unet_names
 
                 names = ldm_unet_names(os.path.expanduser(str(resolved)))  # an original single file's names

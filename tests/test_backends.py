@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from promptus.backends import CompileBackend, TorchBackend, compile_status, make_backend, tensorrt_status
+from promptus.backends import CompileBackend, TorchBackend, clip_batch, compile_status, make_backend, tensorrt_status
 from promptus.bitstream import iter_records, to_bytes
 from promptus.decoder import Decoder
 from promptus.errors import BitstreamError, PromptusError
@@ -136,13 +136,16 @@ def test_registry_gives_every_list_and_choice():
 
     names = backends.backend_names()
     assert backends.BACKENDS == ("auto", *names)
-    assert [e.name for e in backends.auto_order()] == ["tensorrt", "compile", "torch"]
+    assert [e.name for e in backends.auto_order()] == ["tensorrt", "aoti", "compile", "torch"]
     assert STUDIO_BACKENDS == CLOSED_LOOP_BACKENDS == tuple(reversed(names)) and STUDIO_BACKENDS[0] == "eager"
-    assert list(bench_cmd.BENCH_BACKENDS) == backends.bench_defaults("cuda") == ["eager", "torch", "compile", "tensorrt"]
+    assert list(bench_cmd.BENCH_BACKENDS) == backends.bench_defaults("cuda") == ["eager", "torch", "compile", "aoti",
+                                                                                "tensorrt"]
     assert bench_cmd.CPU_DEFAULTS["backends"] == ["eager", "torch"]
     assert backends.quick_backends("cuda") == ["torch", "compile"] and backends.quick_backends("cpu") == ["torch"]
     assert {e.name for e in backends.backend_entries() if e.keeps_artifacts} == {"tensorrt", "compile", "aoti"}
-    assert "aoti" not in [e.name for e in backends.auto_order()]  # not measured on a GPU yet: never auto
+    aoti = backends.backend_entry("aoti")  # auto uses it on CUDA alone, where it pays for its build
+    assert aoti.auto_available(torch.device("cpu"))[0] is False
+    assert aoti.auto_available(torch.device("cuda")) == aoti.available(torch.device("cuda"))
     with pytest.raises(PromptusError, match="unknown backend 'fast'.*auto, tensorrt"):
         backends.backend_entry("fast")
 
@@ -403,6 +406,60 @@ def test_aoti_build_stops_with_a_clear_error_when_no_compiler_passes(tiny, tmp_p
     finally:
         aoti_compiler.cache_clear()
     assert not list(tmp_path.rglob("*.pt2"))
+
+
+def test_auto_passes_aoti_on_when_its_package_cannot_be_made(tiny, clip, reference, tmp_path, monkeypatch,
+                                                              caplog):
+    """auto tries aoti first where it may (CUDA; made to say yes on this CPU machine): a package that cannot be
+    built sends auto on to the next backend, with the reason logged; a backend named aoti raises instead."""
+    import dataclasses
+    import logging
+
+    from promptus import backends
+    from promptus.backends import aoti_backend, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    entry = backends.backend_entry("aoti")
+    backends.register_backend(dataclasses.replace(entry, auto_available=lambda device: (True, "")), replace=True)
+    monkeypatch.setattr(aoti_backend, "aoti_compiler", lambda: (None, "no C++ compiler here makes working libraries"))
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("exported without a compiler"))
+    with caplog.at_level(logging.INFO, logger="promptus"):
+        made = backends.make_backend("auto", tiny, "cpu", engine_dir=str(tmp_path), **for_clip(clip))
+    assert made.name == "torch" and "aoti failed, trying the next backend" in caplog.text
+    assert torch.equal(Decoder(made, tiny.identity()).decode_all(clip), reference)
+    with pytest.raises(PromptusError, match="no C.. compiler here"):
+        backends.make_backend("aoti", tiny, "cpu", engine_dir=str(tmp_path), **for_clip(clip)).prepare(64)
+
+
+def test_aoti_under_auto_runs_the_step_uncompiled_when_a_later_package_fails(tiny, clip, reference, tmp_path,
+                                                                            monkeypatch, caplog):
+    """Once auto has chosen aoti, a package it cannot make later (another timestep) does not fail the decode: the
+    segment step runs uncompiled, with a warning, and gives the eager decoder's frames within rounding."""
+    import logging
+
+    from promptus.backends import aoti_backend
+    from promptus.backends.aoti_backend import AotiBackend
+
+    monkeypatch.setattr(aoti_backend, "aoti_compiler", lambda: (None, "no C++ compiler here makes working libraries"))
+    backend = AotiBackend(tiny.unet, tiny.taesd.decoder, "cpu", torch.float32, batch=clip_batch(clip),
+                          engine_dir=str(tmp_path), progress=False, fallback=True)
+    with caplog.at_level(logging.WARNING, logger="promptus"):
+        frames = Decoder(backend, tiny.identity()).decode_all(clip)
+    assert backend.prepared[0] == "uncompiled" and "running the segment step uncompiled" in caplog.text
+    diff = (frames.int() - reference.int()).abs()
+    assert frames.shape == reference.shape and diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    assert not list(tmp_path.rglob("*.pt2"))
+
+
+def test_decode_start_prepares_for_the_backend_auto_will_try_first(monkeypatch):
+    """What load_decoder prepares for (aoti's direct start, the compile step's preload) follows auto's order."""
+    from promptus import backends, startup
+
+    monkeypatch.setattr(backends, "tensorrt_status", lambda device: (False, "not installed"))
+    assert startup._first_choice("auto", torch.device("cpu")) == "torch"
+    assert startup._first_choice("compile", torch.device("cpu")) == "compile"
+    if backends.backend_entry("aoti").available(torch.device("cuda"))[0]:
+        assert startup._first_choice("auto", torch.device("cuda")) == "aoti"
 
 
 def test_a_package_that_does_not_load_in_a_fresh_python_is_not_stored(tiny, tmp_path, monkeypatch):

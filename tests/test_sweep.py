@@ -318,7 +318,7 @@ def test_preset_quick_fills_what_was_not_given(tmp_path):
     from promptus.backends import backend_names
 
     assert "2 4 8 16; 2 4 8 with --preset quick" in text and f"one of {', '.join(backend_names())}" in text
-    assert backend_names()[:3] == ("tensorrt", "compile", "torch")  # auto's order first, then the others
+    assert backend_names()[:4] == ("tensorrt", "aoti", "compile", "torch")  # auto's order first, then the others
 
 
 # ---- a newcomer's first hour on a CPU (issue 25): the RD plot names random weights

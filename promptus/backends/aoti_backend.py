@@ -205,8 +205,9 @@ class AotiBackend(Backend):
     stages_compiled = False  # no single stages (denoise, decode): the package is the whole segment step
 
     def __init__(self, unet, taesd_decoder, device, dtype, *, batch: int, options: CompileOptions | None = None,
-                 engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, progress: bool = True):
+                 engine_dir: str | os.PathLike = DEFAULT_ENGINE_DIR, progress: bool = True, fallback: bool = False):
         super().__init__(device, dtype)
+        self.fallback = fallback  # a package that cannot be built or loaded: the step runs uncompiled (auto)
         from .segment_step import shared_prefix_problem
 
         options = options or CompileOptions()
@@ -316,28 +317,37 @@ class AotiBackend(Backend):
                             type(e).__name__, str(e)[:200])
                 cache.evict(key)
         if runner is None:
-            how = "built"
-            cxx, why = aoti_compiler()
-            if why:
-                raise PromptusError(f"aoti backend: {why}; or use --backend compile or torch")
-            with BuildProgress(f"aoti backend (batch {self.batch}, {size} px)", TYPICAL_BUILD_SECONDS,
-                               "the full-size step took 104 s on an H100 host, checks included",
-                               enabled=self.progress) as bar:
-                try:
-                    data = self._build(step, size, cxx)
-                except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
-                    raise PromptusError(f"aoti backend: building the segment step failed ({type(e).__name__}: "
-                                        f"{str(e)[:300]}); use --backend compile or torch") from e
-            why = package_load_problem(data, self.device)
-            if why:
-                raise PromptusError(f"aoti backend: the package just built does not load: {why}. It was not "
-                                    f"stored; use --backend compile or torch")
-            cache.store(key, data, build_seconds=round(bar.elapsed, 2), cxx=cxx)
-            runner = self._load(data, step)
+            try:
+                runner, how = self._build_and_store(step, key, cache, size), "built"
+            except Exception as e:  # noqa: BLE001 - auto's fallback; a backend named by the user raises
+                if not self.fallback:
+                    raise
+                log.warning("%s; running the segment step uncompiled", e)
+                runner, how = _Uncompiled(step), "uncompiled"
         self.prepared = (how, time.perf_counter() - t0)
         log.info("aoti backend: %s %s in %.1f s", how, cache.path(key).name, self.prepared[1])
         self._runners[slot] = (runner, step)  # the step holds the tensors the runner reads
         return runner
+
+    def _build_and_store(self, step, key: CompileKey, cache: ArtifactCache, size: int):
+        """A new package of ``step``, checked to load in a fresh Python, stored, and its runner."""
+        cxx, why = aoti_compiler()
+        if why:
+            raise PromptusError(f"aoti backend: {why}; or use --backend compile or torch")
+        with BuildProgress(f"aoti backend (batch {self.batch}, {size} px)", TYPICAL_BUILD_SECONDS,
+                           "the full-size step took 104 s on an H100 host, checks included",
+                           enabled=self.progress) as bar:
+            try:
+                data = self._build(step, size, cxx)
+            except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
+                raise PromptusError(f"aoti backend: building the segment step failed ({type(e).__name__}: "
+                                    f"{str(e)[:300]}); use --backend compile or torch") from e
+        why = package_load_problem(data, self.device)
+        if why:
+            raise PromptusError(f"aoti backend: the package just built does not load: {why}. It was not "
+                                f"stored; use --backend compile or torch")
+        cache.store(key, data, build_seconds=round(bar.elapsed, 2), cxx=cxx)
+        return self._load(data, step)
 
     @classmethod
     def from_files(cls, *, architecture: str, prefix_problem: str | None, unet_file: Path, taesd_file: Path,
@@ -445,6 +455,16 @@ class AotiBackend(Backend):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device.type}, {str(self.dtype).removeprefix('torch.')}, AOTInductor)"
+
+
+class _Uncompiled:
+    """The segment step run as PyTorch code, in the place of a package's runner (``fallback``)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def run(self, args):
+        return list(self.step(*args))
 
 
 __all__ = ["AOTI_DECODER", "AotiBackend", "aoti_problem"]
