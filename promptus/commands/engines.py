@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     b.add_argument("--backend", choices=["tensorrt", "compile", "aoti"], default="tensorrt",
                    help="tensorrt: TensorRT engines (default); compile: the compile backend's segment step "
                         "(torch.compile, about a minute on an H100/H200), which later processes load in seconds; "
-                        "aoti: the aoti backend's AOTInductor package (experimental; also on the CPU)")
+                        "aoti: the aoti backend's AOTInductor package (also on the CPU)")
     b.add_argument("--autotune", action="store_true",
                    help="compile: inductor's max-autotune at build time (much longer build; see README)")
     b.add_argument("--force", action="store_true", help="rebuild even when a cached engine exists")
