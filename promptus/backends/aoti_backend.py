@@ -365,9 +365,7 @@ class AotiBackend(Backend):
         (:func:`promptus.models.loading.ldm_unet_names`, remembered by the weights memo).
         ``profile``: a :class:`promptus.startup.StartupProfile` that gets the package's load and the weights'
         read and move as two phases."""
-        from ..startup import StartupProfile
-
-        profile = profile or StartupProfile(from_now=True)
+        phase = profile.phase if profile is not None else (lambda name: contextlib.nullcontext())
         t0 = time.perf_counter()
         device = torch.device(device)
         options = resolve_options(CompileOptions(), prefix_problem, device, announce=False)
@@ -381,7 +379,7 @@ class AotiBackend(Backend):
         self.options, self.batch, self.engine_dir, self.progress = options, int(batch), engine_dir, False
         self.unet = self.taesd_decoder = None
         try:
-            with profile.phase("aoti: package load"):
+            with phase("aoti: package load"):
                 runner = self._open(data)
         except Exception as e:  # noqa: BLE001 - the networks' path loads it again, and rebuilds a bad one
             log.warning("aoti: the stored package did not load (%s: %s); loading the networks", type(e).__name__,
@@ -389,7 +387,7 @@ class AotiBackend(Backend):
             return None
         sources = {"unet.": (unet_file, "", options.unet_channels_last),
                    "taesd_decoder.": (taesd_file, "decoder.", options.taesd_channels_last)}
-        with profile.phase("aoti: weights files to the device"):
+        with phase("aoti: weights files to the device"):
             constants = self._constants_from_files(runner, sources, device, dtype, unet_names)
         if constants is None:
             return None
