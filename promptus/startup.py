@@ -316,14 +316,11 @@ def _compile_keys(facts: dict, *, device, dtype, batch: int, size: int, timestep
 def _first_choice(backend: str, device: torch.device) -> str:
     """The backend ``backend`` names, or for ``auto`` the first of its order that is available here (what it
     will try first: the one whose start-up is worth preparing for)."""
-    from .backends import AUTO, auto_order
+    from .backends import AUTO, auto_order, auto_status
 
     if backend != AUTO:
         return backend
-    for entry in auto_order():
-        if entry.available(device)[0] and (entry.auto_available is None or entry.auto_available(device)[0]):
-            return entry.name
-    return backend
+    return next((entry.name for entry in auto_order() if auto_status(entry, device)[0]), backend)
 
 
 @dataclass

@@ -38,8 +38,8 @@ from . import engine_cache  # noqa: F401 - registers the TensorRT engines' artif
 from . import compile_cache  # noqa: F401 - registers the compiled steps' artifact kinds
 from .base import Backend
 from .registry import (
-    AUTO, BASELINE, BackendEntry, auto_order, backend_entries, backend_entry, backend_names, bench_defaults,
-    quick_backends, register_backend,
+    AUTO, BASELINE, BackendEntry, auto_order, auto_status, backend_entries, backend_entry, backend_names,
+    bench_defaults, quick_backends, register_backend,
 )
 from .torch_backend import CompileBackend, ReleaseParityBackend, TorchBackend
 from . import aoti_backend  # noqa: E402,F401 - registers its artifact kind (promptus engines list/clean see it)
@@ -195,9 +195,7 @@ def _auto_backend(models, device: torch.device, dtype: torch.dtype, **prepared) 
     """The first entry of the auto order that is available and starts; each pass-over is logged."""
     order = auto_order()
     for entry in order:
-        ok, why = entry.available(device)
-        if ok and entry.auto_available is not None:
-            ok, why = entry.auto_available(device)
+        ok, why = auto_status(entry, device)
         if not ok:
             log.info("backend auto: not %s (%s)", entry.name, why)
             continue
@@ -306,6 +304,6 @@ register_backend(BackendEntry(
 BACKENDS = backend_names(auto=True)
 
 __all__ = ["AUTO", "BACKENDS", "BASELINE", "Backend", "BackendEntry", "CompileBackend", "ReleaseParityBackend",
-           "TorchBackend", "auto_order", "backend_entries", "backend_entry", "backend_for_clip", "backend_names",
-           "bench_defaults", "clip_batch", "compile_status", "default_dtype", "make_backend", "quick_backends",
-           "register_backend", "resolve_device", "resolve_devices", "tensorrt_status"]
+           "TorchBackend", "auto_order", "auto_status", "backend_entries", "backend_entry", "backend_for_clip",
+           "backend_names", "bench_defaults", "clip_batch", "compile_status", "default_dtype", "make_backend",
+           "quick_backends", "register_backend", "resolve_device", "resolve_devices", "tensorrt_status"]

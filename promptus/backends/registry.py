@@ -106,6 +106,14 @@ def auto_order() -> list[BackendEntry]:
     return sorted(ranked, key=lambda e: e.auto_priority)
 
 
+def auto_status(entry: BackendEntry, device) -> tuple[bool, str]:
+    """Whether ``auto`` may use ``entry`` on ``device``: available, and its extra auto condition (if any) met."""
+    ok, why = entry.available(device)
+    if ok and entry.auto_available is not None:
+        ok, why = entry.auto_available(device)
+    return ok, why
+
+
 def backend_names(*, auto: bool = False, simplest_first: bool = False) -> tuple[str, ...]:
     """Registered names: in ``auto``'s order of preference (fastest first), then the rest;
     ``simplest_first`` reverses that (eager first: the order a comparison reads best in);
